@@ -1,0 +1,12 @@
+"""sparselora: fast 2:4 sparse kernels, pruning and SparseLoRA for vision-language models."""
+from .format import Packed24, SparsityError, nm_mask, check_nm, validate_24, pack_24, unpack_24
+from . import ops  # noqa: F401  (registers the torch.library ops)
+from .backends import Backend, register_backend, get_backend, list_backends, choose_backend
+from .modules import SparseLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Packed24", "SparsityError", "nm_mask", "check_nm", "validate_24", "pack_24", "unpack_24",
+    "Backend", "register_backend", "get_backend", "list_backends", "choose_backend", "SparseLinear",
+]

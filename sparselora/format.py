@@ -1,0 +1,258 @@
+"""The canonical 2:4 layout of sparselora, and N:M masks in general.
+
+This module is the one place where the packed layout is defined. Every backend layout
+(Triton, cuSPARSELt, checkpoints) is derived from it.
+
+Canonical 2:4 layout of a weight ``W`` of shape ``[N, K]`` (``N`` = out_features,
+``K`` = in_features, sparsity along ``K``):
+
+* ``K`` is split into ``K / 4`` groups of 4 consecutive columns. Each group keeps exactly
+  two positions ``i0 < i1`` (in ``0..3``).
+* ``values``: ``[N, K / 2]``, same dtype as ``W``. Kept value ``2g`` is ``W[n, 4g + i0]``,
+  kept value ``2g + 1`` is ``W[n, 4g + i1]``. A kept position may hold 0.0 (the mask, not
+  the value, decides what is kept: SparseLoRA needs that).
+* ``meta``: ``[N, ceil(K / 32)]`` int32. Kept value ``j`` of a row has its 2-bit in-group
+  index at bits ``2 * (j % 16)`` of ``meta[n, j // 16]``. Bits of the padding past
+  ``K / 2`` values are zero. 16 indices per word means one word covers 32 dense columns,
+  which is one natural K-slice of a GPU tile.
+
+For 16-bit types the packed weight takes ``K + K/8`` bytes per row instead of ``2K``:
+9/16 of the dense bytes (exactly, when ``K % 32 == 0``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SparsityError",
+    "Packed24",
+    "nm_mask",
+    "check_nm",
+    "validate_24",
+    "pack_24",
+    "unpack_24",
+    "mask_from_meta",
+    "packed_nbytes",
+    "SUPPORTED_DTYPES",
+]
+
+#: dtypes the packed format accepts (kernels may accept fewer, see the backend registry).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_IDX_PER_WORD = 16
+
+
+class SparsityError(ValueError):
+    """A tensor does not have the sparsity pattern, shape or dtype an operation needs."""
+
+
+@dataclass(frozen=True)
+class Packed24:
+    """A weight in the canonical 2:4 layout (see the module docstring)."""
+
+    values: torch.Tensor  # [N, K/2]
+    meta: torch.Tensor  # [N, ceil(K/32)] int32
+    shape: tuple[int, int]  # (N, K) of the dense weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to_dense(self) -> torch.Tensor:
+        return unpack_24(self)
+
+    def mask(self) -> torch.Tensor:
+        return mask_from_meta(self.meta, self.shape)
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.meta.numel() * 4
+
+    def to(self, *args, **kwargs) -> "Packed24":
+        """Move/cast like ``Tensor.to``; the int32 meta only moves, it is never cast."""
+        values = self.values.to(*args, **kwargs)
+        return Packed24(values, self.meta.to(values.device), self.shape)
+
+
+def _name(name: str | None) -> str:
+    return f"'{name}'" if name else "tensor"
+
+
+def _check_matrix(w: torch.Tensor, m: int, name: str | None) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{_name(name)} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise SparsityError(f"{_name(name)} must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+    if w.shape[1] % m != 0:
+        raise SparsityError(
+            f"{_name(name)} has in_features={w.shape[1]}, not divisible by the group size {m}; "
+            f"pad the layer or leave it dense"
+        )
+
+
+def check_finite(w: torch.Tensor, name: str | None = None) -> None:
+    """Raise if ``w`` holds NaN or Inf, naming the first bad (row, column)."""
+    bad = ~torch.isfinite(w)
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise SparsityError(f"{_name(name)} contains NaN/Inf (first at index {tuple(idx)}): {w[tuple(idx)].item()}")
+
+
+def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4, name: str | None = None) -> torch.Tensor:
+    """Boolean mask keeping the ``n`` highest-scoring of every ``m`` consecutive inputs.
+
+    ``scores`` is ``[out, in]`` (e.g. ``|W|`` for magnitude, ``|W| * ||x||`` for Wanda).
+    Ties break towards the lower column, so the mask is deterministic.
+    """
+    if not (0 < n <= m):
+        raise SparsityError(f"N:M pattern needs 0 < N <= M, got {n}:{m}")
+    _check_matrix(scores, m, name)
+    check_finite(scores, name)
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m).to(torch.float64)
+    # stable sort: equal scores keep column order, so ties go to the lower column
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, order, True)
+    return mask.reshape(rows, cols)
+
+
+def check_nm(w: torch.Tensor, n: int = 2, m: int = 4, name: str | None = None) -> None:
+    """Raise :class:`SparsityError` unless every group of ``m`` inputs has at most ``n`` nonzeros
+    (or, for a boolean tensor, at most ``n`` True). The message names the first bad row/group."""
+    _check_matrix(w, m, name)
+    nz = (w != 0).reshape(w.shape[0], w.shape[1] // m, m).sum(-1)
+    bad = nz > n
+    if bad.any():
+        row, group = bad.nonzero()[0].tolist()
+        raise SparsityError(
+            f"{_name(name)} is not {n}:{m} sparse: row {row}, group {group} "
+            f"(columns {group * m}..{group * m + m - 1}) has {int(nz[row, group])} nonzeros "
+            f"({int(bad.sum())} bad groups in all)"
+        )
+
+
+def validate_24(w: torch.Tensor, name: str | None = None) -> None:
+    """Raise unless ``w`` is a finite 2-D tensor that is 2:4 sparse along its inputs."""
+    check_nm(w, 2, 4, name)
+    check_finite(w, name)
+
+
+def _kept_index(w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[N, K/4, 2] ascending in-group indices of the kept positions."""
+    rows, cols = w.shape
+    if mask is None:
+        keep = w != 0
+    else:
+        keep = mask.to(torch.bool)
+    keep = keep.reshape(rows, cols // 4, 4)
+    # prefer kept positions, then the lowest columns (fills groups with < 2 nonzeros)
+    pos = torch.arange(4, device=w.device)
+    key = keep.to(torch.int8) * 8 + (3 - pos).to(torch.int8)
+    idx = torch.topk(key, 2, dim=-1).indices
+    return torch.sort(idx, dim=-1).values
+
+
+def pack_24(w: torch.Tensor, mask: torch.Tensor | None = None, name: str | None = None) -> Packed24:
+    """Pack a 2:4-sparse ``[N, K]`` weight into the canonical layout.
+
+    With ``mask`` (boolean ``[N, K]``, at most 2 True per group), the kept positions are the
+    mask's, and ``w`` must be zero outside it; without, the nonzeros of ``w`` are kept.
+    """
+    _check_matrix(w, 4, name)
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise SparsityError(f"{_name(name)} has dtype {w.dtype}; supported: {SUPPORTED_DTYPES}")
+    check_finite(w, name)
+    if mask is not None:
+        if mask.shape != w.shape:
+            raise SparsityError(f"mask of {_name(name)} has shape {tuple(mask.shape)}, weight {tuple(w.shape)}")
+        if mask.device != w.device:
+            raise SparsityError(f"mask of {_name(name)} is on {mask.device}, weight on {w.device}")
+        check_nm(mask.to(torch.bool), 2, 4, f"mask of {name}" if name else "mask")
+        outside = (w != 0) & ~mask.to(torch.bool)
+        if outside.any():
+            r, c = outside.nonzero()[0].tolist()
+            raise SparsityError(
+                f"{_name(name)} has nonzeros outside its mask (first at row {r}, column {c}); "
+                f"apply the mask first (w * mask)"
+            )
+    else:
+        check_nm(w, 2, 4, name)
+    rows, cols = w.shape
+    idx = _kept_index(w, mask)  # [N, K/4, 2]
+    values = torch.gather(w.reshape(rows, cols // 4, 4), -1, idx).reshape(rows, cols // 2)
+    return Packed24(values.contiguous(), _pack_indices(idx.reshape(rows, cols // 2)), (rows, cols))
+
+
+def _pack_indices(idx: torch.Tensor) -> torch.Tensor:
+    rows, nvals = idx.shape
+    words = -(-nvals // _IDX_PER_WORD)
+    padded = torch.zeros(rows, words * _IDX_PER_WORD, dtype=torch.int64, device=idx.device)
+    padded[:, :nvals] = idx
+    shifts = 2 * torch.arange(_IDX_PER_WORD, device=idx.device, dtype=torch.int64)
+    word = (padded.reshape(rows, words, _IDX_PER_WORD) << shifts).sum(-1)
+    # reinterpret the unsigned 32-bit word as int32 (two's complement)
+    word = torch.where(word >= 2**31, word - 2**32, word)
+    return word.to(torch.int32).contiguous()
+
+
+def _unpack_indices(meta: torch.Tensor, nvals: int) -> torch.Tensor:
+    shifts = 2 * torch.arange(_IDX_PER_WORD, device=meta.device, dtype=torch.int32)
+    idx = (meta.unsqueeze(-1) >> shifts) & 3  # arithmetic shift is fine: we mask 2 bits
+    return idx.reshape(meta.shape[0], -1)[:, :nvals].to(torch.int64)
+
+
+def check_packed(values: torch.Tensor, meta: torch.Tensor, name: str | None = None) -> tuple[int, int]:
+    """Check a (values, meta) pair is consistent; return the dense shape (N, K)."""
+    if values.dim() != 2 or meta.dim() != 2:
+        raise SparsityError(f"packed {_name(name)}: values and meta must be 2-D, got {tuple(values.shape)}, {tuple(meta.shape)}")
+    if meta.dtype != torch.int32:
+        raise SparsityError(f"packed {_name(name)}: meta must be int32, got {meta.dtype}")
+    if values.device != meta.device:
+        raise SparsityError(f"packed {_name(name)}: values on {values.device} but meta on {meta.device}")
+    rows, half = values.shape
+    if half % 2 != 0:
+        raise SparsityError(f"packed {_name(name)}: values has {half} columns, must be K/2 with K % 4 == 0")
+    if meta.shape != (rows, -(-half // _IDX_PER_WORD)):
+        raise SparsityError(
+            f"packed {_name(name)}: meta shape {tuple(meta.shape)} does not match values {tuple(values.shape)} "
+            f"(expected {(rows, -(-half // _IDX_PER_WORD))})"
+        )
+    return rows, 2 * half
+
+
+def unpack_24(packed: Packed24) -> torch.Tensor:
+    """Dense ``[N, K]`` weight from the canonical layout: the bit-exact inverse of :func:`pack_24`
+    (pruned positions come back as +0.0, also where they held -0.0)."""
+    rows, cols = check_packed(packed.values, packed.meta)
+    idx = _unpack_indices(packed.meta, cols // 2).reshape(rows, cols // 4, 2)
+    _check_index_order(idx)
+    dense = torch.zeros(rows, cols // 4, 4, dtype=packed.values.dtype, device=packed.values.device)
+    dense.scatter_(-1, idx, packed.values.reshape(rows, cols // 4, 2))
+    return dense.reshape(rows, cols)
+
+
+def _check_index_order(idx: torch.Tensor) -> None:
+    bad = idx[..., 0] >= idx[..., 1]
+    if bad.any():
+        r, g = bad.nonzero()[0].tolist()
+        raise SparsityError(f"corrupt 2:4 meta: row {r}, group {g} has indices {idx[r, g].tolist()} (need i0 < i1)")
+
+
+def mask_from_meta(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Boolean ``[N, K]`` mask of the kept positions (exactly 2 per group)."""
+    rows, cols = shape
+    idx = _unpack_indices(meta, cols // 2).reshape(rows, cols // 4, 2)
+    mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=meta.device)
+    mask.scatter_(-1, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def packed_nbytes(rows: int, cols: int, dtype: torch.dtype) -> int:
+    """Bytes of a packed ``[rows, cols]`` weight: values plus meta."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    return rows * (cols // 2) * elt + rows * (-(-(cols // 2) // _IDX_PER_WORD)) * 4
