@@ -1,0 +1,470 @@
+"""SparseLoRA kernels: fused sparse-base + masked-LoRA forward and its backward.
+
+Math (W frozen, 2:4 with mask M, adapter ``A [r, K]``, ``B [N, r]``, ``s = alpha / r``)::
+
+    forward        y   = x · ((W + s·B·A) ⊙ M)ᵀ + b                      (no dropout)
+                   y   = x · Wᵀ + s · xa · ((B·A) ⊙ M)ᵀ + b               (xa = dropout(x))
+    input grad     dx  = dy · (W ⊙ M  [+ s·(B·A) ⊙ M  when xa is x])
+                   dxa = s · dy · ((B·A) ⊙ M)                              (separate adapter input)
+    adapter grads  G   = s · ((dyᵀ · xa) ⊙ M),   dB = G · Aᵀ,   dA = Bᵀ · G
+
+None of the kernels ever holds an N×K matrix in memory: each output tile expands its [BN, BK]
+slice of W from the canonical packed layout (values + 2-bit indices, see
+``sparselora.format``), computes the matching [BN, BK] slice of B·A with one small ``tl.dot``
+(r padded to a power of two ≥ 16), masks, and contracts. Recomputing B·A per tile costs r/BM
+extra flops relative to the main product (12.5 % at BM = 128, r = 16); at small M the kernel is
+bound by the weight bytes, so the extra flops are hidden. The adapter gradients compute tiles of
+dyᵀ·xa on the fly, mask them and contract them with A or B immediately; partial dA / dB from
+different tiles meet through fp32 atomics.
+
+The kernels run on CUDA and on CPU under ``TRITON_INTERPRET=1`` (tests). Interpreter bugs
+(PLATFORM.md): bf16 ``tl.dot`` and bf16 register arithmetic are broken there, so the launcher
+sets ``UPCAST`` and every operand is upcast to fp32 before arithmetic; ``@triton.autotune``
+with several configs fails there, so configs are picked by a small explicit heuristic on M
+(``_pick_config``) and every shipped config is listed in :func:`aot_specs`.
+
+Layout assumptions enforced by the launchers: all operands 2-D and contiguous (row-major),
+A/B/x/xa in the weight's dtype.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AotSpec
+
+__all__ = [
+    "sparse_lora_fwd",
+    "sparse_lora_dx",
+    "sparse_lora_dab",
+    "reference_fwd",
+    "reference_dx",
+    "reference_dab",
+    "aot_specs",
+    "MAX_RANK",
+]
+
+#: the largest adapter rank the kernels take (BR = 128 still fits shared memory on sm_80)
+MAX_RANK = 128
+
+
+# ---------------------------------------------------------------------------------------------
+# tile helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _keep_tile(meta_ptr, n2, k2, N, K, stride_mn):
+    """Boolean tile of the 2:4 mask at rows ``n2`` and dense columns ``k2`` (broadcastable 2-D
+    index tensors), plus which of the two kept slots of its group each kept column is."""
+    inb = (n2 < N) & (k2 < K)
+    j0 = (k2 // 4) * 2  # first kept value of the group; its partner j0 + 1 is in the same word
+    word = tl.load(meta_ptr + n2 * stride_mn + j0 // 16, mask=inb, other=0)
+    sh = 2 * (j0 % 16)
+    pos = k2 % 4
+    # arithmetic shift of a negative word is harmless: we keep 2 bits
+    keep0 = (((word >> sh) & 3) == pos) & inb
+    keep1 = (((word >> (sh + 2)) & 3) == pos) & inb
+    return keep0, keep1, j0
+
+
+@triton.jit
+def _w_tile(values_ptr, meta_ptr, n2, k2, N, K, stride_vn, stride_mn):
+    """fp32 tile of the dense W at (n2, k2) expanded from the packed layout, and its mask."""
+    keep0, keep1, j0 = _keep_tile(meta_ptr, n2, k2, N, K, stride_mn)
+    row = values_ptr + n2 * stride_vn + j0
+    # at most one of keep0/keep1 holds, the other load yields 0: the sum selects without a branch
+    v0 = tl.load(row, mask=keep0, other=0.0).to(tl.float32)
+    v1 = tl.load(row + 1, mask=keep1, other=0.0).to(tl.float32)
+    return v0 + v1, keep0 | keep1
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 tests need exact fp32 products (no tf32); 16-bit inputs ignore the precision flag
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward: y[M, N]
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    x_ptr, xa_ptr, values_ptr, meta_ptr, a_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R, scaling,
+    stride_xm, stride_xam, stride_vn, stride_mn, stride_ar, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, SEPARATE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    # N tiles vary fastest: consecutive programs share the x tile (decode: x is tiny anyway)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    offs_r = tl.arange(0, BR)
+    cdt = x_ptr.dtype.element_ty
+
+    # Bᵀ tile [BR, BN] stays in registers for the whole K loop
+    bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None],
+                 mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+    if UPCAST:
+        bt = bt.to(tl.float32)
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        xmask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=xmask, other=0.0)
+        # Wᵀ tile [BK, BN] straight from the packed layout, and (B·A)ᵀ = Aᵀ·Bᵀ for it
+        w, keep = _w_tile(values_ptr, meta_ptr, offs_n[None, :], offs_k[:, None], N, K, stride_vn, stride_mn)
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None],
+                     mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)
+        if UPCAST:
+            at = at.to(tl.float32)
+            x = x.to(tl.float32)
+        ba = _dot(at, bt, IEEE) * scaling  # [BK, BN] fp32
+        if SEPARATE:
+            xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_k[None, :], mask=xmask, other=0.0)
+            lora = tl.where(keep, ba, 0.0)
+            if UPCAST:
+                xa = xa.to(tl.float32)
+            else:
+                w = w.to(cdt)
+                lora = lora.to(cdt)
+            acc += _dot(x, w, IEEE)
+            acc += _dot(xa, lora, IEEE)
+        else:
+            weff = tl.where(keep, w + ba, 0.0)
+            if not UPCAST:
+                weff = weff.to(cdt)
+            acc += _dot(x, weff, IEEE)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+# ---------------------------------------------------------------------------------------------
+# input gradient: dx[M, K] = dy · ((USE_W·W + USE_LORA·s·B·A) ⊙ M)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dx_kernel(
+    dy_ptr, values_ptr, meta_ptr, a_ptr, b_ptr, dx_ptr,
+    M, N, K, R, scaling,
+    stride_dym, stride_vn, stride_mn, stride_ar, stride_bn, stride_dxm,
+    USE_W: tl.constexpr, USE_LORA: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_k = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+    offs_r = tl.arange(0, BR)
+    cdt = dy_ptr.dtype.element_ty
+
+    if USE_LORA:
+        # A tile [BR, BK] is fixed for this program
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :],
+                    mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+        if USE_W:
+            w, keep = _w_tile(values_ptr, meta_ptr, offs_n[:, None], offs_k[None, :], N, K, stride_vn, stride_mn)
+        else:
+            keep0, keep1, j0 = _keep_tile(meta_ptr, offs_n[:, None], offs_k[None, :], N, K, stride_mn)
+            keep = keep0 | keep1
+            w = tl.zeros((BN, BK), dtype=tl.float32)
+        if USE_LORA:
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                        mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+            if UPCAST:
+                b = b.to(tl.float32)
+            w = w + _dot(b, a, IEEE) * scaling
+        weff = tl.where(keep, w, 0.0)
+        if not UPCAST:
+            weff = weff.to(cdt)
+        acc += _dot(dy, weff, IEEE)
+
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter gradients: G = s·((dyᵀ·xa) ⊙ M) per [BN, BK] tile, dB += G·Aᵀ, dA += Bᵀ·G (fp32 atomics)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dab_kernel(
+    dy_ptr, xa_ptr, meta_ptr, a_ptr, b_ptr, da_ptr, db_ptr,
+    M, N, K, R, scaling,
+    stride_dym, stride_xam, stride_mn, stride_ar, stride_bn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    offs_k = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+    offs_r = tl.arange(0, BR)
+    cdt = dy_ptr.dtype.element_ty
+
+    g = tl.zeros((BN, BK), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None],
+                      mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_k[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            xa = xa.to(tl.float32)
+        g += _dot(dyt, xa, IEEE)
+
+    keep0, keep1, j0 = _keep_tile(meta_ptr, offs_n[:, None], offs_k[None, :], N, K, stride_mn)
+    g = tl.where(keep0 | keep1, g * scaling, 0.0)
+    if not UPCAST:
+        g = g.to(cdt)  # tensor-core operand; the contraction still accumulates in fp32
+
+    # dB[BN, BR] += G · Aᵀ
+    at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None],
+                 mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)
+    # dA[BR, BK] += Bᵀ · G
+    bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None],
+                 mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+    if UPCAST:
+        at = at.to(tl.float32)
+        bt = bt.to(tl.float32)
+    db = _dot(g, at, IEEE)
+    da = _dot(bt, g, IEEE)
+    tl.atomic_add(db_ptr + offs_n[:, None] * R + offs_r[None, :], db,
+                  mask=(offs_n[:, None] < N) & (offs_r[None, :] < R))
+    tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
+                  mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+
+
+# ---------------------------------------------------------------------------------------------
+# configs and launchers
+# ---------------------------------------------------------------------------------------------
+# (BM, BN, BK, num_warps, num_stages) per M regime. Decode is bound by the packed weight
+# bytes: a short BM and many N tiles; prefill wants big square tiles for tensor-core reuse.
+_FWD_CONFIGS = {
+    "small": (16, 64, 64, 4, 4),
+    "medium": (64, 64, 64, 4, 3),
+    "large": (128, 128, 64, 8, 3),
+}
+# the backward loops over N (dx) or M (dA/dB): the same three regimes serve both
+_BWD_CONFIGS = _FWD_CONFIGS
+
+
+def _regime(m: int) -> str:
+    return "small" if m <= 16 else ("medium" if m <= 64 else "large")
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    return {"UPCAST": _interpret() and dtype != torch.float32, "IEEE": dtype == torch.float32}
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"sparse_lora: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"sparse_lora: {name} has dtype {t.dtype}, expected {dtype}")
+    if t.device != device:
+        raise ValueError(f"sparse_lora: {name} is on {t.device}, expected {device}")
+    return t.contiguous()
+
+
+def _check_operands(values, meta, a, b, dtype, device):
+    n, half = values.shape
+    k = 2 * half
+    r = a.shape[0]
+    if not (1 <= r <= MAX_RANK):
+        raise ValueError(f"sparse_lora: rank {r} outside 1..{MAX_RANK}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"sparse_lora: dtype {dtype} not supported by the Triton kernels (fp16, bf16, fp32)")
+    values = _check("values", values, (n, half), dtype, device)
+    meta = _check("meta", meta, (n, -(-half // 16)), torch.int32, device)
+    a = _check("lora_A", a, (r, k), dtype, device)
+    b = _check("lora_B", b, (n, r), dtype, device)
+    return values, meta, a, b, n, k, r
+
+
+def sparse_lora_fwd(x: torch.Tensor, xa: Optional[torch.Tensor], values: torch.Tensor, meta: torch.Tensor,
+                    a: torch.Tensor, b: torch.Tensor, scaling: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y = x·((W + s·B·A) ⊙ M)ᵀ + b`` (``xa`` None) or ``x·Wᵀ + s·xa·((B·A) ⊙ M)ᵀ + b``; x is 2-D."""
+    values, meta, a, b, n, k, r = _check_operands(values, meta, a, b, x.dtype, x.device)
+    x = _check("x", x, (x.shape[0], k), x.dtype, x.device)
+    m = x.shape[0]
+    if xa is not None:
+        xa = _check("xa", xa, (m, k), x.dtype, x.device)
+    if bias is not None:
+        bias = _check("bias", bias, (n,), x.dtype, x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    bm, bn, bk, warps, stages = _FWD_CONFIGS[_regime(m)]
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+    _fwd_kernel[grid](
+        x, xa if xa is not None else x, values, meta, a, b, bias if bias is not None else y, y,
+        m, n, k, r, float(scaling),
+        x.stride(0), (xa if xa is not None else x).stride(0), values.stride(0), meta.stride(0), a.stride(0), b.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, SEPARATE=xa is not None,
+        BM=bm, BN=bn, BK=bk, BR=_rank_block(r), num_warps=warps, num_stages=stages, **_flags(x.dtype),
+    )
+    return y
+
+
+def sparse_lora_dx(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   scaling: float, use_w: bool = True, use_lora: bool = True) -> torch.Tensor:
+    """``dy · ((use_w·W + use_lora·s·B·A) ⊙ M)`` for 2-D ``dy [M, N]``."""
+    if not (use_w or use_lora):
+        raise ValueError("sparse_lora_dx: nothing to compute (use_w and use_lora both False)")
+    values, meta, a, b, n, k, r = _check_operands(values, meta, a, b, dy.dtype, dy.device)
+    dy = _check("dy", dy, (dy.shape[0], n), dy.dtype, dy.device)
+    m = dy.shape[0]
+    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    if m == 0:
+        return dx
+    bm, bn, bk, warps, stages = _BWD_CONFIGS[_regime(m)]
+    grid = (triton.cdiv(k, bk), triton.cdiv(m, bm))
+    _dx_kernel[grid](
+        dy, values, meta, a, b, dx, m, n, k, r, float(scaling),
+        dy.stride(0), values.stride(0), meta.stride(0), a.stride(0), b.stride(0), dx.stride(0),
+        USE_W=use_w, USE_LORA=use_lora, BM=bm, BN=bn, BK=bk, BR=_rank_block(r),
+        num_warps=warps, num_stages=stages, **_flags(dy.dtype),
+    )
+    return dx
+
+
+def sparse_lora_dab(dy: torch.Tensor, xa: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dA, dB)`` with ``G = s·((dyᵀ·xa) ⊙ M)``, ``dA = Bᵀ·G``, ``dB = G·Aᵀ`` (returned in A's dtype)."""
+    n, r = b.shape
+    k = a.shape[1]
+    # values are not read; a [N, K/2] placeholder view keeps one operand check
+    _, meta, a, b, n, k, r = _check_operands(torch.empty(n, k // 2, dtype=dy.dtype, device=dy.device), meta, a, b, dy.dtype, dy.device)
+    dy = _check("dy", dy, (dy.shape[0], n), dy.dtype, dy.device)
+    m = dy.shape[0]
+    xa = _check("xa", xa, (m, k), dy.dtype, dy.device)
+    da = torch.zeros(r, k, dtype=torch.float32, device=dy.device)
+    db = torch.zeros(n, r, dtype=torch.float32, device=dy.device)
+    if m > 0:
+        bm, bn, bk, warps, stages = _BWD_CONFIGS[_regime(m)]
+        grid = (triton.cdiv(k, bk), triton.cdiv(n, bn))
+        _dab_kernel[grid](
+            dy, xa, meta, a, b, da, db, m, n, k, r, float(scaling),
+            dy.stride(0), xa.stride(0), meta.stride(0), a.stride(0), b.stride(0),
+            BM=bm, BN=bn, BK=bk, BR=_rank_block(r), num_warps=warps, num_stages=stages, **_flags(dy.dtype),
+        )
+    return da.to(a.dtype), db.to(b.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch references (the CPU path and the oracle of the tests): they DO materialize N×K
+# ---------------------------------------------------------------------------------------------
+def _masked_update(a, b, mask, scaling):
+    return (b.float() @ a.float()).mul_(scaling) * mask
+
+
+def reference_fwd(x, xa, w, mask, a, b, scaling, bias=None):
+    """``w`` dense [N, K] (zero outside ``mask``). Accumulates in fp32 (fp64 stays fp64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if xa is None:
+        weff = ((w.to(acc) + (b.to(acc) @ a.to(acc)) * scaling) * mask).to(x.dtype)
+        return torch.nn.functional.linear(x, weff, bias)
+    upd = ((b.to(acc) @ a.to(acc)) * scaling * mask).to(x.dtype)
+    y = torch.nn.functional.linear(x.to(acc), w.to(acc), None) + torch.nn.functional.linear(xa.to(acc), upd.to(acc), None)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def reference_dx(dy, w, mask, a, b, scaling, use_w=True, use_lora=True):
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    weff = torch.zeros(w.shape, dtype=acc, device=w.device)
+    if use_w:
+        weff = weff + w.to(acc)
+    if use_lora:
+        weff = weff + (b.to(acc) @ a.to(acc)) * scaling
+    return (dy.to(acc) @ (weff * mask)).to(dy.dtype)
+
+
+def reference_dab(dy, xa, mask, a, b, scaling):
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    g = (dy.reshape(-1, dy.shape[-1]).to(acc).t() @ xa.reshape(-1, xa.shape[-1]).to(acc)) * mask * scaling
+    return (b.to(acc).t() @ g).to(a.dtype), (g @ a.to(acc).t()).to(b.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time specs: every shipped config × dtype (tests/test_triton_aot.py compiles them)
+# ---------------------------------------------------------------------------------------------
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_specs() -> list[AotSpec]:
+    specs = []
+    for dtype, ty in _TY.items():
+        p = f"*{ty}"
+        for regime, (bm, bn, bk, warps, stages) in _FWD_CONFIGS.items():
+            # the largest rank block is the worst case for registers/shared memory
+            for br, separate in ((16, False), (64, False), (64, True)):
+                if separate and regime != "large":
+                    continue
+                specs.append(AotSpec(
+                    name=f"sparse_lora_fwd_{regime}_r{br}{'_sep' if separate else ''}_{ty}", fn=_fwd_kernel,
+                    signature={"x_ptr": p, "xa_ptr": p, "values_ptr": p, "meta_ptr": "*i32", "a_ptr": p, "b_ptr": p,
+                               "bias_ptr": p, "y_ptr": p, "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scaling": "fp32",
+                               "stride_xm": "i32", "stride_xam": "i32", "stride_vn": "i32", "stride_mn": "i32",
+                               "stride_ar": "i32", "stride_bn": "i32", "stride_ym": "i32",
+                               "HAS_BIAS": "constexpr", "SEPARATE": "constexpr", "BM": "constexpr", "BN": "constexpr",
+                               "BK": "constexpr", "BR": "constexpr", "UPCAST": "constexpr", "IEEE": "constexpr"},
+                    constexprs={"HAS_BIAS": True, "SEPARATE": separate, "BM": bm, "BN": bn, "BK": bk, "BR": br,
+                                "UPCAST": False, "IEEE": False},
+                    num_warps=warps, num_stages=stages))
+        for regime, (bm, bn, bk, warps, stages) in _BWD_CONFIGS.items():
+            for use_w, use_lora in ((True, True), (False, True)):
+                specs.append(AotSpec(
+                    name=f"sparse_lora_dx_{regime}_{'w' if use_w else ''}{'l' if use_lora else ''}_{ty}", fn=_dx_kernel,
+                    signature={"dy_ptr": p, "values_ptr": p, "meta_ptr": "*i32", "a_ptr": p, "b_ptr": p, "dx_ptr": p,
+                               "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scaling": "fp32",
+                               "stride_dym": "i32", "stride_vn": "i32", "stride_mn": "i32", "stride_ar": "i32",
+                               "stride_bn": "i32", "stride_dxm": "i32",
+                               "USE_W": "constexpr", "USE_LORA": "constexpr", "BM": "constexpr", "BN": "constexpr",
+                               "BK": "constexpr", "BR": "constexpr", "UPCAST": "constexpr", "IEEE": "constexpr"},
+                    constexprs={"USE_W": use_w, "USE_LORA": use_lora, "BM": bm, "BN": bn, "BK": bk, "BR": 64,
+                                "UPCAST": False, "IEEE": False},
+                    num_warps=warps, num_stages=stages))
+            specs.append(AotSpec(
+                name=f"sparse_lora_dab_{regime}_{ty}", fn=_dab_kernel,
+                signature={"dy_ptr": p, "xa_ptr": p, "meta_ptr": "*i32", "a_ptr": p, "b_ptr": p,
+                           "da_ptr": "*fp32", "db_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+                           "scaling": "fp32", "stride_dym": "i32", "stride_xam": "i32", "stride_mn": "i32",
+                           "stride_ar": "i32", "stride_bn": "i32",
+                           "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "BR": "constexpr",
+                           "UPCAST": "constexpr", "IEEE": "constexpr"},
+                constexprs={"BM": bm, "BN": bn, "BK": bk, "BR": 64, "UPCAST": False, "IEEE": False},
+                num_warps=warps, num_stages=stages))
+    return specs
