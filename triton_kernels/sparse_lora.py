@@ -48,8 +48,9 @@ __all__ = [
     "MAX_RANK",
 ]
 
-#: the largest adapter rank the kernels take (BR = 128 still fits shared memory on sm_80)
-MAX_RANK = 128
+#: the largest adapter rank the kernels take (BR = 64 is the largest block in aot_specs); larger
+#: ranks take the reference path (which materializes the N×K update)
+MAX_RANK = 64
 
 
 # ---------------------------------------------------------------------------------------------
