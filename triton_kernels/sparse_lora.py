@@ -314,8 +314,10 @@ def _check_operands(values, meta, a, b, dtype, device):
 
 
 def sparse_lora_fwd(x: torch.Tensor, xa: Optional[torch.Tensor], values: torch.Tensor, meta: torch.Tensor,
-                    a: torch.Tensor, b: torch.Tensor, scaling: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``y = x·((W + s·B·A) ⊙ M)ᵀ + b`` (``xa`` None) or ``x·Wᵀ + s·xa·((B·A) ⊙ M)ᵀ + b``; x is 2-D."""
+                    a: torch.Tensor, b: torch.Tensor, scaling: float, bias: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y = x·((W + s·B·A) ⊙ M)ᵀ + b`` (``xa`` None) or ``x·Wᵀ + s·xa·((B·A) ⊙ M)ᵀ + b``; x is 2-D.
+    ``out`` (optional, contiguous [M, N]) receives the result."""
     values, meta, a, b, n, k, r = _check_operands(values, meta, a, b, x.dtype, x.device)
     x = _check("x", x, (x.shape[0], k), x.dtype, x.device)
     m = x.shape[0]
@@ -323,7 +325,7 @@ def sparse_lora_fwd(x: torch.Tensor, xa: Optional[torch.Tensor], values: torch.T
         xa = _check("xa", xa, (m, k), x.dtype, x.device)
     if bias is not None:
         bias = _check("bias", bias, (n,), x.dtype, x.device)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else _check("out", out, (m, n), x.dtype, x.device)
     if m == 0:
         return y
     bm, bn, bk, warps, stages = _FWD_CONFIGS[_regime(m)]
@@ -339,14 +341,15 @@ def sparse_lora_fwd(x: torch.Tensor, xa: Optional[torch.Tensor], values: torch.T
 
 
 def sparse_lora_dx(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   scaling: float, use_w: bool = True, use_lora: bool = True) -> torch.Tensor:
-    """``dy · ((use_w·W + use_lora·s·B·A) ⊙ M)`` for 2-D ``dy [M, N]``."""
+                   scaling: float, use_w: bool = True, use_lora: bool = True,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dy · ((use_w·W + use_lora·s·B·A) ⊙ M)`` for 2-D ``dy [M, N]``; ``out`` optional [M, K]."""
     if not (use_w or use_lora):
         raise ValueError("sparse_lora_dx: nothing to compute (use_w and use_lora both False)")
     values, meta, a, b, n, k, r = _check_operands(values, meta, a, b, dy.dtype, dy.device)
     dy = _check("dy", dy, (dy.shape[0], n), dy.dtype, dy.device)
     m = dy.shape[0]
-    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device) if out is None else _check("out", out, (m, k), dy.dtype, dy.device)
     if m == 0:
         return dx
     bm, bn, bk, warps, stages = _BWD_CONFIGS[_regime(m)]
