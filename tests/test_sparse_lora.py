@@ -1,0 +1,317 @@
+"""SparseLoRA: Triton kernels (interpreter on CPU), ops + autograd, module, merge, model helpers,
+distillation. Every numeric check is against a float64 reference built from the same rounded inputs."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import assert_close_ref, random_24
+from sparselora.distill import distill
+from sparselora.format import SparsityError, check_nm, nm_mask, pack_24
+from sparselora.lora import (SparseLoRALinear, add_sparse_lora, lora_parameters, merge_sparse_lora,
+                             sparse_lora_linear, use_triton_on_cpu)
+from sparselora.modules import SparseLinear
+from sparselora.triton_kernels import sparse_lora as K
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (M, N, K, r): M = 1, odd M, K not a multiple of the 64-wide tile, r = 1, r not a multiple of 16, r = 64
+SHAPES = [(1, 64, 64, 1), (7, 40, 136, 20), (33, 72, 96, 16), (3, 24, 32, 64)]
+
+
+def _operands(m, n, k, r, dtype, bias=True):
+    w, mask, b = random_24(n, k, dtype, bias=bias)
+    a = (torch.randn(r, k, dtype=torch.float64) / k**0.5).to(dtype)
+    bb = torch.randn(n, r, dtype=torch.float64).to(dtype)
+    x = torch.randn(m, k, dtype=torch.float64).to(dtype)
+    return w, mask, b, a, bb, x
+
+
+def _ref64(x, xa, w, mask, a, b, s, bias):
+    """float64 y = x·(W⊙M)ᵀ + s·xa·((B·A)⊙M)ᵀ + bias from the rounded operands."""
+    d = lambda t: t.double() if t is not None else None
+    upd = (d(b) @ d(a)) * s * mask
+    y = d(x) @ d(w).t() + d(x if xa is None else xa) @ upd.t()
+    return y + d(bias) if bias is not None else y
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("separate", [False, True], ids=["fused", "dropout-input"])
+def test_fwd_kernel_vs_float64(seed, dtype, shape, separate):
+    m, n, k, r = shape
+    w, mask, bias, a, b, x = _operands(m, n, k, r, dtype)
+    xa = torch.randn(m, k, dtype=torch.float64).to(dtype) if separate else None
+    p = pack_24(w, mask)
+    out = torch.full((m, n), float("nan"), dtype=dtype)  # poison: every element must be written
+    y = K.sparse_lora_fwd(x, xa, p.values, p.meta, a, b, 0.75, bias, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close_ref(y, _ref64(x, xa, w, mask, a, b, 0.75, bias), dtype, k, "sparse_lora forward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+@pytest.mark.parametrize("use", [(True, True), (True, False), (False, True)], ids=["w+lora", "w", "lora"])
+def test_dx_kernel_vs_float64(seed, dtype, shape, use):
+    m, n, k, r = shape
+    w, mask, _, a, b, _ = _operands(m, n, k, r, dtype, bias=False)
+    dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
+    p = pack_24(w, mask)
+    out = torch.full((m, k), float("nan"), dtype=dtype)
+    dx = K.sparse_lora_dx(dy, p.values, p.meta, a, b, 1.5, *use, out=out)
+    weff = (w.double() if use[0] else 0) + ((b.double() @ a.double()) * 1.5 if use[1] else 0)
+    assert_close_ref(dx, dy.double() @ (weff * mask), dtype, n, "sparse_lora dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dab_kernel_vs_float64(seed, dtype, shape):
+    m, n, k, r = shape
+    w, mask, _, a, b, x = _operands(m, n, k, r, dtype, bias=False)
+    dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
+    p = pack_24(w, mask)
+    da, db = K.sparse_lora_dab(dy, x, p.meta, a, b, 0.5)
+    g = (dy.double().t() @ x.double()) * mask * 0.5
+    # dA/dB pass through a [BN, BK] tile of G rounded to the input dtype: error ~ sqrt(N·K) terms
+    assert_close_ref(da, b.double().t() @ g, dtype, n * m, "dA")
+    assert_close_ref(db, g @ a.double().t(), dtype, k * m, "dB")
+
+
+def test_kernels_reject_bad_operands():
+    w, mask, _, a, b, x = _operands(4, 32, 64, 4, torch.float32)
+    p = pack_24(w, mask)
+    with pytest.raises(ValueError, match="x has shape"):
+        K.sparse_lora_fwd(x[:, :32], None, p.values, p.meta, a, b, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        K.sparse_lora_fwd(x, None, p.values, p.meta, a, b[:, :3], 1.0)
+    with pytest.raises(ValueError, match="rank"):
+        K.sparse_lora_fwd(x, None, p.values, p.meta, a[:0], b[:, :0], 1.0)
+    with pytest.raises(ValueError, match="rank"):
+        K.sparse_lora_fwd(x, None, p.values, p.meta, torch.zeros(65, 64), torch.zeros(32, 65), 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        K.sparse_lora_fwd(x.half(), None, p.values, p.meta, a, b, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# op + autograd (Triton path under the interpreter, and the reference path)
+# ---------------------------------------------------------------------------------------------
+def _grads(fn, inputs, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    y = fn(*leaves)
+    y.backward(dy)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("triton_path", [True, False], ids=["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("separate", [False, True], ids=["fused", "dropout-input"])
+def test_op_gradients_vs_float64(seed, triton_path, dtype, separate):
+    n, k, r, s = 40, 72, 5, 1.7
+    w, mask, bias, a, b, _ = _operands(1, n, k, r, dtype)
+    x = torch.randn(2, 3, k, dtype=torch.float64).to(dtype)  # 3-D input, M = 6
+    xa = torch.randn(2, 3, k, dtype=torch.float64).to(dtype) if separate else None
+    dy = torch.randn(2, 3, n, dtype=torch.float64).to(dtype)
+    p = pack_24(w, mask)
+
+    def ours(x_, xa_, a_, b_, bias_):
+        return sparse_lora_linear(x_, p.values, p.meta, a_, b_, s, bias_, xa_)
+
+    def ref(x_, xa_, a_, b_, bias_):
+        weff_upd = (b_ @ a_) * s * mask
+        return x_ @ w.double().t() + (x_ if xa_ is None else xa_) @ weff_upd.t() + bias_
+
+    with use_triton_on_cpu(triton_path):
+        y, grads = _grads(ours, [x, xa, a, b, bias], dy)
+    y64, grads64 = _grads(ref, [t.double() if t is not None else None for t in (x, xa, a, b, bias)], dy.double())
+    assert_close_ref(y, y64, dtype, k, "y")
+    for name, g, g64, red in zip(["x", "xa", "A", "B", "bias"], grads, grads64, [n, n, n * 6, k * 6, 6]):
+        if g64 is None:
+            assert g is None
+            continue
+        assert_close_ref(g, g64, dtype, red, f"grad {name}")
+
+
+def test_reference_op_gradcheck_and_opcheck():
+    # float64 reference path: finite-difference gradcheck and torch.library's own consistency checks
+    n, k, r = 8, 16, 3
+    w, mask, bias, a, b, x = _operands(5, n, k, r, torch.float64)
+    p = pack_24(w, mask)
+    args = [t.requires_grad_() for t in (x.clone(), a.clone(), b.clone(), bias.clone())]
+    assert torch.autograd.gradcheck(lambda x_, a_, b_, c_: sparse_lora_linear(x_, p.values, p.meta, a_, b_, 0.9, c_), args)
+    xa = torch.randn_like(x).requires_grad_()
+    assert torch.autograd.gradcheck(lambda xa_, a_, b_: sparse_lora_linear(x, p.values, p.meta, a_, b_, 0.9, None, xa_), [xa, args[1], args[2]])
+    torch.library.opcheck(torch.ops.sparselora.sparse_lora_linear.default, (x, None, p.values, p.meta, a, b, 0.9, bias))
+
+
+# ---------------------------------------------------------------------------------------------
+# module, merge, model helpers
+# ---------------------------------------------------------------------------------------------
+def _pruned_linear(n, k, dtype=torch.float32, buffer=True):
+    w, mask, b = random_24(n, k, dtype)
+    lin = nn.Linear(k, n, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    if buffer:
+        lin.register_buffer("sparse_mask", mask, persistent=False)
+    return lin, mask
+
+
+def _trained(mod):
+    with torch.no_grad():
+        mod.lora_B.normal_()
+    return mod
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_module_forward_merge_unmerge(seed, dtype):
+    lin, mask = _pruned_linear(48, 64, dtype)
+    mod = _trained(SparseLoRALinear.from_linear(lin, r=6, alpha=12, name="layer"))
+    x = torch.randn(3, 64, dtype=dtype)
+    y = mod(x)
+    weff = (lin.weight.double() + (mod.lora_B.double() @ mod.lora_A.double()) * 2.0) * mask
+    assert_close_ref(y.detach(), x.double() @ weff.t() + lin.bias.double(), dtype, 64, "module forward")
+    meta0, values0 = mod.meta.clone(), mod.values.clone()
+    mod.merge()
+    assert torch.equal(mod.meta, meta0), "merge changed the 2:4 mask"
+    assert torch.equal(mod.mask(), mask)
+    assert not torch.equal(mod.values, values0)
+    check_nm(mod.merged_weight())
+    assert_close_ref(mod(x).detach(), y.detach().double(), dtype, 64, "merged forward")
+    mod.unmerge()
+    assert torch.equal(mod.values, values0), "unmerge is not exact"
+    mod.merge(keep_original=False)
+    mod.unmerge()
+    assert_close_ref(mod.values, values0.double(), dtype, 4, "unmerge by subtraction")
+
+
+def test_to_linear_and_to_sparse_linear(seed):
+    lin, mask = _pruned_linear(32, 64)
+    mod = _trained(SparseLoRALinear.from_linear(lin, r=4))
+    x = torch.randn(5, 64)
+    y = mod(x).detach()
+    dense = mod.to_linear()
+    assert torch.equal(dense.sparse_mask, mask) and not mod.merged
+    assert torch.equal((dense.weight != 0) & ~mask, torch.zeros_like(mask))
+    assert_close_ref(dense(x).detach(), y.double(), torch.float32, 64)
+    sl = mod.to_sparse_linear()
+    assert isinstance(sl, SparseLinear) and torch.equal(sl.mask(), mask)
+    assert_close_ref(sl(x).detach(), y.double(), torch.float32, 64)
+
+
+def test_dropout_path_trains_adapter_on_dropped_input(seed):
+    lin, _ = _pruned_linear(16, 32)
+    mod = _trained(SparseLoRALinear.from_linear(lin, r=2, dropout=0.5))
+    x = torch.randn(8, 32)
+    mod.eval()
+    y_eval = mod(x)
+    mod.train()
+    torch.manual_seed(1)
+    y_train = mod(x)
+    torch.manual_seed(1)
+    xa = nn.functional.dropout(x, 0.5, True)
+    ref = _ref64(x, xa, lin.weight.detach(), mod.mask(), mod.lora_A.detach(), mod.lora_B.detach(), mod.scaling, lin.bias.detach())
+    assert_close_ref(y_train.detach(), ref, torch.float32, 32)
+    assert not torch.allclose(y_train, y_eval)
+    y_train.sum().backward()
+    assert mod.lora_A.grad is not None and mod.bias.grad is None  # the base stays frozen
+
+
+def test_add_and_merge_sparse_lora_on_a_model(seed):
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    pruned_buf, _ = _pruned_linear(64, 32)
+    pruned_nobuf, mask2 = _pruned_linear(32, 64, buffer=False)  # mask derived from the nonzeros
+    model[0], model[2] = pruned_buf, pruned_nobuf
+    names = add_sparse_lora(model, r=4, alpha=8)
+    assert names == ["0", "2"] and isinstance(model[4], nn.Linear)  # the dense head is left alone
+    assert len(lora_parameters(model)) == 4
+    for i in (0, 2):
+        _trained(model[i])
+    x = torch.randn(6, 32)
+    y = model(x).detach()
+    merge_sparse_lora(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    assert torch.equal(model[2].sparse_mask, mask2)
+    for i in (0, 2):
+        check_nm(model[i].weight)
+        assert not ((model[i].weight != 0) & ~model[i].sparse_mask).any()
+    assert_close_ref(model(x).detach(), y.double(), torch.float32, 64)
+
+
+def test_names_filter_and_bad_inputs():
+    model = nn.Sequential(_pruned_linear(16, 32)[0], nn.Linear(16, 16))
+    with pytest.raises(SparsityError, match="1.weight"):
+        add_sparse_lora(copy.deepcopy(model), names=["1"])  # explicitly named, not 2:4
+    assert add_sparse_lora(copy.deepcopy(model), names=lambda n, m: n == "0") == ["0"]
+    with pytest.raises(ValueError, match="rank"):
+        add_sparse_lora(copy.deepcopy(model), r=0)
+    bad = _pruned_linear(16, 32)[0]
+    bad.sparse_mask[0, :3] = True  # 3 kept in a group of 4
+    with pytest.raises(SparsityError, match="not 2:4"):
+        SparseLoRALinear.from_linear(bad, name="bad")
+    lin = _pruned_linear(16, 32)[0]
+    with pytest.raises(ValueError, match="rank"):
+        SparseLoRALinear.from_linear(lin, r=0)
+    mod = SparseLoRALinear.from_linear(lin, r=2, name="m")
+    with pytest.raises(SparsityError, match="m: input has 31 features"):
+        mod(torch.randn(2, 31))
+    p = pack_24(lin.weight.detach(), lin.sparse_mask)
+    with pytest.raises(ValueError, match="lora_A"):
+        sparse_lora_linear(torch.randn(2, 32), p.values, p.meta, torch.randn(2, 16), torch.randn(16, 2), 1.0)
+
+
+def test_distill_lowers_the_loss(seed):
+    torch.manual_seed(seed)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    student = copy.deepcopy(teacher)
+    for lin in (student[0], student[2]):
+        mask = nm_mask(lin.weight.detach().abs())
+        with torch.no_grad():
+            lin.weight.mul_(mask)
+        lin.register_buffer("sparse_mask", mask, persistent=False)
+    add_sparse_lora(student, r=8, alpha=16)
+    batches = [torch.randn(16, 32) for _ in range(4)]
+    hist = distill(student, teacher, batches, steps=60, lr=1e-2, loss="mse", progress=False)
+    assert len(hist["loss"]) == 60
+    first, last = sum(hist["loss"][:4]) / 4, sum(hist["loss"][-4:]) / 4
+    assert last < 0.6 * first, f"distillation did not reduce the loss enough: {first:.4g} -> {last:.4g}"
+    assert all(not p.requires_grad for n, p in student.named_parameters() if "lora_" not in n and "bias" in n)
+    merge_sparse_lora(student)
+    for lin in (student[0], student[2]):
+        check_nm(lin.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 16, 300], ids=str)
+def test_gpu_forward_backward_vs_float64(seed, dtype, m):
+    n, k, r, s = 768, 1024, 16, 2.0
+    w, mask, bias, a, b, _ = _operands(1, n, k, r, dtype)
+    w, mask, bias, a, b = (t.cuda() for t in (w, mask, bias, a, b))
+    x = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.float64).to(dtype)
+    p = pack_24(w, mask)
+    y, (dx, _, da, db, dbias) = _grads(lambda x_, xa_, a_, b_, c_: sparse_lora_linear(x_, p.values, p.meta, a_, b_, s, c_),
+                                       [x, None, a, b, bias], dy)
+    upd = (b.double() @ a.double()) * s * mask
+    weff = w.double() + upd
+    assert_close_ref(y, x.double() @ weff.t() + bias.double(), dtype, k, "y")
+    assert_close_ref(dx, dy.double() @ weff, dtype, n, "dx")
+    g = (dy.double().t() @ x.double()) * mask * s
+    assert_close_ref(da, b.double().t() @ g, dtype, n * m, "dA")
+    assert_close_ref(db, g @ a.double().t(), dtype, k * m, "dB")
+    # merged forward through the packed op agrees with the fused one
+    mod = SparseLoRALinear(p, bias, r=r, alpha=s * r).cuda()
+    with torch.no_grad():
+        mod.lora_A.copy_(a)
+        mod.lora_B.copy_(b)
+    y1 = mod(x)
+    mod.merge()
+    assert torch.equal(mod.meta, p.meta)
+    assert_close_ref(mod(x), y1.double(), dtype, k, "merged vs fused")
