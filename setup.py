@@ -13,9 +13,9 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["sparselora", "sparselora.backends", "sparselora.triton_kernels"]
+PACKAGES = [p for p in find_packages(include=["sparselora", "sparselora.*"])] + ["sparselora.triton_kernels"]
 PACKAGE_DIR = {"sparselora.triton_kernels": "triton_kernels"}
 
 

@@ -49,3 +49,53 @@ def all_specs() -> list[AotSpec]:
         if hasattr(m, "aot_specs"):
             specs.extend(m.aot_specs())
     return specs
+
+
+def check(specs: list[AotSpec]) -> list[dict]:
+    """Compile every spec for each of its archs; one result row per (spec, arch)."""
+    rows = []
+    for spec in specs:
+        for arch in spec.archs:
+            row = {"name": spec.name, "arch": arch}
+            try:
+                k = compile_spec(spec, arch)
+                row.update(ok=k.metadata.shared <= SHARED_LIMIT[arch], shared=k.metadata.shared,
+                           wgmma="wgmma" in k.asm.get("ptx", ""), error=None)
+                if not row["ok"]:
+                    row["error"] = f"shared memory {k.metadata.shared} B > sm_{arch} limit {SHARED_LIMIT[arch]} B"
+            except Exception as e:  # any compile failure is a failed row, reported with its cause
+                row.update(ok=False, shared=None, wgmma=False, error=f"{type(e).__name__}: {e}"[:2000])
+            rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    """``python -m sparselora.triton_kernels.aot [--module extra.mod] [--json]``.
+
+    Must run with TRITON_INTERPRET unset: interpreted kernels cannot be compiled for a GPU."""
+    import argparse
+    import importlib
+    import json
+    import os
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--module", action="append", default=[], help="also compile aot_specs() of this module")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: the AOT check compiles real GPU code")
+    specs = all_specs() if not args.module else []
+    for m in args.module:
+        specs.extend(importlib.import_module(m).aot_specs())
+    rows = check(specs)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{'ok ' if r['ok'] else 'FAIL'} sm_{r['arch']} {r['name']:<48} shared={r['shared']} {r['error'] or ''}")
+        print(f"{sum(r['ok'] for r in rows)} passed, {sum(not r['ok'] for r in rows)} failed")
+    return 0 if rows and all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Tiny random-initialised VLMs built from transformers configs (no download).
+
+Used by the tests, the demo and the examples: every family of :mod:`sparselora.families`
+has a builder here (hidden size 64, 2 layers, 32x32 images). Dimensions are multiples of
+64 so that every Linear can take a 2:4 pattern and the GPU kernels' alignment.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_TEXT = dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               image_size=32, patch_size=8)
+
+
+def _llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**_VISION, projection_dim=64), text_config=LlamaConfig(**_TEXT),
+                      image_token_index=255, vision_feature_layer=-1, image_seq_length=16)
+    return LlavaForConditionalGeneration(cfg)
+
+
+def _blip2():
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+
+    cfg = Blip2Config(
+        vision_config=Blip2VisionConfig(**_VISION),
+        qformer_config=Blip2QFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, encoder_hidden_size=64, vocab_size=256),
+        text_config=OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256),
+        num_query_tokens=8, image_token_index=255,
+    )
+    return Blip2ForConditionalGeneration(cfg)
+
+
+def _clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(text_config=dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64),
+                     vision_config=dict(_VISION), projection_dim=64)
+    return CLIPModel(cfg)
+
+
+def _siglip():
+    from transformers import SiglipConfig, SiglipModel
+
+    cfg = SiglipConfig(text_config=dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64),
+                       vision_config=dict(_VISION))
+    return SiglipModel(cfg)
+
+
+def _qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    cfg = Qwen2VLConfig(
+        text_config=dict(**_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
+    )
+    return Qwen2VLForConditionalGeneration(cfg)
+
+
+def _idefics3():
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    cfg = Idefics3Config(vision_config=dict(_VISION), text_config=dict(model_type="llama", **_TEXT), image_token_id=255, scale_factor=2)
+    return Idefics3ForConditionalGeneration(cfg)
+
+
+def _paligemma():
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    cfg = PaliGemmaConfig(vision_config=dict(model_type="siglip_vision_model", **_VISION, projection_dim=64),
+                          text_config=dict(model_type="gemma", **_TEXT, head_dim=16), image_token_index=255, projection_dim=64)
+    return PaliGemmaForConditionalGeneration(cfg)
+
+
+BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
+    "llava": _llava,
+    "blip-2": _blip2,
+    "clip": _clip,
+    "siglip": _siglip,
+    "qwen2-vl": _qwen2_vl,
+    "idefics3": _idefics3,
+    "paligemma": _paligemma,
+}
+
+
+def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    if family not in BUILDERS:
+        raise KeyError(f"no tiny builder for {family!r}; have {sorted(BUILDERS)}")
+    torch.manual_seed(seed)
+    return BUILDERS[family]().to(dtype).eval()
+
+
+def _ids(n_image: int, image_token: int, text: int, batch: int, g: torch.Generator) -> torch.Tensor:
+    txt = torch.randint(3, 240, (batch, text), generator=g)
+    img = torch.full((batch, n_image), image_token)
+    return torch.cat([txt[:, :1], img, txt[:, 1:]], dim=1)
+
+
+def example_inputs(family: str, model: torch.nn.Module, batch: int = 2, text: int = 8, seed: int = 0) -> dict:
+    """Random but valid forward() kwargs (image + prompt) for a model built by :func:`build`."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    dtype = next(model.parameters()).dtype
+    px = torch.randn(batch, 3, 32, 32, generator=g).to(dtype)
+    if family in ("clip", "siglip"):
+        return {"input_ids": torch.randint(3, 240, (batch, text), generator=g), "pixel_values": px}
+    if family == "llava":
+        return {"input_ids": _ids(16, c.image_token_id, text, batch, g), "pixel_values": px}
+    if family == "paligemma":
+        return {"input_ids": _ids(16, c.image_token_id, text, batch, g), "pixel_values": px}
+    if family == "blip-2":
+        return {"input_ids": _ids(c.num_query_tokens, c.image_token_id, text, batch, g), "pixel_values": px}
+    if family == "idefics3":
+        return {"input_ids": _ids(4, c.image_token_id, text, batch, g), "pixel_values": px.unsqueeze(1)}
+    if family == "qwen2-vl":
+        grid = torch.tensor([[1, 4, 4]] * batch)  # t, h, w patches per image
+        patches = torch.randn(batch * 16, 3 * 2 * 8 * 8, generator=g).to(dtype)
+        ids = _ids(4, c.image_token_id, text, batch, g)
+        return {"input_ids": ids, "pixel_values": patches, "image_grid_thw": grid,
+                "mm_token_type_ids": (ids == c.image_token_id).long()}
+    raise KeyError(family)
