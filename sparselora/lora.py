@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -89,11 +90,39 @@ def _check_adapter(values, meta, a, b, dtype, name="sparse_lora"):
 # ---------------------------------------------------------------------------------------------
 # ops
 # ---------------------------------------------------------------------------------------------
+# The reference path needs the boolean mask of a frozen weight on every call; decoding the 2-bit
+# indices dominates small CPU layers, so the mask (1 byte per weight element, not a weight copy)
+# is cached per meta tensor, keyed weakly and checked against the tensor's version counter.
+_MASKS: dict[int, tuple] = {}
+
+
+def _mask_of(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    # keyed by id (tensors compare elementwise, so they cannot be dict keys); the weakref both
+    # proves the id still names the same tensor and evicts the entry when the tensor dies
+    key = (meta._version, tuple(shape), meta.device)
+    hit = _MASKS.get(id(meta))
+    if hit is not None and hit[0]() is meta and hit[1] == key:
+        return hit[2]
+    mask = mask_from_meta(meta, shape)
+    ident = id(meta)
+    try:
+        ref = weakref.ref(meta, lambda _r, ident=ident: _MASKS.pop(ident, None))
+    except TypeError:  # not weakly referenceable: no caching
+        return mask
+    _MASKS[ident] = (ref, key, mask)
+    return mask
+
+
+def _dense_of(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dense W from the kept values: they are stored in row-major order of the kept positions
+    (groups ascending, i0 < i1), which is exactly masked_scatter's fill order."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter_(mask, values)
+
+
 def _ref_forward(x, xa, values, meta, a, b, scaling, bias):
     n, k = values.shape[0], 2 * values.shape[1]
-    w = unpack_24(Packed24(values, meta, (n, k)))
-    mask = mask_from_meta(meta, (n, k))
-    return _kernels().reference_fwd(x, xa, w, mask, a, b, scaling, bias)
+    mask = _mask_of(meta, (n, k))
+    return _kernels().reference_fwd(x, xa, _dense_of(values, mask), mask, a, b, scaling, bias)
 
 
 @torch.library.custom_op("sparselora::sparse_lora_linear", mutates_args=())
@@ -126,8 +155,8 @@ def _sparse_lora_dx_op(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     if _triton_ok(dy, lora_A.shape[0]):
         dx = _kernels().sparse_lora_dx(dy2.contiguous(), values, meta, lora_A, lora_B, scaling, use_w, use_lora)
     else:
-        w = unpack_24(Packed24(values, meta, (n, k)))
-        dx = _kernels().reference_dx(dy2, w, mask_from_meta(meta, (n, k)), lora_A, lora_B, scaling, use_w, use_lora)
+        mask = _mask_of(meta, (n, k))
+        dx = _kernels().reference_dx(dy2, _dense_of(values, mask), mask, lora_A, lora_B, scaling, use_w, use_lora)
     return dx.reshape(*dy.shape[:-1], k)
 
 
@@ -143,7 +172,7 @@ def _sparse_lora_dab_op(dy: torch.Tensor, xa: torch.Tensor, meta: torch.Tensor, 
     dy2, xa2 = dy.reshape(-1, n), xa.reshape(-1, k)
     if _triton_ok(dy, lora_A.shape[0]):
         return _kernels().sparse_lora_dab(dy2.contiguous(), xa2.contiguous(), meta, lora_A, lora_B, scaling)
-    return _kernels().reference_dab(dy2, xa2, mask_from_meta(meta, (n, k)), lora_A, lora_B, scaling)
+    return _kernels().reference_dab(dy2, xa2, _mask_of(meta, (n, k)), lora_A, lora_B, scaling)
 
 
 @_sparse_lora_dab_op.register_fake

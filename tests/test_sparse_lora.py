@@ -315,3 +315,17 @@ def test_gpu_forward_backward_vs_float64(seed, dtype, m):
     mod.merge()
     assert torch.equal(mod.meta, p.meta)
     assert_close_ref(mod(x), y1.double(), dtype, k, "merged vs fused")
+
+
+def test_reference_path_mask_cache_and_dense_rebuild(seed):
+    from sparselora.format import unpack_24
+    from sparselora.lora import _dense_of, _mask_of
+
+    w, mask, _ = random_24(24, 64, torch.bfloat16, bias=False)
+    w[0, :8] = 0  # kept positions holding 0 must stay kept
+    p = pack_24(w, mask)
+    m1 = _mask_of(p.meta, p.shape)
+    assert torch.equal(m1, mask) and _mask_of(p.meta, p.shape) is m1  # cached
+    assert torch.equal(_dense_of(p.values, m1), unpack_24(p))
+    p.meta[0, 0] ^= 0b0111  # an in-place change (version bump) invalidates the cache
+    assert not torch.equal(_mask_of(p.meta, p.shape), m1)
