@@ -16,7 +16,7 @@ How: :func:`register_sparse_lora` registers :class:`SparseLoraLinear` for ``nn.L
 ``LoraConfig._register_custom_module`` (peft's experimental custom-layer API). The class subclasses
 peft's own ``lora.Linear`` and does not override ``__init__``, so whatever constructor signature the
 installed peft's dispatcher uses (``config=`` since peft 0.19, individual keyword arguments before)
-reaches the matching parent constructor. Supported: peft >= 0.13 (first release with
+reaches the matching parent constructor. Supported: peft >= 0.12 (first release with
 ``_register_custom_module``); tested with peft 0.21. Older peft raises a clear ImportError.
 
 Per layer: a targeted ``nn.Linear`` that is pruned (``sparse_mask`` buffer, else a 2:4 weight) gets
@@ -42,7 +42,7 @@ from .lora import layer_mask, sparse_lora_linear
 
 __all__ = ["SparseLoraLinear", "register_sparse_lora", "get_sparse_lora_model", "load_sparse_lora", "PEFT_MIN_VERSION"]
 
-PEFT_MIN_VERSION = "0.13"
+PEFT_MIN_VERSION = "0.12"
 
 
 def _peft():
@@ -50,7 +50,7 @@ def _peft():
         import peft
         from peft import LoraConfig
     except ImportError as e:  # pragma: no cover - peft is a dependency of this module only
-        raise ImportError("sparselora.peft_interop needs peft (pip install peft>=0.13)") from e
+        raise ImportError("sparselora.peft_interop needs peft (pip install peft>=0.12)") from e
     if not hasattr(LoraConfig, "_register_custom_module"):
         raise ImportError(
             f"sparselora.peft_interop needs peft >= {PEFT_MIN_VERSION} (LoraConfig._register_custom_module); "

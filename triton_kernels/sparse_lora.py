@@ -274,15 +274,21 @@ def _dab_kernel(
 # ---------------------------------------------------------------------------------------------
 # configs and launchers
 # ---------------------------------------------------------------------------------------------
-# (BM, BN, BK, num_warps, num_stages) per M regime. Decode is bound by the packed weight
-# bytes: a short BM and many N tiles; prefill wants big square tiles for tensor-core reuse.
+# (BM, BN, BK, num_warps, num_stages) per M regime. Decode is bound by the packed weight bytes
+# and needs many CTAs in flight: a short BM and narrow N tiles (BN = 32 gives N/32 CTAs, 128 for
+# N = 4096); each N tile re-reads all of A from L2 (R·K·2 bytes), so narrower tiles would trade
+# occupancy for L2 traffic. Prefill wants big tiles for tensor-core reuse (B·A costs r/BM extra).
 _FWD_CONFIGS = {
+    "small": (16, 32, 128, 4, 4),
+    "medium": (64, 64, 64, 4, 3),
+    "large": (128, 128, 64, 8, 3),
+}
+# the backward loops over N (dx) or M (dA/dB); training steps have large M
+_BWD_CONFIGS = {
     "small": (16, 64, 64, 4, 4),
     "medium": (64, 64, 64, 4, 3),
     "large": (128, 128, 64, 8, 3),
 }
-# the backward loops over N (dx) or M (dA/dB): the same three regimes serve both
-_BWD_CONFIGS = _FWD_CONFIGS
 
 
 def _regime(m: int) -> str:
