@@ -329,3 +329,14 @@ def test_reference_path_mask_cache_and_dense_rebuild(seed):
     assert torch.equal(_dense_of(p.values, m1), unpack_24(p))
     p.meta[0, 0] ^= 0b0111  # an in-place change (version bump) invalidates the cache
     assert not torch.equal(_mask_of(p.meta, p.shape), m1)
+
+
+def test_module_traces_under_torch_compile(seed):
+    # fake implementations + registered autograd: one graph, same values, adapter grads flow
+    lin, _ = _pruned_linear(32, 64)
+    mod = _trained(SparseLoRALinear.from_linear(lin, r=4, dropout=0.1)).eval()
+    x = torch.randn(5, 64)
+    ref = mod(x).detach()
+    y = torch.compile(mod, backend="aot_eager", fullgraph=True)(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), ref) and mod.lora_A.grad is not None and torch.isfinite(mod.lora_A.grad).all()
