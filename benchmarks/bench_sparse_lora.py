@@ -11,6 +11,21 @@ Training step (forward + backward w.r.t. x, A, B):
   * fused SparseLoRA vs peft's LoRA ``lora.Linear`` on the dense layer.
 
 Writes ``benchmarks/results/sparse_lora.{json,md}`` via ``benchmarks.common.write_results``.
+Predictions before any GPU run (H100, bf16, r = 16; to be checked against the results):
+  * decode (M <= 16): bound by the packed weight bytes (9/16 of dense). The fused kernel reads the
+    same bytes as the merged GEMM plus A and B (R·(N+K)·2 bytes, < 1 % at 4096²); every N tile
+    re-reads A from L2 (N/BN · R·K·2 = 16 MB at 4096², BN = 32), and the B·A dot doubles the
+    tensor-core work of a 16-token tile (hidden while memory-bound). Expect fused/merged
+    1.05-1.25 against the Triton 2:4 GEMM. Materializing reads/writes ~5 dense N×K passes:
+    expect materialize/fused >= 5.
+  * prefill (M >= 4096): compute-bound; the fused kernel expands to dense tiles and uses dense
+    tensor cores plus r/BM = 12.5 % extra flops for B·A: ~1.15× a dense-expanding 2:4 GEMM, but up
+    to ~2× a GEMM on sparse tensor cores (cuSPARSELt / mma.sp). Materializing costs O(N·K) extra
+    per call, amortized over M: materialize/fused → ~1 at large M.
+  * fwd+bwd vs peft LoRA on the dense layer: the masked adapter needs the N×K product dyᵀ·x
+    (a full dW-sized GEMM) that plain LoRA avoids, so expect ~1.3-1.6× peft's step time at
+    large M and ~1× at small M.
+
 ``--smoke`` runs one tiny shape on CPU (reference path, wall-clock timing, nothing written) to
 check the script itself.
 """

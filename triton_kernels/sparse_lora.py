@@ -318,15 +318,20 @@ def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device:
 
 
 def _check_operands(values, meta, a, b, dtype, device):
-    n, half = values.shape
-    k = 2 * half
+    """Validate the packed weight (``values`` may be None when only the mask is read) and the
+    adapter; return contiguous operands and (N, K, r)."""
+    n, words = meta.shape
     r = a.shape[0]
     if not (1 <= r <= MAX_RANK):
         raise ValueError(f"sparse_lora: rank {r} outside 1..{MAX_RANK}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"sparse_lora: dtype {dtype} not supported by the Triton kernels (fp16, bf16, fp32)")
-    values = _check("values", values, (n, half), dtype, device)
-    meta = _check("meta", meta, (n, -(-half // 16)), torch.int32, device)
+    k = a.shape[1]
+    if k % 4 or -(-(k // 2) // 16) != words:
+        raise ValueError(f"sparse_lora: lora_A has {k} columns, which does not match meta {tuple(meta.shape)}")
+    if values is not None:
+        values = _check("values", values, (n, k // 2), dtype, device)
+    meta = _check("meta", meta, (n, words), torch.int32, device)
     a = _check("lora_A", a, (r, k), dtype, device)
     b = _check("lora_B", b, (n, r), dtype, device)
     return values, meta, a, b, n, k, r
@@ -385,10 +390,7 @@ def sparse_lora_dx(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a
 def sparse_lora_dab(dy: torch.Tensor, xa: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dA, dB)`` with ``G = s·((dyᵀ·xa) ⊙ M)``, ``dA = Bᵀ·G``, ``dB = G·Aᵀ`` (returned in A's dtype)."""
-    n, r = b.shape
-    k = a.shape[1]
-    # values are not read; a [N, K/2] placeholder view keeps one operand check
-    _, meta, a, b, n, k, r = _check_operands(torch.empty(n, k // 2, dtype=dy.dtype, device=dy.device), meta, a, b, dy.dtype, dy.device)
+    _, meta, a, b, n, k, r = _check_operands(None, meta, a, b, dy.dtype, dy.device)
     dy = _check("dy", dy, (dy.shape[0], n), dy.dtype, dy.device)
     m = dy.shape[0]
     xa = _check("xa", xa, (m, k), dy.dtype, dy.device)
