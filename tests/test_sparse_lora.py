@@ -340,3 +340,25 @@ def test_module_traces_under_torch_compile(seed):
     y = torch.compile(mod, backend="aot_eager", fullgraph=True)(x)
     y.sum().backward()
     assert torch.equal(y.detach(), ref) and mod.lora_A.grad is not None and torch.isfinite(mod.lora_A.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 200], ids=str)
+def test_gpu_dropout_input_path_vs_float64(seed, m):
+    n, k, r, s = 512, 768, 24, 0.5
+    dtype = torch.bfloat16
+    w, mask, bias, a, b, _ = _operands(1, n, k, r, dtype)
+    w, mask, bias, a, b = (t.cuda() for t in (w, mask, bias, a, b))
+    x = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype)
+    xa = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.float64).to(dtype)
+    p = pack_24(w, mask)
+    y, (dx, dxa, da, db, _) = _grads(lambda x_, xa_, a_, b_, c_: sparse_lora_linear(x_, p.values, p.meta, a_, b_, s, c_, xa_),
+                                     [x, xa, a, b, bias], dy)
+    upd = (b.double() @ a.double()) * s * mask
+    assert_close_ref(y, x.double() @ w.double().t() + xa.double() @ upd.t() + bias.double(), dtype, k, "y")
+    assert_close_ref(dx, dy.double() @ w.double(), dtype, n, "dx")
+    assert_close_ref(dxa, dy.double() @ upd, dtype, n, "dxa")
+    g = (dy.double().t() @ xa.double()) * mask * s
+    assert_close_ref(da, b.double().t() @ g, dtype, n * m, "dA")
+    assert_close_ref(db, g @ a.double().t(), dtype, k * m, "dB")
