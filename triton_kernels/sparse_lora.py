@@ -21,7 +21,7 @@ The kernels run on CUDA and on CPU under ``TRITON_INTERPRET=1`` (tests). Interpr
 (PLATFORM.md): bf16 ``tl.dot`` and bf16 register arithmetic are broken there, so the launcher
 sets ``UPCAST`` and every operand is upcast to fp32 before arithmetic; ``@triton.autotune``
 with several configs fails there, so configs are picked by a small explicit heuristic on M
-(``_pick_config``) and every shipped config is listed in :func:`aot_specs`.
+(``_regime``: decode / medium / prefill) and every shipped config is listed in :func:`aot_specs`.
 
 Layout assumptions enforced by the launchers: all operands 2-D and contiguous (row-major),
 A/B/x/xa in the weight's dtype.
