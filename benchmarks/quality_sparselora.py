@@ -1,7 +1,7 @@
 """Real-weights quality experiment (CPU, a few minutes): does SparseLoRA restore a 2:4-pruned
 all-MiniLM-L6-v2, and does it beat "ordinary LoRA, merge, prune again" at the same budget?
 
-    python benchmarks/quality_sparselora.py [--steps 120] [--rank 16]
+    python benchmarks/quality_sparselora.py [--steps 200] [--rank 16]
 
 Data: real English sentences from the docstrings of Python standard-library modules, split into
 sentences; the modules are split into two disjoint groups, one for training/distillation, one
@@ -125,7 +125,7 @@ def cosine_stats(emb: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="SparseLoRA quality on all-MiniLM-L6-v2 (CPU)")
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
