@@ -362,3 +362,24 @@ def test_gpu_dropout_input_path_vs_float64(seed, m):
     g = (dy.double().t() @ xa.double()) * mask * s
     assert_close_ref(da, b.double().t() @ g, dtype, n * m, "dA")
     assert_close_ref(db, g @ a.double().t(), dtype, k * m, "dB")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_random_shapes_all_kernels(seed, dtype):
+    # shapes drawn from the printed seed: edge sizes (K = 4, N = 1, M past a tile) included
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]
+    for _ in range(3):
+        m, n, k, r = pick([1, 2, 17, 65]), pick([1, 3, 17, 40]), pick([4, 12, 100, 260]), pick([1, 7, 64])
+        w, mask, bias, a, b, x = _operands(m, n, k, r, dtype)
+        dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
+        p = pack_24(w, mask)
+        y = K.sparse_lora_fwd(x, None, p.values, p.meta, a, b, 0.3, bias, out=torch.full((m, n), float("nan"), dtype=dtype))
+        weff = (w.double() + (b.double() @ a.double()) * 0.3) * mask
+        assert_close_ref(y, x.double() @ weff.t() + bias.double(), dtype, k, f"y {m}x{n}x{k} r={r}")
+        dx = K.sparse_lora_dx(dy, p.values, p.meta, a, b, 0.3, out=torch.full((m, k), float("nan"), dtype=dtype))
+        assert_close_ref(dx, dy.double() @ weff, dtype, n, f"dx {m}x{n}x{k} r={r}")
+        da, db = K.sparse_lora_dab(dy, x, p.meta, a, b, 0.3)
+        g = (dy.double().t() @ x.double()) * mask * 0.3
+        assert_close_ref(da, b.double().t() @ g, dtype, n * m, f"dA {m}x{n}x{k} r={r}")
+        assert_close_ref(db, g @ a.double().t(), dtype, k * m, f"dB {m}x{n}x{k} r={r}")
