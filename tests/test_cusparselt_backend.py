@@ -10,7 +10,7 @@ from sparselora.backends import choose_backend, get_backend
 from sparselora.backends import cusparselt_backend as cb
 from sparselora.backends import hybrid_backend as hb
 from sparselora.format import pack_24
-from tests.helpers import random_24
+from helpers import random_24
 
 
 def test_backends_are_registered_with_honest_weight_copies():

@@ -83,9 +83,9 @@ struct Operands {
 };
 
 // Runs D = A op(B) (+ bias) with the cached plan for `p`, creating and tuning it on first use.
-void run_matmul(const Problem& p, const Operands& ops, size_t compressed_numel, cudaStream_t stream);
+void run_matmul(const Problem& p, const Operands& ops, cudaStream_t stream);
 
-// Compressed-weight size in bytes for an [n, k] weight of this dtype on `device`.
+// Compressed-weight size in bytes for an [n, k] weight of this dtype on `device` (memoised).
 int64_t compressed_size(int device, c10::ScalarType dtype, int64_t n, int64_t k);
 
 // Settings and introspection (exposed as ops in bindings.cpp).

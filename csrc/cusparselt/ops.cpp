@@ -87,6 +87,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& compressed, int64_t out
   }
   const int device = x.get_device();
   c10::cuda::CUDAGuard guard(x.device());
+  const int64_t expected = compressed_size(device, x.scalar_type(), n, k);
+  TORCH_CHECK(compressed.numel() == expected, "sparselora.cslt_linear: compressed weight has ", compressed.numel(),
+              " bytes, but a ", dtype_name(x.scalar_type()), " [", n, ", ", k, "] weight compresses to ", expected,
+              " bytes on this device (compressed for another shape, dtype or GPU?)");
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
@@ -123,7 +127,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& compressed, int64_t out
   ops.b = x2.data_ptr();
   ops.d = out.data_ptr();
   ops.bias = bias ? b.data_ptr() : nullptr;
-  run_matmul(p, ops, static_cast<size_t>(compressed.numel()), c10::cuda::getCurrentCUDAStream(device).stream());
+  run_matmul(p, ops, c10::cuda::getCurrentCUDAStream(device).stream());
 
   // The first m rows of a row-major [m_pad, n] tensor are contiguous: no copy.
   return (m_pad == m ? out : out.narrow(0, 0, m)).view(out_shape);
