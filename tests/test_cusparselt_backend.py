@@ -123,3 +123,32 @@ def test_shipped_tables_are_well_formed():
             n, k = map(int, shape.split("x"))
             m = entry["cusparselt_min_m"]
             assert m is None or m >= 1, (path, shape)
+
+
+def _rows(times):
+    return [{"M": m, "dense_us": d, "triton_us": t, "cusparselt_us": c} for m, (d, t, c) in times.items()]
+
+
+def test_derive_thresholds_from_measurements():
+    # Triton wins up to M=16, cuSPARSELt from 64 on; at M=1 both lose to dense.
+    rows = _rows({1: (5.0, 6.0, 9.0), 16: (6.0, 4.0, 8.0), 64: (10.0, 9.0, 7.0), 1024: (50.0, 60.0, 30.0)})
+    min_m, slower = hb.derive_thresholds(rows)
+    assert min_m == 64 and slower == [1]
+    paths = {r["M"]: r["hybrid_path"] for r in rows}
+    assert paths == {1: "triton", 16: "triton", 64: "cusparselt", 1024: "cusparselt"}
+    assert {r["M"]: r["hybrid_speedup"] for r in rows}[1024] == pytest.approx(50 / 30)
+
+
+def test_derive_thresholds_needs_every_larger_m_to_win():
+    # cuSPARSELt wins at 16 but loses again at 64: the threshold is the last switch, 1024.
+    rows = _rows({1: (5, 4, 9), 16: (6, 5, 4), 64: (10, 8, 9), 1024: (50, 60, 30)})
+    assert hb.derive_thresholds(rows)[0] == 1024
+    rows = _rows({1: (5, 4, 9), 1024: (50, 40, 45)})
+    assert hb.derive_thresholds(rows) == (None, [])
+
+
+def test_derive_thresholds_without_triton_compares_with_dense():
+    rows = _rows({1: (5, None, 9), 4096: (50, None, 30)})
+    min_m, slower = hb.derive_thresholds(rows)
+    assert min_m == 4096 and slower == [1]
+    assert all(r["hybrid_path"] == "cusparselt" for r in rows)

@@ -10,7 +10,9 @@ traces them, thin Python wrappers, the tuning-file I/O and the backend itself.
 * ``linear`` calls ``cslt_linear``: any number of tokens M (padded to a multiple of 8 inside),
   output dtype = input dtype, bias fused in the epilogue, fp32 accumulation. Plans are cached and
   the algorithm is searched once per (shape, M bucket) in C++; ``save_tuning`` / ``load_tuning``
-  ship those choices.
+  ship those choices, and a file ``tables/cusparselt_tuning_<gpu>.json`` in the package is loaded
+  automatically the first time a weight is prepared on that GPU (``SPARSELORA_CSLT_AUTOLOAD=0``
+  turns that off).
 * Autograd: cuSPARSELt only runs the forward product. When a gradient is needed (grad mode on and
   the input, weight or bias requires grad), ``linear`` runs the canonical ``sparse24_linear`` op
   instead, which has the backward. Run inference under ``torch.inference_mode()`` or
@@ -179,6 +181,30 @@ def load_tuning(path: str | os.PathLike) -> int:
     return int(torch.ops.sparselora.cslt_tuning_import(strings, records))
 
 
+def shipped_tuning_path(device_name: str):
+    """Where a tuning file shipped with the package for this GPU lives (may not exist)."""
+    from .hybrid_backend import TABLE_DIR, _slug
+
+    return TABLE_DIR / f"cusparselt_tuning_{_slug(device_name)}.json"
+
+
+_AUTOLOADED: set = set()
+
+
+def _autoload_tuning(device: torch.device) -> None:
+    """Load the shipped tuning file of this GPU once per process, if there is one."""
+    name = torch.cuda.get_device_name(device)
+    if name in _AUTOLOADED:
+        return
+    _AUTOLOADED.add(name)
+    path = shipped_tuning_path(name)
+    if path.is_file():
+        try:
+            load_tuning(path)
+        except (OSError, ValueError, RuntimeError) as e:
+            warnings.warn(f"sparselora: ignoring shipped cuSPARSELt tuning {path}: {e}")
+
+
 # -- the backend -------------------------------------------------------------------------------
 def _needs_grad(x: torch.Tensor, packed: Packed24, bias: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and (
@@ -225,6 +251,8 @@ class CusparseLtBackend(Backend):
     def prepare(self, packed: Packed24) -> dict[str, torch.Tensor]:
         if packed.device.type != "cuda":
             raise SparsityError(f"cusparselt backend: weight is on {packed.device}, needs a CUDA device")
+        if os.environ.get("SPARSELORA_CSLT_AUTOLOAD", "1") != "0":
+            _autoload_tuning(packed.device)
         return {"cslt_compressed": compress_packed(packed)}
 
     def linear(self, x, packed, extra, bias):

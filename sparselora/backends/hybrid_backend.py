@@ -45,7 +45,7 @@ from .base import Backend, get_backend, register_backend
 from .cusparselt_backend import CUSPARSELT
 
 __all__ = ["HybridBackend", "HEURISTIC_MIN_M", "TABLE_DIR", "table_path", "load_table", "cusparselt_min_m",
-           "choose", "dense_is_faster"]
+           "choose", "dense_is_faster", "derive_thresholds"]
 
 TABLE_DIR = Path(__file__).parent / "tables"
 HEURISTIC_MIN_M = 256
@@ -106,6 +106,30 @@ def dense_is_faster(device_name: str, n: int, k: int, m: int, table_dir: Path = 
     table = load_table(device_name, table_dir)
     entry = (table or {}).get("shapes", {}).get(f"{n}x{k}", {})
     return int(m) in {int(v) for v in entry.get("slower_than_dense_m", [])}
+
+
+def derive_thresholds(rows: list[dict]) -> tuple[Optional[int], list[int]]:
+    """Table entry of one weight shape from measurements ``{"M", "dense_us", "cusparselt_us",
+    "triton_us" (None if no Triton kernel)}``: returns ``(cusparselt_min_m, slower_than_dense_m)``.
+
+    ``cusparselt_min_m`` is the smallest measured M from which cuSPARSELt is at least as fast as
+    Triton at every larger measured M (None: never); between two measured M the hybrid keeps
+    Triton, the conservative side. Without a Triton kernel, cuSPARSELt is compared with dense.
+    Each row gets ``hybrid_path``, ``hybrid_us`` and ``hybrid_speedup`` (dense / hybrid) added."""
+    rows = sorted(rows, key=lambda r: r["M"])
+    no_triton = all(r.get("triton_us") is None for r in rows)
+    rival = "dense_us" if no_triton else "triton_us"
+    wins = [r["cusparselt_us"] <= r[rival] for r in rows]
+    min_m = next((r["M"] for i, r in enumerate(rows) if all(wins[i:])), None)
+    slower = []
+    for r in rows:
+        use_cslt = no_triton or (min_m is not None and r["M"] >= min_m)
+        r["hybrid_path"] = "cusparselt" if use_cslt else "triton"
+        r["hybrid_us"] = r["cusparselt_us"] if use_cslt else r["triton_us"]
+        r["hybrid_speedup"] = r["dense_us"] / r["hybrid_us"]
+        if r["hybrid_us"] > r["dense_us"]:
+            slower.append(r["M"])
+    return min_m, slower
 
 
 @functools.lru_cache(maxsize=None)
