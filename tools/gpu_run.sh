@@ -42,7 +42,13 @@ build() {
 want build && run build build
 want env && run env $PY -m sparselora.env
 # every GPU-marked test of the project, plus the CPU tests of the cuSPARSELt backend and policy
-want test && run test $PY -m pytest -q -rs -m gpu tests/ tests/test_cusparselt_backend.py --junitxml="$RESULTS/gpu_tests.xml"
+gpu_tests() {
+  local rc=0
+  $PY -m pytest -q -rs -m gpu tests/ --junitxml="$RESULTS/gpu_tests.xml" || rc=1
+  $PY -m pytest -q -rs tests/test_cusparselt_backend.py || rc=1
+  return $rc
+}
+want test && run test gpu_tests
 # compute-sanitizer over a small subset (it is slow): out-of-bounds accesses, races in our launches
 if want sanitize; then
   if command -v compute-sanitizer >/dev/null; then
