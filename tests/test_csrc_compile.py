@@ -76,6 +76,54 @@ def test_wrong_cusparselt_call_fails_the_check(tmp_path):
     assert p.returncode != 0, p.stdout
 
 
+STUB_CHECK = r"""
+import sys
+import torch
+import torch.utils.cpp_extension as ext
+sys.path.insert(0, "csrc")
+import build_config
+
+mod = ext.load(name="_C", sources=["csrc/bindings.cpp", "tests/data/cslt_stubs.cpp"],
+               extra_include_paths=build_config.include_dirs() + [sys.argv[2]], extra_cflags=["-O0"],
+               build_directory=sys.argv[1], is_python_module=True)
+sys.modules["sparselora._C"] = mod  # what `from .. import _C` in the backend will find
+from sparselora.backends import cusparselt_backend as cb
+assert cb.extension_error() is None, cb.extension_error()
+ops = torch.ops.sparselora
+assert str(ops.cslt_linear.default._schema) == (
+    "sparselora::cslt_linear(Tensor x, Tensor compressed, int out_features, int in_features, Tensor? bias=None) -> Tensor")
+# fake kernels: shapes on meta tensors, and a dynamic-shape torch.compile trace
+x = torch.empty(3, 5, 64, device="meta", dtype=torch.bfloat16)
+c = torch.empty(2304, device="meta", dtype=torch.uint8)
+b = torch.empty(32, device="meta", dtype=torch.bfloat16)
+assert ops.cslt_linear(x, c, 32, 64, b).shape == (3, 5, 32)
+assert ops.cslt_compress(torch.empty(64, 64, device="meta", dtype=torch.float16)).shape == (2304,)
+f = torch.compile(lambda x: torch.relu(ops.cslt_linear(x, c, 32, 64, b)), backend="eager", fullgraph=True, dynamic=True)
+for m in (7, 130):
+    assert f(torch.empty(m, 64, device="meta", dtype=torch.bfloat16)).shape == (m, 32)
+# host-side ops and their Python wrappers
+assert cb.cache_stats()["bias_rebinds"] == 6
+assert ops.cslt_tuning_import(["a", "b"], list(range(9))) == 209
+print("STUB-OK")
+"""
+
+
+def test_bindings_register_and_fakes_match_schemas(tmp_path):
+    # Builds csrc/bindings.cpp with host-only stubs (a CPU torch cannot build the real extension):
+    # every m.def schema must parse and match its C++ signature at load time, and the fake kernels
+    # registered from Python must accept the schemas' arguments.
+    if shutil.which("ninja") is None:
+        pytest.skip("ninja not found")
+    cands = [Path(os.environ.get("CUDA_HOME", "/nonexistent")), Path(_nvcc()).resolve().parent.parent,
+             Path("/usr/local/cuda-13.0"), Path("/usr/local/cuda")]
+    cuda_include = next((str(c / "include") for c in cands if (c / "include" / "cuda_runtime_api.h").is_file()), None)
+    if cuda_include is None:
+        pytest.skip("CUDA headers (cuda_runtime_api.h) not found")
+    p = subprocess.run([sys.executable, "-c", STUB_CHECK, str(tmp_path), cuda_include], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0 and "STUB-OK" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_all_csrc_sources_compile(tmp_path):
     p = _run([], tmp_path)

@@ -95,15 +95,20 @@ def test_same_shape_layers_with_different_biases_interleaved():
     layers = [weight(n, k, dtype) for _ in range(3)]
     comps = [cb.cslt_compress(w) for w, _ in layers]
     x = torch.randn(96, k, device="cuda", dtype=dtype)
-    for mode in (False, True):  # bias pointer rebinding, then bias-in-key plans
+    # Both bias modes: in-key plans (the default), and one shared plan whose bias pointer is
+    # rebound before each launch (SPARSELORA_CSLT_BIAS_IN_KEY=0). If this fails only for the
+    # rebind mode, cuSPARSELt copies the descriptor at plan time and the mode must stay off.
+    for mode in (True, False):
         torch.ops.sparselora.cslt_set_bias_in_key(mode)
         try:
+            rebinds = cb.cache_stats()["bias_rebinds"]
             for _ in range(3):
                 for (w, b), c in zip(layers, comps):
                     assert_close_ref(cb.cslt_linear(x, c, n, k, b), reference(x, w, b), dtype, k,
                                      what=f"bias_in_key={mode}")
+            assert (cb.cache_stats()["bias_rebinds"] > rebinds) == (not mode)
         finally:
-            torch.ops.sparselora.cslt_set_bias_in_key(False)
+            torch.ops.sparselora.cslt_set_bias_in_key(True)
 
 
 def test_bad_inputs_raise_clear_errors():

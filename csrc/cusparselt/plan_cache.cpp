@@ -13,12 +13,17 @@
 //
 // Thread safety: one global mutex for the maps (held only for lookups and inserts), one
 // mutex per tuning slot (so each key is searched exactly once, while other keys proceed), and
-// one mutex per plan (held while its bias pointer is set and the matmul is enqueued).
+// one mutex per plan (held while its bias pointer may be re-set and the matmul is enqueued).
+//
+// Environment: SPARSELORA_CSLT_SEARCH=0 (no search: cuSPARSELt's default algorithm),
+// SPARSELORA_CSLT_MAX_PLANS (LRU size, default 1024), SPARSELORA_CSLT_SEARCH_BUDGET_MS (per
+// key, default 3000), SPARSELORA_CSLT_BIAS_IN_KEY (default 1, see Cache::bias_in_key).
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <functional>
 #include <list>
@@ -129,7 +134,13 @@ struct Cache {
   std::unordered_map<TuneKey, std::shared_ptr<TuneSlot>, TuneKeyHash> tuning;
   size_t max_plans = static_cast<size_t>(std::max(16, env_int("SPARSELORA_CSLT_MAX_PLANS", 1024)));
   std::atomic<bool> search{env_int("SPARSELORA_CSLT_SEARCH", 1) != 0};
-  std::atomic<bool> bias_in_key{env_int("SPARSELORA_CSLT_BIAS_IN_KEY", 0) != 0};
+  // Bias handling of shared plans. In-key (default): the bias pointer is part of the plan key,
+  // so a plan is always run with the pointer it was built with, exactly like an uncached call;
+  // costs one plan per biased layer and M. Rebind (SPARSELORA_CSLT_BIAS_IN_KEY=0): one plan per
+  // shape, the pointer is re-set on its matmul descriptor before each launch; fewer plans, but it
+  // relies on cuSPARSELt reading the descriptor at launch time (tests/test_cusparselt.py checks).
+  std::atomic<bool> bias_in_key{env_int("SPARSELORA_CSLT_BIAS_IN_KEY", 1) != 0};
+  int search_budget_ms = std::max(100, env_int("SPARSELORA_CSLT_SEARCH_BUDGET_MS", 3000));
   std::atomic<int64_t> hits{0}, misses{0}, searches{0}, rebinds{0};
 };
 
@@ -288,10 +299,20 @@ AlgConfig search(const cusparseLtHandle_t* h, const Problem& p, const Operands& 
   AlgConfig best = base->config;
   best.time_ns = time_plan(h, *base, ops, stream, ev, iters);
 
-  std::vector<int> split_ks = {1, 2, 4};
-  if (p.m <= 256) split_ks.push_back(8);  // small M: more K-parallelism can fill the GPU
+  // Split-K trades a reduction pass for parallelism: worth trying when M gives few tiles.
+  std::vector<int> split_ks = {1, 2};
+  if (p.m < 2048) split_ks.push_back(4);
+  if (p.m <= 256) split_ks.push_back(8);
+  // A time budget keeps a pathological shape from stalling its first call for long; the
+  // candidates not reached are reported by the warning below.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(cache().search_budget_ms);
+  int skipped = 0;
   for (int alg = 0; alg <= max_id; ++alg) {
     for (int sk : split_ks) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        ++skipped;
+        continue;
+      }
       if (sk > 1 && p.k / sk < 128) continue;  // too little K per split to be worth a launch
       AlgConfig cfg;
       cfg.alg_id = alg;
@@ -305,6 +326,10 @@ AlgConfig search(const cusparseLtHandle_t* h, const Problem& p, const Operands& 
       }
     }
   }
+  if (skipped)
+    TORCH_WARN("sparselora: cuSPARSELt search for weight [", p.n, ", ", p.k, "], ", p.m, " rows hit its ",
+               cache().search_budget_ms, " ms budget; ", skipped,
+               " candidates not timed (raise SPARSELORA_CSLT_SEARCH_BUDGET_MS)");
   // A configuration that failed may leave a sticky launch error behind; surface it here.
   SPARSELORA_CUDA_CHECK(cudaGetLastError());
   return best;
