@@ -112,9 +112,11 @@ struct TuneKeyHash {
   }
 };
 
+// `mu` serialises the search of one key; `ready` is atomic so the stats and the export can read
+// finished slots without waiting behind a search in progress (config is written before ready).
 struct TuneSlot {
   std::mutex mu;
-  bool ready = false;
+  std::atomic<bool> ready{false};
   AlgConfig config;
 };
 
@@ -356,10 +358,10 @@ std::optional<AlgConfig> choose_config(const cusparseLtHandle_t* h, const Proble
     slot = s;
   }
   std::lock_guard<std::mutex> g(slot->mu);
-  if (slot->ready) return slot->config;
+  if (slot->ready.load(std::memory_order_acquire)) return slot->config;
   if (!c.search.load() || capturing(stream)) return std::nullopt;
   slot->config = search(h, p, ops, stream);
-  slot->ready = true;
+  slot->ready.store(true, std::memory_order_release);
   c.searches.fetch_add(1);
   return slot->config;
 }
@@ -481,10 +483,7 @@ std::vector<int64_t> cache_stats() {
   Cache& c = cache();
   std::lock_guard<std::mutex> g(c.mu);
   int64_t tuned = 0;
-  for (auto& kv : c.tuning) {
-    std::lock_guard<std::mutex> gs(kv.second->mu);
-    tuned += kv.second->ready;
-  }
+  for (auto& kv : c.tuning) tuned += kv.second->ready.load(std::memory_order_acquire);
   return {static_cast<int64_t>(c.plans.size()), c.hits.load(), c.misses.load(), c.searches.load(), tuned,
           c.rebinds.load()};
 }
@@ -495,8 +494,7 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>> export_tuning() {
   std::vector<int64_t> records;
   std::lock_guard<std::mutex> g(c.mu);
   for (auto& kv : c.tuning) {
-    std::lock_guard<std::mutex> gs(kv.second->mu);
-    if (!kv.second->ready) continue;
+    if (!kv.second->ready.load(std::memory_order_acquire)) continue;
     const TuneKey& k = kv.first;
     const AlgConfig& a = kv.second->config;
     strings.push_back(k.device_name);
@@ -525,12 +523,12 @@ int64_t import_tuning(const std::vector<std::string>& strings, const std::vector
     TuneKey key{strings[2 * i], static_cast<int>(dt == "float16" ? c10::ScalarType::Half : c10::ScalarType::BFloat16),
                 r[0], r[1], r[2], r[3] != 0, 0};
     auto slot = std::make_shared<TuneSlot>();
-    slot->ready = true;
     slot->config.alg_id = static_cast<int>(r[4]);
     slot->config.split_k = static_cast<int>(r[5]);
     slot->config.split_k_mode = static_cast<int>(r[6]);
     slot->config.split_k_buffers = static_cast<int>(r[7]);
     slot->config.time_ns = r[8];
+    slot->ready.store(true, std::memory_order_release);
     c.tuning[key] = slot;
     ++n;
   }
