@@ -101,6 +101,13 @@ assert ops.cslt_compress(torch.empty(64, 64, device="meta", dtype=torch.float16)
 f = torch.compile(lambda x: torch.relu(ops.cslt_linear(x, c, 32, 64, b)), backend="eager", fullgraph=True, dynamic=True)
 for m in (7, 130):
     assert f(torch.empty(m, 64, device="meta", dtype=torch.bfloat16)).shape == (m, 32)
+# forward-only: a backward through the op fails with a clear message
+xg = torch.empty(4, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+try:
+    ops.cslt_linear(xg, c, 32, 64, b).sum().backward()
+    raise AssertionError("backward through cslt_linear did not fail")
+except RuntimeError as e:
+    assert "forward-only" in str(e), e
 # host-side ops and their Python wrappers
 assert cb.cache_stats()["bias_rebinds"] == 6
 assert ops.cslt_tuning_import(["a", "b"], list(range(9))) == 209

@@ -327,3 +327,24 @@ def test_module_on_wrong_dtype_input_raises():
     mod = sparselora.SparseLinear.from_linear(lin, mask, backend="cusparselt")
     with torch.inference_mode(), pytest.raises(SparsityError, match="dtype"):
         mod(torch.randn(4, k, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    # schema, fake kernel vs real kernel (shapes, strides, dtype), dynamic-shape tracing
+    n, k = 128, 256
+    w, b = weight(n, k, dtype)
+    comp = cb.cslt_compress(w)
+    x = torch.randn(17, k, device="cuda", dtype=dtype)
+    torch.library.opcheck(torch.ops.sparselora.cslt_linear.default, (x, comp, n, k, b))
+    torch.library.opcheck(torch.ops.sparselora.cslt_linear.default, (x, comp, n, k, None))
+    torch.library.opcheck(torch.ops.sparselora.cslt_compress.default, (w, True))
+
+
+def test_backward_through_the_raw_op_fails_clearly():
+    n, k, dtype = 64, 64, torch.float16
+    w, b = weight(n, k, dtype)
+    comp = cb.cslt_compress(w)
+    x = torch.randn(8, k, device="cuda", dtype=dtype, requires_grad=True)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        cb.cslt_linear(x, comp, n, k, b).float().sum().backward()

@@ -82,6 +82,17 @@ if _EXT_ERROR is None:
         torch._check(x.shape[-1] == in_features, lambda: f"cslt_linear: input has {x.shape[-1]} features, expected {in_features}")
         return x.new_empty(*x.shape[:-1], out_features)
 
+    def _linear_setup(ctx, inputs, output):
+        pass
+
+    def _linear_backward(ctx, grad):
+        # The compressed buffer alone cannot give W^T dy; fail loudly instead of returning no grad.
+        raise RuntimeError(
+            "sparselora::cslt_linear is forward-only (cuSPARSELt's compressed weight has no backward here); "
+            "use sparselora.ops.sparse24_linear when gradients are needed (SparseLinear does this itself)")
+
+    torch.library.register_autograd("sparselora::cslt_linear", _linear_backward, setup_context=_linear_setup)
+
 
 # -- thin wrappers ---------------------------------------------------------------------------
 def cslt_compress(weight: torch.Tensor, check: bool = True) -> torch.Tensor:
