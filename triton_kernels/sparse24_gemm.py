@@ -57,12 +57,13 @@ def _interpreting() -> bool:
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dense_tile(v_ptr, meta_ptr, rows, row_mask, stride_vn, stride_mn, k0, K,
+def _load_pairs(v_ptr, meta_ptr, rows, row_mask, stride_vn, stride_mn, k0, K,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
-    """Dense ``[BLOCK_R, BLOCK_C]`` tile of W (rows ``rows``, columns ``k0 .. k0+BLOCK_C``).
+    """Kept values and in-group indices of W's rows ``rows``, dense columns ``k0 .. k0+BLOCK_C``:
+    four ``[BLOCK_R, BLOCK_C/4]`` tensors (v0, v1, i0, i1), one entry per group of 4.
 
-    ``k0`` and ``BLOCK_C`` are multiples of 32, so the tile covers whole meta words. Columns past
-    ``K`` (and masked rows) come back as zeros: their values load as 0, whatever their meta says.
+    ``k0`` and ``BLOCK_C`` are multiples of 32, so the tile covers whole meta words. Groups past
+    ``K`` (and masked rows) load values 0 (and indices 0), so they expand to zeros.
     """
     HALF: tl.constexpr = BLOCK_C // 2
     WORDS: tl.constexpr = BLOCK_C // 32
@@ -74,16 +75,30 @@ def _dense_tile(v_ptr, meta_ptr, rows, row_mask, stride_vn, stride_mn, k0, K,
     wcol = k0 // 32 + tl.arange(0, WORDS)
     words = tl.load(meta_ptr + rows[:, None] * stride_mn + wcol[None, :],
                     mask=row_mask[:, None] & (wcol[None, :] < (K + 31) // 32), other=0)
-    # word w holds the 2-bit indices of values 16w .. 16w+15 at bits 0,2,..,30
+    # word w holds the 2-bit indices of values 16w .. 16w+15 at bits 0, 2, .., 30
     shifts = 2 * tl.arange(0, 16)
     idx = (words[:, :, None] >> shifts[None, None, :]) & 3  # arithmetic shift: masked to 2 bits
-    idx = tl.reshape(idx, (BLOCK_R, BLOCK_C // 4, 2))
-    i0, i1 = tl.split(idx)
+    i0, i1 = tl.split(tl.reshape(idx, (BLOCK_R, BLOCK_C // 4, 2)))
     v0, v1 = tl.split(tl.reshape(vals, (BLOCK_R, BLOCK_C // 4, 2)))
+    return v0, v1, i0, i1
+
+
+@triton.jit
+def _expand_pairs(v0, v1, i0, i1, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Dense ``[BLOCK_R, BLOCK_C]`` tile: position p of group g holds v0 if p == i0, v1 if
+    p == i1, else zero (of the values' own type, so this also moves raw integer bits)."""
     pos = tl.arange(0, 4)[None, None, :]
-    zero = tl.zeros((BLOCK_R, BLOCK_C // 4, 4), dtype=vals.dtype)
+    zero = tl.zeros((BLOCK_R, BLOCK_C // 4, 4), dtype=v0.dtype)
     dense = tl.where(pos == i0[:, :, None], v0[:, :, None], tl.where(pos == i1[:, :, None], v1[:, :, None], zero))
     return tl.reshape(dense, (BLOCK_R, BLOCK_C))
+
+
+@triton.jit
+def _dense_tile(v_ptr, meta_ptr, rows, row_mask, stride_vn, stride_mn, k0, K,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr):
+    """Dense ``[BLOCK_R, BLOCK_C]`` tile of W (rows ``rows``, columns ``k0 .. k0+BLOCK_C``)."""
+    v0, v1, i0, i1 = _load_pairs(v_ptr, meta_ptr, rows, row_mask, stride_vn, stride_mn, k0, K, BLOCK_R, BLOCK_C, UPCAST)
+    return _expand_pairs(v0, v1, i0, i1, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
