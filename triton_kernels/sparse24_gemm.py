@@ -343,6 +343,17 @@ def _packed_rows(values: torch.Tensor, meta: torch.Tensor):
     return values, meta
 
 
+def _out_buffer(out: Optional[torch.Tensor], shape: tuple, like: torch.Tensor, name: str) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
+        raise SparsityError(f"{name}: out must be a contiguous {list(shape)} {like.dtype} tensor on {like.device}, "
+                            f"got {list(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})")
+    return out
+
+
 def _finalize(ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor) -> None:
     total, n = ws.numel(), ws.shape[1]
     block = 1024
@@ -351,12 +362,14 @@ def _finalize(ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor) -
 
 
 def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                           bias: Optional[torch.Tensor] = None, *, split_k: Optional[int] = None) -> torch.Tensor:
+                           bias: Optional[torch.Tensor] = None, *, split_k: Optional[int] = None,
+                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` in the canonical 2:4 layout ``(values, meta)``.
 
     ``x``: ``[..., K]`` (any strides), fp16/bf16/fp32 like ``values``; returns ``[..., N]`` in
     that dtype. ``split_k``: None picks the path (split-K at ``M <= SPLIT_MAX_M``), 1 forces
-    the direct path, ``s > 1`` the split path with at most ``s`` splits.
+    the direct path, ``s > 1`` the split path with at most ``s`` splits. ``out``: optional
+    contiguous ``[M, N]`` result buffer (M = rows of ``x``), every element of which is written.
     """
     name = "sparse24_linear (triton)"
     n, k = check_linear_inputs(x, values, meta, bias, name)
@@ -369,7 +382,7 @@ def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
     x2 = _rows(x, k)
     values, meta = _packed_rows(values, meta)
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = _out_buffer(out, (m, n), x, name)
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
     if k == 0:
@@ -407,7 +420,7 @@ def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
 
 
 def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                             *, split_k: Optional[int] = None) -> torch.Tensor:
+                             *, split_k: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dy @ W`` (``[..., N] -> [..., K]``): the gradient of a 2:4 linear w.r.t. its input.
     ``split_k`` as in :func:`sparse24_linear_triton` (here the reduction runs over N)."""
     name = "sparse24_matmul_t (triton)"
@@ -427,7 +440,7 @@ def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch
     g2 = _rows(dy, n)
     values, meta = _packed_rows(values, meta)
     m = g2.shape[0]
-    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    dx = _out_buffer(out, (m, k), dy, name)
     if m == 0 or k == 0:
         return dx.reshape(*lead, k)
     if n == 0:
@@ -437,7 +450,7 @@ def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch
     upcast = _interpreting() and dy.dtype == torch.bfloat16
     ieee = dy.dtype == torch.float32
     sms = _sm_count(dy.device)
-    out = torch.zeros(m, k, dtype=torch.float32, device=dy.device) if split else dx
+    acc = torch.zeros(m, k, dtype=torch.float32, device=dy.device) if split else dx
 
     def grid(meta_):
         tiles = triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"])
@@ -445,11 +458,11 @@ def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch
         return (tiles, splits)
 
     _tuned("matmul_t", split)[grid](
-        g2, values, meta, out, m, n, k, _m_key(m),
-        g2.stride(0), values.stride(0), meta.stride(0), out.stride(0),
+        g2, values, meta, acc, m, n, k, _m_key(m),
+        g2.stride(0), values.stride(0), meta.stride(0), acc.stride(0),
         SPLIT_OUT=split, UPCAST=upcast, IEEE=ieee)
     if split:
-        _finalize(out, None, dx)
+        _finalize(acc, None, dx)
     return dx.reshape(*lead, k)
 
 
