@@ -161,7 +161,7 @@ def test_gpu_sparse_linear_uses_triton(seed, dtype, m, n, k):
     with torch.no_grad():
         lin.weight.copy_(w)
         lin.bias.copy_(b)
-    mod = SparseLinear.from_linear(lin)
+    mod = SparseLinear.from_linear(lin, backend="triton")
     assert mod.backend.name == "triton", mod.backend_reason
     x = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype)
     assert_close_ref(mod(x), _ref_linear(x, w, b), dtype, k)
@@ -186,7 +186,7 @@ def test_gpu_autograd_input_gradient(seed, dtype):
     with torch.no_grad():
         lin.weight.copy_(w)
         lin.bias.copy_(b)
-    mod = SparseLinear.from_linear(lin)
+    mod = SparseLinear.from_linear(lin, backend="triton")
     for m in (3, 200):
         x = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype).requires_grad_()
         dy = torch.randn(m, n, device="cuda", dtype=torch.float64).to(dtype)
@@ -208,7 +208,7 @@ def test_gpu_torch_compile_matches_eager(seed):
         with torch.no_grad():
             lin.weight.copy_(w)
             lin.bias.copy_(b)
-        layers.append(SparseLinear.from_linear(lin))
+        layers.append(SparseLinear.from_linear(lin, backend="triton"))
     model = torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1])
     compiled = torch.compile(model, fullgraph=True)
     for m in (1, 33, 512):

@@ -24,7 +24,7 @@ import triton.language as tl
 from sparselora.format import SUPPORTED_DTYPES, Packed24, SparsityError, check_finite, check_nm, check_packed, unpack_24
 from sparselora.format import _check_matrix  # the reference's own shape check and message
 
-from .sparse24_gemm import _load_pairs, _expand_pairs
+from .sparse24_gemm import _aligned, _expand_pairs, _load_pairs
 
 __all__ = ["pack_24_triton", "unpack_24_triton", "aot_specs"]
 
@@ -210,10 +210,12 @@ def aot_specs():
         for has_mask in (False, True):
             const = {"HAS_MASK": has_mask, "ABS_BITS": 0x7FFF if ity == "i16" else 0x7FFFFFFF, "BLOCK_R": br, "BLOCK_C": bc}
             specs.append(AotSpec(f"pack24_{ity}_{'mask' if has_mask else 'nz'}", _pack24_kernel,
-                                 {**sig, **{c: "constexpr" for c in const}}, const, num_warps=nw, num_stages=1))
+                                 {**sig, **{c: "constexpr" for c in const}}, const, num_warps=nw, num_stages=1,
+                                 extra={"attrs": _aligned(_pack24_kernel, [a for a in sig if a.endswith("_ptr") or a.startswith("stride")])}))
         sig = {"v_ptr": f"*{ity}", "meta_ptr": "*i32", "w_ptr": f"*{ity}", "bad_ptr": "*i32", "N": "i32", "K": "i32",
                "stride_vn": "i32", "stride_mn": "i32", "stride_wn": "i32"}
         const = {"BLOCK_R": br, "BLOCK_C": bc}
         specs.append(AotSpec(f"unpack24_{ity}", _unpack24_kernel, {**sig, **{c: "constexpr" for c in const}}, const,
-                             num_warps=nw, num_stages=1))
+                             num_warps=nw, num_stages=1,
+                             extra={"attrs": _aligned(_unpack24_kernel, [a for a in sig if a.endswith("_ptr") or a.startswith("stride")])}))
     return specs

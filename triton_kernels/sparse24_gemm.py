@@ -228,6 +228,8 @@ _LINEAR_SPLIT = [
     (64, 128, 128, 8, 3),
 ]
 _LINEAR_DIRECT = [
+    (16, 64, 256, 4, 3),  # small M on wide layers (enough output tiles without splitting)
+    (16, 128, 128, 4, 4),
     (64, 128, 64, 4, 4),
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
@@ -240,6 +242,7 @@ _MATMUL_T_SPLIT = [
     (64, 64, 128, 4, 3),
 ]
 _MATMUL_T_DIRECT = [
+    (16, 64, 128, 4, 3),
     (64, 64, 128, 4, 4),
     (128, 64, 128, 8, 3),
     (128, 128, 128, 8, 3),
@@ -319,6 +322,12 @@ def _num_splits(tiles: int, iters: int, requested: Optional[int], sms: int) -> i
     return -(-iters // per)
 
 
+def _use_split(m: int, out_features: int, sms: int) -> bool:
+    """Split the reduction only in the memory-bound regime (small M) and only when even
+    128-wide output tiles would leave SMs idle; otherwise one launch, no fp32 workspace."""
+    return m <= SPLIT_MAX_M and triton.cdiv(out_features, 128) * triton.cdiv(m, 64) < sms
+
+
 def _m_key(m: int) -> int:
     # autotune once per power-of-two bucket of M, not per M
     return min(triton.next_power_of_2(max(m, 1)), 8192)
@@ -391,11 +400,11 @@ def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
             y += bias
         return y.reshape(*lead, n)
 
-    split = m <= SPLIT_MAX_M if split_k is None else split_k > 1
+    sms = _sm_count(x.device)
+    split = _use_split(m, n, sms) if split_k is None else split_k > 1
     upcast = _interpreting() and x.dtype == torch.bfloat16
     ieee = x.dtype == torch.float32
     dummy_bias = bias if bias is not None else values  # never read when HAS_BIAS is False
-    sms = _sm_count(x.device)
     if split:
         ws = torch.zeros(m, n, dtype=torch.float32, device=x.device)
 
@@ -446,10 +455,10 @@ def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch
     if n == 0:
         return dx.zero_().reshape(*lead, k)
 
-    split = m <= SPLIT_MAX_M if split_k is None else split_k > 1
+    sms = _sm_count(dy.device)
+    split = _use_split(m, k, sms) if split_k is None else split_k > 1
     upcast = _interpreting() and dy.dtype == torch.bfloat16
     ieee = dy.dtype == torch.float32
-    sms = _sm_count(dy.device)
     acc = torch.zeros(m, k, dtype=torch.float32, device=dy.device) if split else dx
 
     def grid(meta_):
@@ -472,6 +481,14 @@ def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def _aligned(fn, names) -> dict:
+    """Specialization attrs that launches on aligned tensors get (pointers and strides divisible
+    by 16): with them Triton emits 16-byte loads and cp.async pipelining, and shared memory
+    grows accordingly, so this is the build the shared-memory check must see. Passed as
+    ``AotSpec.extra["attrs"]`` (ASTSource's ``attrs``)."""
+    return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in names}
+
+
 def aot_specs():
     """Every shipped GPU config x dtype of both GEMMs (and the finalize kernel)."""
     from sparselora.triton_kernels.aot import AotSpec
@@ -487,8 +504,11 @@ def aot_specs():
                 const = {"HAS_BIAS": not split, "SPLIT_OUT": split, "UPCAST": False, "IEEE": False,
                          "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": _GROUP}
                 sig.update({c: "constexpr" for c in const})
+                attrs = _aligned(_sparse24_linear_kernel, ["x_ptr", "v_ptr", "meta_ptr", "b_ptr", "y_ptr", "N", "K",
+                                                           "stride_xm", "stride_vn", "stride_mn", "stride_ym"])
                 specs.append(AotSpec(f"linear_{'split' if split else 'direct'}_{ty}_m{bm}n{bn}k{bk}w{w}s{s}",
-                                     _sparse24_linear_kernel, sig, const, num_warps=w, num_stages=s))
+                                     _sparse24_linear_kernel, sig, const, num_warps=w, num_stages=s,
+                                     extra={"attrs": attrs}))
             for bm, bn, bk, w, s in _GPU[("matmul_t", split)]:
                 sig = {"dy_ptr": f"*{ty}", "v_ptr": f"*{ty}", "meta_ptr": "*i32", "dx_ptr": out_ty,
                        "M": "i32", "N": "i32", "K": "i32", "M_KEY": "i32",
@@ -496,9 +516,13 @@ def aot_specs():
                 const = {"SPLIT_OUT": split, "UPCAST": False, "IEEE": False,
                          "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_K": _GROUP}
                 sig.update({c: "constexpr" for c in const})
+                attrs = _aligned(_sparse24_matmul_t_kernel, ["dy_ptr", "v_ptr", "meta_ptr", "dx_ptr", "N", "K",
+                                                             "stride_dym", "stride_vn", "stride_mn", "stride_dxm"])
                 specs.append(AotSpec(f"matmul_t_{'split' if split else 'direct'}_{ty}_m{bm}n{bn}k{bk}w{w}s{s}",
-                                     _sparse24_matmul_t_kernel, sig, const, num_warps=w, num_stages=s))
+                                     _sparse24_matmul_t_kernel, sig, const, num_warps=w, num_stages=s,
+                                     extra={"attrs": attrs}))
         sig = {"ws_ptr": "*fp32", "b_ptr": f"*{ty}", "y_ptr": f"*{ty}", "total": "i32", "N": "i32",
                "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}
-        specs.append(AotSpec(f"finalize_{ty}", _finalize_kernel, sig, {"HAS_BIAS": True, "BLOCK": 1024}, num_warps=4, num_stages=1))
+        specs.append(AotSpec(f"finalize_{ty}", _finalize_kernel, sig, {"HAS_BIAS": True, "BLOCK": 1024}, num_warps=4, num_stages=1,
+                             extra={"attrs": _aligned(_finalize_kernel, ["ws_ptr", "b_ptr", "y_ptr"])}))
     return specs
