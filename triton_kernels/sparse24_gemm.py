@@ -28,6 +28,7 @@ arithmetic (the interpreter's bf16 dot/arithmetic is broken), and a single small
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional
 
@@ -339,7 +340,7 @@ def _check_kernel_dtype(t: torch.Tensor, name: str) -> None:
 
 
 def _rows(t: torch.Tensor, feat: int) -> torch.Tensor:
-    t2 = t.reshape(-1, feat)
+    t2 = t.reshape(math.prod(t.shape[:-1]), feat)
     # a unit inner stride lets Triton use wide vector loads; other strides are copied once
     return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
 
@@ -376,8 +377,8 @@ def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
     """``x @ W.T + bias`` with ``W`` in the canonical 2:4 layout ``(values, meta)``.
 
     ``x``: ``[..., K]`` (any strides), fp16/bf16/fp32 like ``values``; returns ``[..., N]`` in
-    that dtype. ``split_k``: None picks the path (split-K at ``M <= SPLIT_MAX_M``), 1 forces
-    the direct path, ``s > 1`` the split path with at most ``s`` splits. ``out``: optional
+    that dtype. ``split_k``: None picks the path (split-K when ``M <= SPLIT_MAX_M`` and the
+    output tiles alone would not fill the GPU), 1 forces the direct path, ``s > 1`` the split path with at most ``s`` splits. ``out``: optional
     contiguous ``[M, N]`` result buffer (M = rows of ``x``), every element of which is written.
     """
     name = "sparse24_linear (triton)"
