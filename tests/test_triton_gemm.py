@@ -218,3 +218,25 @@ def test_gpu_torch_compile_matches_eager(seed):
         assert torch.isfinite(out).all()
         # same kernels in both; only the split-K summation order may differ (fp32 atomics)
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# registration (CPU): the backend and the ops' CUDA kernels
+# ---------------------------------------------------------------------------------------------
+def test_triton_backend_registered_with_reasons():
+    from sparselora.backends import get_backend
+
+    b = get_backend("triton")
+    assert b.priority == 20 and b.unavailable_reason() is None
+    assert "CUDA device" in b.unsupported_reason(torch.device("cpu"), torch.bfloat16, 64, 64)
+    assert "float32" in b.unsupported_reason(torch.device("cuda"), torch.float32, 64, 64)
+    assert "multiple of 4" in b.unsupported_reason(torch.device("cuda"), torch.bfloat16, 64, 66)
+    assert b.unsupported_reason(torch.device("cuda"), torch.bfloat16, 64, 40) is None
+    assert b.unsupported_reason(torch.device("cuda"), torch.float16, 64, 40) is None
+
+
+def test_ops_have_triton_cuda_kernels():
+    import sparselora.backends.triton_backend  # noqa: F401  (registers the kernels)
+
+    for op in ("sparselora::sparse24_linear", "sparselora::sparse24_matmul_t"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
