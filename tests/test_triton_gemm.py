@@ -240,3 +240,26 @@ def test_ops_have_triton_cuda_kernels():
 
     for op in ("sparselora::sparse24_linear", "sparselora::sparse24_matmul_t"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+
+
+# ---------------------------------------------------------------------------------------------
+# property test: random shapes (K any multiple of 4, tiny N and K included) and paths
+# ---------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k4=st.integers(1, 40),
+       dtype=st.sampled_from(DTYPES), split_k=st.sampled_from(SPLITS), has_bias=st.booleans(),
+       seed_=st.integers(0, 2**31 - 1))
+def test_property_random_shapes(m, n, k4, dtype, split_k, has_bias, seed_):
+    torch.manual_seed(seed_)
+    k = 4 * k4
+    w, _, b = random_24(n, k, dtype, bias=has_bias)
+    p = pack_24(w)
+    x = torch.randn(m, k, dtype=torch.float64).to(dtype)
+    y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=split_k, out=_poisoned((m, n), dtype))
+    assert_close_ref(y, _ref_linear(x, w, b), dtype, k)
+    dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
+    dx = sparse24_matmul_t_triton(dy, p.values, p.meta, split_k=split_k, out=_poisoned((m, k), dtype))
+    assert_close_ref(dx, dy.double() @ w.double(), dtype, n, what="dx")

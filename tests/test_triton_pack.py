@@ -106,3 +106,22 @@ def test_gpu_pack_unpack_bit_exact(seed, dtype):
     p = pack_24_triton(w)
     _assert_same(Packed24(p.values.cpu(), p.meta.cpu(), p.shape), r)
     assert torch.equal(_bits(unpack_24_triton(p).cpu()), _bits(w.cpu()))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 40), k4=st.integers(1, 30), dtype=st.sampled_from(DTYPES), use_mask=st.booleans(),
+       seed_=st.integers(0, 2**31 - 1))
+def test_property_pack_unpack_bit_exact(n, k4, dtype, use_mask, seed_):
+    torch.manual_seed(seed_)
+    k = 4 * k4
+    w, mask, _ = random_24(n, k, dtype, bias=False)
+    # random extra zeros: groups with fewer than two nonzeros exercise the fill rule
+    w = w * (torch.rand(n, k) > 0.3).to(dtype)
+    m = mask if use_mask else None
+    r = pack_24(w, m)
+    p = pack_24_triton(w, m)
+    _assert_same(p, r)
+    assert torch.equal(_bits(unpack_24_triton(p)), _bits(unpack_24(r)))
