@@ -180,7 +180,8 @@ def columns_for(rows: list[dict]) -> list[str]:
         for key in r:
             if key not in cols and key not in extra and (key.endswith("_us") or key.endswith("_x")):
                 extra.append(key)
-    return cols + sorted(extra, key=lambda c: (c.split("_")[0], c))
+    errors = sorted({key for r in rows for key in r if key.endswith("_error")})
+    return cols + sorted(extra, key=lambda c: (c.split("_")[0], c)) + errors
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
