@@ -238,6 +238,10 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
     """
     if on_unsupported not in ("dense", "raise"):
         raise ValueError(f"on_unsupported must be 'dense' or 'raise', got {on_unsupported!r}")
+    if backend != "auto":
+        from .backends import get_backend
+
+        get_backend(backend)  # an unknown name is a usage error, not a reason to leave layers dense
     skip = tuple(skip)
     names = list(names) if names is not None else None
     parts = list(parts) if parts is not None else None
@@ -281,7 +285,7 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
         mask = _layer_mask(name, lin, explicit)
         try:
             choice = choose_backend(w.device, w.dtype, out_f, in_f, backend)
-        except (ValueError, KeyError) as e:  # explicit backend that cannot run this layer
+        except ValueError as e:  # explicit backend that cannot run this layer
             leave_dense(str(e))
             continue
         if choice.backend is None:
