@@ -1,0 +1,128 @@
+"""The sparselora CLI: help, a fast prune -> sparsify -> load flow, clear errors, demo smoke."""
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sparselora.cli import build_parser, load_model, main
+from sparselora.patch import sparse_layers
+from sparselora.tiny_models import example_inputs
+
+COMMANDS = ["env", "prune", "restore", "merge", "sparsify", "bench", "demo"]
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for c in COMMANDS:
+        assert c in text
+    assert main([]) == 2  # no command: help, non-zero status
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert f"usage: sparselora {command}" in capsys.readouterr().out
+
+
+def test_module_entry_point_help_is_fast():
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "sparselora.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "prune" in r.stdout
+    # lazy imports: no transformers / pruning / lora import for --help
+    r = subprocess.run([sys.executable, "-c", "import sys, sparselora.cli; "
+                        "print(any(m.startswith(('transformers', 'sparselora.pruning', 'sparselora.lora')) for m in sys.modules))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
+    assert time.time() - t < 60
+
+
+def test_env(capsys):
+    assert main(["env"]) == 0
+    assert "reference" in capsys.readouterr().out
+
+
+def test_prune_sparsify_load_flow(tmp_path, capsys):
+    pruned, sparse, ct = tmp_path / "pruned", tmp_path / "sparse", tmp_path / "ct"
+    assert main(["prune", "--tiny", "llava", "--method", "magnitude", "--strategy", "both", "-q", "--out", str(pruned)]) == 0
+    assert (pruned / "sparselora_masks.safetensors").exists()
+    assert main(["sparsify", str(pruned), "--out", str(sparse)]) == 0
+    assert main(["sparsify", str(pruned), "--format", "compressed-tensors", "--out", str(ct)]) == 0
+    out = capsys.readouterr().out
+    assert "sparsified" in out and "model.safetensors" in out
+
+    dense, info = load_model(str(pruned), None)
+    masks = {n: m.sparse_mask for n, m in dense.named_modules() if hasattr(m, "sparse_mask")}
+    assert masks and info["stage"] == "pruned"
+    for n, mask in masks.items():  # exact masks survive the directory round trip
+        assert torch.equal(dense.get_submodule(n).weight != 0, mask & (dense.get_submodule(n).weight != 0))
+    inputs = example_inputs("llava", dense)
+    with torch.no_grad():
+        ref = dense(**inputs).logits
+    for d in (sparse, ct):
+        model, _ = load_model(str(d), None)
+        assert set(sparse_layers(model)) == set(masks)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, ref, rtol=1e-5, atol=1e-5)
+    assert (sparse / "model.safetensors").stat().st_size < (pruned / "model.safetensors").stat().st_size
+    assert json.loads((sparse / "sparselora.json").read_text())["stage"] == "sparsified"
+
+    assert main(["bench", str(sparse), "--tokens", "8", "--iters", "1", "-q", "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert rows and all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
+
+
+def test_clear_errors(tmp_path, capsys):
+    dense = tmp_path / "dense"
+    assert main(["prune", "--tiny", "clip", "--method", "magnitude", "-q", "--out", str(tmp_path / "p")]) == 0
+    model, _ = load_model(None, "clip")
+    model.save_pretrained(dense)
+    assert main(["sparsify", str(dense), "--out", str(tmp_path / "s")]) == 2
+    assert "no pruned layers" in capsys.readouterr().err
+    assert main(["sparsify", str(tmp_path / "nope"), "--out", str(tmp_path / "s")]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "p"), "--out", str(tmp_path / "m")]) == 2
+    assert "not a 'sparselora restore' output" in capsys.readouterr().err
+    try:
+        import sparselora.lora  # noqa: F401
+    except ImportError:
+        assert main(["restore", str(tmp_path / "p"), "--teacher-tiny", "clip", "--out", str(tmp_path / "r")]) == 2
+        assert "sparselora.lora" in capsys.readouterr().err
+
+
+def _demo_args(tmp_path, **kw):
+    args = build_parser().parse_args(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--iters", "1",
+                                      "--eval-sentences", "16", "-q"])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_demo_llava_part(tmp_path):
+    from sparselora.demo import llava
+
+    args = _demo_args(tmp_path)
+    (tmp_path / "demo").mkdir()
+    res = llava(args, tmp_path / "demo")
+    assert res["reload_identical"] and res["generate_matches_masked_dense"]
+    assert res["verify_max_rel_err_per_module"] < 1e-5
+    assert res["bytes"]["file_sparse"] < res["bytes"]["file_dense"]
+    assert res["stages"][0]["cosine_mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--iters", "1", "--eval-sentences", "16", "-q"]) == 0
+    for f in ("results.md", "results.json", "results.png"):
+        assert (tmp_path / "demo" / f).stat().st_size > 0
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert res["minilm"]["reload_identical"] and res["minilm"]["stages"][1]["cosine_mean"] < 1.0
+    assert "CPU" in capsys.readouterr().out
