@@ -301,3 +301,17 @@ def test_compressed_tensors_bad_bitmask(tmp_path):
     save_file({"0.compressed": comp, "0.bitmask": bits, "0.shape": shape}, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="'0.bitmask' is not 2:4: row 0, group 0 keeps 3"):
         _untouched(lambda: load_sparse(lin, tmp_path / "bad.safetensors"), lin)
+
+
+@pytest.mark.gpu
+def test_load_onto_cuda_model(tmp_path):
+    model = _sparse_model(dtype=torch.bfloat16)
+    path = save_sparse(model, tmp_path / "m.safetensors")
+    fresh = build("llava", seed=1, dtype=torch.bfloat16).to("cuda")
+    load_sparse(fresh, path)
+    for name, m in sparse_layers(fresh).items():
+        assert m.values.device.type == "cuda" and torch.equal(m.values.cpu(), sparse_layers(model)[name].values)
+    inputs = example_inputs("llava", fresh)
+    inputs = {k: v.to("cuda") for k, v in inputs.items()}
+    with torch.no_grad():
+        assert torch.isfinite(fresh(**inputs).logits).all()

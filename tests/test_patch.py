@@ -234,3 +234,31 @@ def test_torch_compile_matches_eager():
         compiled = torch.compile(mlp, fullgraph=True)
         out = compiled(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_llava_round_trip(dtype, seed):
+    """On a GPU: packed layers (auto backend: the fastest available kernel) equal the masked dense
+    model within the dtype's tolerance, and generate() runs."""
+    model = build("llava", seed=seed % 10_000)
+    prune_24(model)
+    inputs = example_inputs("llava", model, seed=seed % 10_000)
+    with torch.no_grad():
+        ref64 = _out(copy.deepcopy(model).double()(**_to64(inputs)))
+    model = model.to("cuda", dtype)
+    cuda_inputs = {k: (v.to("cuda", dtype) if v.is_floating_point() else v.to("cuda")) for k, v in inputs.items()}
+    report = sparsify(model)
+    assert report.sparse and all(r.action == "sparse" for r in report.rows if r.action != "dense")
+    for n, m in sparse_layers(model).items():  # each packed layer against float64 on its own input
+        x = torch.randn(37, m.in_features, device="cuda", dtype=dtype)
+        ref = x.double() @ m.dense_weight().double().T + (m.bias.double() if m.bias is not None else 0)
+        out = m(x)
+        err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= 4 * TOL[dtype], f"{n} ({m.backend.name}): rel err {err:.3e}"
+    with torch.no_grad():
+        out = _out(model(**cuda_inputs)).double().cpu()
+    assert torch.isfinite(out).all()
+    # whole model in 16-bit vs float64: loose bound, errors compound over layers
+    assert (out - ref64).abs().max() <= 0.1 * max(1.0, ref64.abs().max().item())
+    assert model.generate(**cuda_inputs, max_new_tokens=3, do_sample=False).shape[1] == cuda_inputs["input_ids"].shape[1] + 3
