@@ -355,7 +355,10 @@ def cmd_restore(args) -> int:
 
         from .checkpoint import _atomic_write
 
-        adapters = {n: p.detach().cpu().contiguous() for n, p in student.named_parameters() if p.requires_grad}
+        trained = {id(p) for p in lora.lora_parameters(student)}
+        adapters = {n: p.detach().cpu().contiguous() for n, p in student.named_parameters() if id(p) in trained}
+        if not adapters:
+            raise CLIError("add_sparse_lora attached no trainable adapters")
         _atomic_write(out / ADAPTERS_FILE, lambda tmp: save_file(adapters, tmp))
         _write_state(out, state)
     print(f"restored with SparseLoRA r={args.rank} for {args.steps} steps: {_short(stats)} -> {out}")
