@@ -35,7 +35,7 @@ def test_subcommand_help(command, capsys):
 
 def test_module_entry_point_help_is_fast():
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "sparselora.cli", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "sparselora", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "prune" in r.stdout
     # lazy imports: no transformers / pruning / lora import for --help
     r = subprocess.run([sys.executable, "-c", "import sys, sparselora.cli; "
