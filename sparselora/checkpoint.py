@@ -375,14 +375,90 @@ def _validated_sparselora(meta: dict, tensors: dict[str, torch.Tensor], file: Pa
     return state, layers
 
 
-def load_sparse(model: nn.Module, path, backend: str = "auto", strict: bool = True) -> nn.Module:
+def _renamer(model: nn.Module, key_mapping: Optional[dict]):
+    """A key -> module-name function: the caller's regexes, else transformers' own checkpoint
+    renamings for this model (checkpoints written by ``save_pretrained`` use legacy names for
+    several VLMs, e.g. ``language_model.model.layers`` for LLaVA's ``model.language_model.layers``)."""
+    import re
+
+    if key_mapping:
+        rules = [(re.compile(k), v) for k, v in key_mapping.items()]
+
+        def by_user(key: str) -> str:
+            for pat, rep in rules:
+                key = pat.sub(rep, key)
+            return key
+
+        return by_user
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    except Exception:  # not a transformers model, or an older/newer transformers without this API
+        return None
+    if not renamings:
+        return None
+
+    def by_transformers(key: str) -> str:
+        for c in renamings:
+            new, hit = c.rename_source_key(key)
+            if hit:
+                key = new
+        return key
+
+    return by_transformers
+
+
+def _fit_names(model: nn.Module, state: dict, layers: dict, key_mapping: Optional[dict]) -> tuple[dict, dict]:
+    """Rename checkpoint keys to the model's module names when they do not match as they are."""
+    modules = set(n for n, _ in model.named_modules())
+    own = set(model.state_dict())
+
+    def fits(st, ly):
+        return all(n in modules for n in ly) and all(k in own or k.rpartition(".")[0] in ly for k in st)
+
+    if not key_mapping and fits(state, layers):
+        return state, layers
+    rename = _renamer(model, key_mapping)
+    if rename is None:
+        return state, layers  # _plan reports the mismatch
+
+    def rename_layer(name: str) -> str:
+        return rename(name + ".weight")[: -len(".weight")]
+
+    new_layers = {rename_layer(n): v for n, v in layers.items()}
+    new_state = {}
+    for k, t in state.items():
+        owner, _, leaf = k.rpartition(".")
+        new_state[(rename_layer(owner) + "." + leaf) if owner in layers else rename(k)] = t
+    return new_state, new_layers
+
+
+def _fill_tied(model: nn.Module, state: dict) -> None:
+    """save_pretrained drops the second name of tied weights (lm_head tied to the embeddings):
+    take it from the tensor it is tied to."""
+    by_id: dict[int, list[str]] = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(t), []).append(k)
+    for names in by_id.values():
+        present = [k for k in names if k in state]
+        if present and len(present) < len(names):
+            for k in names:
+                state.setdefault(k, state[present[0]])
+
+
+def load_sparse(model: nn.Module, path, backend: str = "auto", strict: bool = True, key_mapping: Optional[dict] = None) -> nn.Module:
     """Load a compressed checkpoint into ``model`` (a dense model of the same architecture), in place.
 
     The listed sparse layers become :class:`SparseLinear` (backend ``backend``, on the device of the
     model's layer); every other tensor is loaded as usual. Everything is validated first (format,
     version, checksum, keys, shapes, dtypes, packed metadata): on any mismatch a
     :class:`CheckpointError` names the tensor or layer and the model is left untouched. Reads both
-    sparselora checkpoints and compressed-tensors ``sparse-24-bitmask`` ones. Returns ``model``.
+    sparselora checkpoints and compressed-tensors ``sparse-24-bitmask`` ones; for the latter,
+    checkpoint names that differ from the model's module names are mapped with ``key_mapping``
+    (``{regex: replacement}``, applied in order) or else with transformers' own checkpoint renamings,
+    and tied weights dropped by ``save_pretrained`` are filled in. Returns ``model``.
     """
     kind, meta, tensors, file = _read_all(path)
     where = str(file)
@@ -390,6 +466,8 @@ def load_sparse(model: nn.Module, path, backend: str = "auto", strict: bool = Tr
         state, layers = _validated_sparselora(meta, tensors, file)
     else:
         state, layers = _from_compressed_tensors(tensors, where)
+        state, layers = _fit_names(model, state, layers, key_mapping)
+        _fill_tied(model, state)
     new_modules = _plan(model, state, layers, where, backend, strict)
     # validated: mutate (swap the sparse layers, then load everything else)
     for name, mod in new_modules.items():

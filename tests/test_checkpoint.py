@@ -315,3 +315,35 @@ def test_load_onto_cuda_model(tmp_path):
     inputs = {k: v.to("cuda") for k, v in inputs.items()}
     with torch.no_grad():
         assert torch.isfinite(fresh(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma"])
+def test_compressed_tensors_with_save_pretrained_names(family, tmp_path):
+    """A compressed-tensors checkpoint as the ecosystem writes it: transformers' save_pretrained key
+    names (legacy names for these VLMs, tied lm_head dropped), 2:4 weights compressed."""
+    dense = build(family, seed=2)
+    masks = prune_24(dense, parts=("language",))
+    ckpt = tmp_path / "ct"
+    dense.save_pretrained(ckpt)
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    packed = 0
+    for k in list(state):
+        w = state[k]
+        if k.endswith(".weight") and w.dim() == 2 and w.shape[1] % 4 == 0 and "language_model" in k and "embed" not in k and "lm_head" not in k:
+            if ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all():
+                p = k[: -len(".weight")]
+                state[f"{p}.compressed"], state[f"{p}.bitmask"], state[f"{p}.shape"] = _their_compress(state.pop(k))
+                packed += 1
+    assert packed == len(masks)
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    fresh = build(family, seed=9)
+    load_sparse(fresh, ckpt)
+    assert set(sparse_layers(fresh)) == set(masks)
+    inputs = example_inputs(family, dense)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(fresh(**inputs)), _out(dense(**inputs)), rtol=1e-5, atol=1e-5)
+    # a wrong explicit mapping is a clear error, not a partial load
+    other = build(family, seed=9)
+    with pytest.raises(CheckpointError, match="does not exist|does not fit"):
+        _untouched(lambda: load_sparse(other, ckpt, key_mapping={"^": "nothing."}), other)
