@@ -264,6 +264,9 @@ def _family_for(model, family: str | None):
         raise
 
 
+_LAST_PRUNE_MARKDOWN: list = [None]  # the pruning package's own report of the last prune_model call
+
+
 def prune_model(model, method: str, pattern: str, strategy: str, family, calib, progress: bool = True):
     """Returns (rows, method actually used)."""
     if _have("sparselora.pruning"):
@@ -271,7 +274,10 @@ def prune_model(model, method: str, pattern: str, strategy: str, family, calib, 
 
         rep = prune(model, method=method, pattern=pattern, calib=calib if method != "magnitude" else None,
                     strategy=strategy, family=family, progress=progress)
-        return getattr(rep, "rows", []), method
+        rows = list(getattr(rep, "rows", []))
+        _LAST_PRUNE_MARKDOWN[0] = rep.to_markdown() if hasattr(rep, "to_markdown") else None
+        return rows, method
+    _LAST_PRUNE_MARKDOWN[0] = None
     if method != "magnitude":
         print(f"note: sparselora.pruning is not installed; using magnitude 2:4 instead of {method}", file=sys.stderr)
     if pattern != "2:4":
@@ -320,6 +326,9 @@ def cmd_prune(args) -> int:
     state = dict(info, stage="pruned", method=used, pattern=args.pattern, strategy=args.strategy,
                  source=args.model or f"tiny:{args.tiny}")
     save_model(model, Path(args.out), state, tokenizer_from=Path(args.model) if args.model else None)
+    md = _LAST_PRUNE_MARKDOWN[0]
+    if md:
+        (Path(args.out) / "prune_report.md").write_text(md + "\n")
     print(f"pruned {len(rows)} layers ({used}, {args.pattern}, strategy {args.strategy}) in {time.time() - t:.1f}s -> {args.out}")
     return 0
 
