@@ -264,25 +264,19 @@ def _family_for(model, family: str | None):
         raise
 
 
-_LAST_PRUNE_MARKDOWN: list = [None]  # the pruning package's own report of the last prune_model call
-
-
 def prune_model(model, method: str, pattern: str, strategy: str, family, calib, progress: bool = True):
-    """Returns (rows, method actually used)."""
+    """Returns (rows, method actually used, the pruning package's markdown report or None)."""
     if _have("sparselora.pruning"):
         from .pruning import prune
 
         rep = prune(model, method=method, pattern=pattern, calib=calib if method != "magnitude" else None,
                     strategy=strategy, family=family, progress=progress)
-        rows = list(getattr(rep, "rows", []))
-        _LAST_PRUNE_MARKDOWN[0] = rep.to_markdown() if hasattr(rep, "to_markdown") else None
-        return rows, method
-    _LAST_PRUNE_MARKDOWN[0] = None
+        return list(getattr(rep, "rows", [])), method, (rep.to_markdown() if hasattr(rep, "to_markdown") else None)
     if method != "magnitude":
         print(f"note: sparselora.pruning is not installed; using magnitude 2:4 instead of {method}", file=sys.stderr)
     if pattern != "2:4":
         raise CLIError(f"pattern {pattern} needs sparselora.pruning (the built-in fallback does 2:4 magnitude only)")
-    return magnitude_24(model, strategy, family), "magnitude"
+    return magnitude_24(model, strategy, family), "magnitude", None
 
 
 def magnitude_24(model, strategy: str, family) -> list[dict]:
@@ -322,11 +316,10 @@ def cmd_prune(args) -> int:
     if args.method != "magnitude":
         calib = calibration_batches(model, info, args.model, args.calib_batches, args.batch)
     t = time.time()
-    rows, used = prune_model(model, args.method, args.pattern, args.strategy, fam, calib, progress=not args.quiet)
+    rows, used, md = prune_model(model, args.method, args.pattern, args.strategy, fam, calib, progress=not args.quiet)
     state = dict(info, stage="pruned", method=used, pattern=args.pattern, strategy=args.strategy,
                  source=args.model or f"tiny:{args.tiny}")
     save_model(model, Path(args.out), state, tokenizer_from=Path(args.model) if args.model else None)
-    md = _LAST_PRUNE_MARKDOWN[0]
     if md:
         (Path(args.out) / "prune_report.md").write_text(md + "\n")
     print(f"pruned {len(rows)} layers ({used}, {args.pattern}, strategy {args.strategy}) in {time.time() - t:.1f}s -> {args.out}")

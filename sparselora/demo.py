@@ -136,7 +136,7 @@ def minilm(args, out: Path) -> dict:
     fam = custom_family(language=["encoder"], name="bert")
     t = time.time()
     _log(f"MiniLM: pruning every encoder Linear to 2:4 ({args.method})")
-    rows, used = prune_model(student, args.method, "2:4", "language", fam, train_batches[:8], progress=not args.quiet)
+    rows, used, _ = prune_model(student, args.method, "2:4", "language", fam, train_batches[:8], progress=not args.quiet)
     masks = _masks(student)
     stages.append({"stage": f"pruned 2:4 ({used})", "seconds": time.time() - t, **quality(student)})
 
@@ -213,7 +213,7 @@ def llava(args, out: Path) -> dict:
 
     stages = [{"stage": "dense", **quality(teacher)}]
     _log(f"LLaVA: pruning vision + language Linear layers to 2:4 ({args.method})")
-    rows, used = prune_model(student, args.method, "2:4", "both", "llava", calib, progress=not args.quiet)
+    rows, used, _ = prune_model(student, args.method, "2:4", "both", "llava", calib, progress=not args.quiet)
     masks = _masks(student)
     stages.append({"stage": f"pruned 2:4 ({used})", **quality(student)})
     steps = max(1, args.steps // 2)
