@@ -264,8 +264,17 @@ def _family_for(model, family: str | None):
         raise
 
 
+def _pattern(p: str):
+    """'2:4' / '4:8' stay strings; '0.5' becomes the unstructured ratio 0.5."""
+    try:
+        return float(p)
+    except ValueError:
+        return p
+
+
 def prune_model(model, method: str, pattern: str, strategy: str, family, calib, progress: bool = True):
     """Returns (rows, method actually used, the pruning package's markdown report or None)."""
+    pattern = _pattern(pattern) if isinstance(pattern, str) else pattern
     if _have("sparselora.pruning"):
         from .pruning import prune
 
@@ -623,6 +632,16 @@ def main(argv=None) -> int:
     except CLIError as e:
         print(f"sparselora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # bad input found by the library (not 2:4, corrupt checkpoint...): its message names the
+        # layer or tensor, a traceback would only hide it
+        from .checkpoint import CheckpointError
+        from .format import SparsityError
+
+        if isinstance(e, (SparsityError, CheckpointError)):
+            print(f"sparselora {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -223,3 +223,19 @@ def test_restore_merge_sparsify_flow(tmp_path, monkeypatch, capsys):
     inputs = example_inputs("llava", merged)
     with torch.no_grad():
         torch.testing.assert_close(packed(**inputs).logits, merged(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_library_errors_are_clean(tmp_path, capsys):
+    """A pruned directory whose weights were edited off the mask: the CLI prints the library's
+    message (naming the layer), no traceback, status 2."""
+    from safetensors.torch import load_file, save_file
+
+    p = tmp_path / "p"
+    assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(p)]) == 0
+    state = load_file(p / "model.safetensors")
+    key = next(k for k in state if "mlp.up_proj.weight" in k)
+    state[key] = torch.randn_like(state[key])  # dense again: no longer inside its mask
+    save_file(state, p / "model.safetensors", metadata={"format": "pt"})
+    assert main(["sparsify", str(p), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "up_proj" in err and "outside its sparse_mask" in err and "Traceback" not in err
