@@ -334,9 +334,14 @@ def run_demo(args) -> int:
     md = _markdown(results)
     (out / "results.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plotted = False
     if not args.no_plot:
-        _plot(results, out / "results.png")
+        try:
+            _plot(results, out / "results.png")
+            plotted = True
+        except ImportError as e:  # matplotlib is an optional dependency (the [bench] extra)
+            print(f"note: no plot ({e}); pip install matplotlib for results.png")
     print()
     print(md)
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}" + ("" if args.no_plot else f", {out / 'results.png'}"))
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'results.png'}" if plotted else ""))
     return 0
