@@ -134,7 +134,7 @@ def prune(
             else:
                 new, keep = sparsegpt_prune(w, stats.hessian, t.pattern, percdamp=percdamp, blocksize=blocksize, name=name)
             apply_mask(t.module, keep, new)
-            rows[name] = LayerRow(name, t.part, label, str(t.pattern), 1.0 - keep.float().mean().item(), tuple(w.shape),
+            rows[name] = LayerRow(name, t.part, label, str(t.pattern), t.pattern.sparsity, (~keep).sum().item() / keep.numel(), tuple(w.shape),
                                   time.perf_counter() - t0)
 
         if method == "magnitude":

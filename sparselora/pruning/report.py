@@ -15,7 +15,8 @@ class LayerRow:
     name: str
     part: str
     method: str
-    pattern: str  # "2:4", "4:8" or the unstructured ratio asked for this layer
+    pattern: str  # "2:4", "4:8" or the unstructured ratio asked for this layer (6 digits)
+    target: float  # sparsity asked for (1 - N/M, or the exact ratio)
     sparsity: float  # achieved: fraction of the weight outside the mask
     shape: tuple[int, int]
     seconds: float
