@@ -200,3 +200,21 @@ def test_unknown_model_needs_prefixes():
 def test_calibration_required():
     with pytest.raises(ValueError, match="calibration data"):
         prune(OneLinear(torch.randn(8, 16)), "wanda", "2:4", family=custom_family(language=["lin"]), progress=False)
+
+
+def test_calibration_batches_through_a_processor():
+    from sparselora.pruning import calibration_batches
+
+    calls = []
+
+    def processor(images=None, text=None, return_tensors=None):  # stands in for a transformers processor
+        calls.append((len(images), len(text), return_tensors))
+        return {"x": torch.randn(len(text), 16)}
+
+    batches = list(calibration_batches(processor, images=[0, 1, 2], prompts=["a", "b", "c"], batch_size=2))
+    assert calls == [(2, 2, "pt"), (1, 1, "pt")]
+    m = OneLinear(torch.randn(8, 16))
+    prune(m, "wanda", "2:4", calib=batches, family=custom_family(language=["lin"]), progress=False)
+    check_nm(m.lin.weight, 2, 4)
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        list(calibration_batches(processor, images=[0, 1, 2], prompts=["a", "b"]))

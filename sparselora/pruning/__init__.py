@@ -71,6 +71,7 @@ def prune(
     ecoflap_samples: int = 2,
     ecoflap_granularity: str = "block",
     ecoflap_temperature: float = 1.0,
+    ecoflap_batches: Optional[int] = None,
     loss_fn: Optional[Callable] = None,
     seed: int = 0,
 ) -> PruneReport:
@@ -93,7 +94,9 @@ def prune(
         skip: layer names to leave dense (exact name, prefix, or ``.suffix``).
         percdamp, blocksize: SparseGPT dampening (fraction of mean diag H) and lazy block width.
         ecoflap_*: ECoFLaP per-layer max/min ratio, perturbation size, random directions,
-            ``"block"`` or ``"layer"`` granularity, temperature. ``loss_fn(outputs, batch)``
+            ``"block"`` or ``"layer"`` granularity, temperature, and how many of the
+            calibration batches score importance (None: all; it costs
+            ``2 * samples * groups`` forwards per batch). ``loss_fn(outputs, batch)``
             replaces its default loss.
     Returns: a :class:`PruneReport`.
     """
@@ -115,7 +118,8 @@ def prune(
                                "ratios": ratios})
     try:
         if ratios == "ecoflap":
-            _ecoflap(model, targets, batches, report, progress, max_ratio=ecoflap_max, min_ratio=ecoflap_min, eps=ecoflap_eps,
+            eco_batches = batches if ecoflap_batches is None else batches[: max(1, int(ecoflap_batches))]
+            _ecoflap(model, targets, eco_batches, report, progress, max_ratio=ecoflap_max, min_ratio=ecoflap_min, eps=ecoflap_eps,
                      samples=ecoflap_samples, granularity=ecoflap_granularity, temperature=ecoflap_temperature, loss_fn=loss_fn, seed=seed)
         rows: dict[str, LayerRow] = {}
 

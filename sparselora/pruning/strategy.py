@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Union
 
+import warnings
+
 import torch.nn as nn
 
 from ..families import DEFAULT_SKIP_PARTS, PARTS, Family, get_family
@@ -101,6 +103,11 @@ def select_targets(model: nn.Module, strategy: Union[str, Mapping] = "language",
             continue
         p.check_layer(tuple(mod.weight.shape), name)
         out[name] = Target(name, mod, part, p)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, t in out.items():
+        if id(t.module.weight) in tied:
+            warnings.warn(f"{name} shares its weight with an embedding (tied weights): pruning it prunes the embedding too",
+                          stacklevel=3)
     if not out:
         raise ValueError(
             f"strategy {strategy!r} selects no nn.Linear in {type(model).__name__} (family {fam.name!r}, "
