@@ -15,11 +15,13 @@ the distance of the outputs to the dense model's outputs; its gradient at the de
 weights is zero, so the score then measures curvature (``ε ξᵀ(W H W)ξ / 2``) — still "how much
 the model output moves when this group is disturbed".
 
-Conversion to ratios: importance is normalised to a parameter-weighted mean of 1 and
-raised to ``1/temperature``; each layer keeps a fraction proportional to it,
-``s_l = clip(1 − c·imp_l, min_ratio, max_ratio)``, with ``c`` found by bisection so that the
-parameter-weighted mean of ``s_l`` equals the target. More important groups are pruned
-less; ``max_ratio`` caps how far any layer can be pruned (ECoFLaP's per-layer maximum).
+Conversion to ratios (the allocation of the ECoFLaP reference code, solved in closed
+form): every layer keeps at least ``1 − max_ratio`` of its weights, and the rest of the
+keep budget is shared in proportion to importance (normalised to a parameter-weighted mean
+of 1 and raised to ``1/temperature``):
+``s_l = clip(max_ratio − c·imp_l, min_ratio, max_ratio)``, with ``c`` found by bisection so
+that the parameter-weighted mean of ``s_l`` equals the target. More important groups are
+pruned less; no layer is pruned beyond ``max_ratio`` (ECoFLaP's per-layer maximum).
 
 Fine step — local pruning (magnitude, Wanda or SparseGPT) of each layer at its ratio;
 done by :func:`sparselora.pruning.prune` with ``ratios="ecoflap"``. ECoFLaP needs
@@ -124,7 +126,7 @@ def zeroth_order_scores(
 def allocate_ratios(importance: Mapping[str, float], sizes: Mapping[str, int], target: float,
                     max_ratio: Optional[float] = None, min_ratio: float = 0.0, temperature: float = 1.0) -> dict[str, float]:
     """Per-layer sparsity ratios with parameter-weighted mean ``target``, pruning more
-    important layers less, each within ``[min_ratio, max_ratio]``.
+    important layers less, each within ``[min_ratio, max_ratio]`` (see the module docstring).
 
     ``importance``/``sizes`` are per layer (a block's score repeated for its layers).
     ``max_ratio`` defaults to ``min(0.99, target + 0.2)``."""
@@ -147,7 +149,7 @@ def allocate_ratios(importance: Mapping[str, float], sizes: Mapping[str, int], t
     imp = (imp / mean) ** (1.0 / temperature)
 
     def avg(c: float) -> float:
-        return float(((1 - c * imp).clamp(lo, hi) * n).sum() / n.sum())
+        return float(((hi - c * imp).clamp(lo, hi) * n).sum() / n.sum())
 
     a, b = 0.0, 1.0
     while avg(b) > target:  # avg is non-increasing in c; find an upper bracket
@@ -160,5 +162,9 @@ def allocate_ratios(importance: Mapping[str, float], sizes: Mapping[str, int], t
             a = c
         else:
             b = c
-    s = (1 - b * imp).clamp(lo, hi)
+    s = (hi - b * imp).clamp(lo, hi)
+    got = float((s * n).sum() / n.sum())
+    if abs(got - target) > 1e-9:  # e.g. layers with zero importance pinned at max_ratio
+        raise SparsityError(f"ECoFLaP cannot meet target sparsity {target} within [{lo}, {hi}] (best {got:.6f}); "
+                            f"raise max_ratio or check the importance scores")
     return {k: float(v) for k, v in zip(names, s.tolist())}
