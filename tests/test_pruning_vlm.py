@@ -219,3 +219,41 @@ def test_report_markdown_and_json(tmp_path):
     assert len(d["rows"]) == 14 and abs(d["total_sparsity"] - 0.5) < 1e-9
     assert {"name", "part", "method", "pattern", "sparsity", "shape", "seconds"} <= set(d["rows"][0])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+class ToyStack(nn.Module):
+    """A custom (non-transformers) model: embedding, a ModuleList of MLP blocks, a head."""
+
+    def __init__(self, scale_between=1.0):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)) for _ in range(3))
+        self.head = nn.Linear(32, 8)
+        self.scale_between = scale_between
+
+    def forward(self, x):
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = blk(h) * self.scale_between  # a non-sequential-stack quirk when scale != 1
+        return self.head(h)
+
+
+def test_custom_model_with_prefixes_sequential_and_warning():
+    from sparselora.families import custom_family
+
+    fam = custom_family(language=["blocks", "inp"], head=["head"])
+    torch.manual_seed(0)
+    m = ToyStack()
+    calib = [{"x": torch.randn(4, 10, 16)} for _ in range(3)]
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")  # a plain stack: no warning
+        rep = prune(m, "sparsegpt", "4:8", calib=calib, family=fam, progress=False)
+    assert rep.names() == ["inp"] + [f"blocks.{i}.{j}" for i in range(3) for j in (0, 2)]  # head skipped by default
+    assert not hasattr(m.head, "sparse_mask")
+    for n in rep.names():
+        check_nm(dict(m.named_modules())[n].weight, 4, 8, n)
+    m2 = ToyStack(scale_between=3.0)
+    with pytest.warns(UserWarning, match="not a plain sequential stack"):
+        prune(m2, "wanda", "2:4", calib=calib, family=fam, progress=False)
