@@ -9,6 +9,14 @@ from sparselora.pruning import prune
 from sparselora.pruning.ecoflap import allocate_ratios, zeroth_order_scores
 from sparselora.tiny_models import build, example_inputs
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: two OpenMP threads on a shared 2-core machine spin against each other
+    # (measured 10x+ slower); restore the setting for other test modules
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 @pytest.mark.parametrize("target,hi,lo", [(0.5, 0.6, 0.0), (0.5, 0.9, 0.2), (0.3, 0.35, 0.1), (0.7, 0.8, 0.0)])
 def test_allocation_meets_target_and_bounds(target, hi, lo, seed):
@@ -24,13 +32,11 @@ def test_allocation_meets_target_and_bounds(target, hi, lo, seed):
     assert all(r[a] >= r[b] - 1e-12 for a, b in zip(by_imp, by_imp[1:]))
     assert max(r.values()) - min(r.values()) > 0.01  # not just uniform
 
-
 def test_allocation_bad_bounds():
     with pytest.raises(SparsityError):
         allocate_ratios({"a": 1.0}, {"a": 10}, 0.5, max_ratio=0.4)
     with pytest.raises(SparsityError):
         allocate_ratios({"a": 1.0}, {"a": 10}, 1.0)
-
 
 class TwoPaths(nn.Module):
     """y = big(x) + 0.01 * small(x): ``big`` matters ~100x more."""
@@ -42,7 +48,6 @@ class TwoPaths(nn.Module):
 
     def forward(self, x):
         return self.big(x) + 0.01 * self.small(x)
-
 
 def test_zeroth_order_scores_rank_importance_and_restore_weights():
     torch.manual_seed(0)
@@ -58,7 +63,6 @@ def test_zeroth_order_scores_rank_importance_and_restore_weights():
     assert rep["big"].sparsity < 0.5 < rep["small"].sparsity <= 0.8 + 0.5 / 32  # max, within per-row rounding
     assert abs(rep.total_sparsity - 0.5) <= 1 / 32
 
-
 def test_user_loss_fn_is_used():
     torch.manual_seed(0)
     m = TwoPaths()
@@ -67,7 +71,6 @@ def test_user_loss_fn_is_used():
     s = zeroth_order_scores(m, {"big": [m.big], "small": [m.small]}, batches,
                             loss_fn=lambda out, b: m.small(b["x"]).pow(2).mean(), progress=False)
     assert s["small"] > 100 * s["big"]
-
 
 @pytest.mark.parametrize("fam", ["llava", "siglip"])
 def test_ecoflap_on_tiny_vlm(fam):
@@ -91,7 +94,6 @@ def test_ecoflap_on_tiny_vlm(fam):
         if name in rep.names():
             assert (mod.weight[~mod.sparse_mask] == 0).all()
     m(**batches[0])
-
 
 def test_ecoflap_rejects_nm():
     m = build("clip")

@@ -7,9 +7,16 @@ from sparselora.families import custom_family
 from sparselora.format import SparsityError, check_nm
 from sparselora.pruning import Pattern, magnitude_mask, parse_pattern, prune, sparsegpt_prune, wanda_mask
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: two OpenMP threads on a shared 2-core machine spin against each other
+    # (measured 10x+ slower); restore the setting for other test modules
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 # ----------------------------------------------------------------------------- references
-
 
 def ref_sparsegpt(W, H, pattern, percdamp, blocksize):
     """Slow, plain OBS, column by column, float64, with explicit inverses of the Hessian of
@@ -50,7 +57,6 @@ def ref_sparsegpt(W, H, pattern, percdamp, blocksize):
         W[:, j] = torch.where(keep[:, j], W[:, j], torch.zeros(()))
     return W, keep
 
-
 def _layer(rows, cols, tokens=96, seed=0, dead_col=None):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
@@ -61,9 +67,7 @@ def _layer(rows, cols, tokens=96, seed=0, dead_col=None):
         X[:, dead_col] = 0
     return W, X.t() @ X
 
-
 # ----------------------------------------------------------------------------- SparseGPT
-
 
 @pytest.mark.parametrize("pattern,blocksize", [("2:4", 16), ("4:8", 8), (0.5, 16), (0.3, 128), ("2:4", 128)])
 def test_sparsegpt_matches_plain_obs_reference(pattern, blocksize, seed):
@@ -84,7 +88,6 @@ def test_sparsegpt_matches_plain_obs_reference(pattern, blocksize, seed):
     err_zero = torch.trace((W * keep - W) @ H @ (W * keep - W).t())
     assert err_obs < err_zero
 
-
 def test_sparsegpt_float32_close_to_float64_reference(seed):
     W, H = _layer(16, 64, seed=seed)
     new, keep = sparsegpt_prune(W.float(), H.float(), "2:4", blocksize=32)
@@ -95,9 +98,7 @@ def test_sparsegpt_float32_close_to_float64_reference(seed):
     if agree == 1.0:
         torch.testing.assert_close(new.double(), ref_w, rtol=1e-3, atol=1e-4)
 
-
 # ----------------------------------------------------------------------------- Wanda / magnitude
-
 
 class OneLinear(nn.Module):
     def __init__(self, w):
@@ -108,7 +109,6 @@ class OneLinear(nn.Module):
 
     def forward(self, x):
         return self.lin(x)
-
 
 def test_wanda_hand_checked():
     # |W| * ||x_j||: x has column norms [0.1, 10, 1, 2] (one token), so
@@ -121,7 +121,6 @@ def test_wanda_hand_checked():
     expected = torch.tensor([[False, True, False, True], [True, False, False, True]])
     assert torch.equal(m.lin.sparse_mask, expected)
     assert torch.equal(m.lin.weight, W * expected)
-
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", 0.5, 0.37])
 def test_wanda_matches_formula_random(pattern, seed):
@@ -145,7 +144,6 @@ def test_wanda_matches_formula_random(pattern, seed):
     assert torch.equal(m.lin.weight, W * expected)
     assert abs(rep.rows[0].sparsity - (1 - expected.float().mean().item())) < 1e-9
 
-
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", 0.5, 0.25])
 def test_magnitude_exact_counts(pattern, seed):
     W = torch.randn(16, 64)
@@ -158,22 +156,18 @@ def test_magnitude_exact_counts(pattern, seed):
         assert (~keep).sum().item() == round(p.ratio * W.numel())
         assert W.abs()[keep].min() >= W.abs()[~keep].max()  # layer-wide threshold
 
-
 # ----------------------------------------------------------------------------- bad input
-
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, "1:1", "4:2", "0:4", "abc", float("nan")])
 def test_bad_patterns(bad):
     with pytest.raises(SparsityError):
         parse_pattern(bad)
 
-
 def test_pattern_must_divide_layer_named():
     m = OneLinear(torch.randn(8, 12))
     with pytest.raises(SparsityError, match=r"lin.*in_features=12.*M=8"):
         prune(m, "magnitude", "4:8", family=custom_family(language=["lin"]), progress=False)
     assert m.lin.weight.abs().min() > 0 and not hasattr(m.lin, "sparse_mask")  # nothing touched
-
 
 def test_nan_weight_named_and_nothing_modified():
     W = torch.randn(8, 16)
@@ -183,7 +177,6 @@ def test_nan_weight_named_and_nothing_modified():
         prune(m, "wanda", "2:4", calib=[{"x": torch.randn(4, 16)}], family=custom_family(language=["lin"]), progress=False)
     assert not hasattr(m.lin, "sparse_mask")
 
-
 def test_nan_calibration_named():
     m = OneLinear(torch.randn(8, 16))
     x = torch.randn(4, 16)
@@ -191,16 +184,13 @@ def test_nan_calibration_named():
     with pytest.raises(SparsityError, match=r"calibration input of layer lin contains NaN"):
         prune(m, "sparsegpt", "2:4", calib=[{"x": x}], family=custom_family(language=["lin"]), progress=False)
 
-
 def test_unknown_model_needs_prefixes():
     with pytest.raises(ValueError, match="unknown model family"):
         prune(OneLinear(torch.randn(8, 16)), "magnitude", "2:4", progress=False)
 
-
 def test_calibration_required():
     with pytest.raises(ValueError, match="calibration data"):
         prune(OneLinear(torch.randn(8, 16)), "wanda", "2:4", family=custom_family(language=["lin"]), progress=False)
-
 
 def test_calibration_batches_through_a_processor():
     from sparselora.pruning import calibration_batches

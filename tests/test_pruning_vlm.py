@@ -10,18 +10,24 @@ from sparselora.pruning import calibrate
 from sparselora.pruning.calibrate import find_block_lists, run_model
 from sparselora.tiny_models import BUILDERS, build, example_inputs
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: two OpenMP threads on a shared 2-core machine spin against each other
+    # (measured 10x+ slower); restore the setting for other test modules
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 FAMILIES = sorted(BUILDERS)
 GENERATIVE = {"llava", "blip-2", "qwen2-vl", "idefics3", "paligemma"}
-
 
 def _batches(fam, m, n=2):
     return [example_inputs(fam, m, batch=2, seed=s) for s in range(n)]
 
-
 def _mha_children(model):
     return {f"{n}.{c}" for n, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)
             for c, sub in mod.named_modules() if c and isinstance(sub, nn.Linear)}
-
 
 def _expected(model, per_part):
     """Linear name -> pattern, from the family registry (parts) minus MHA children."""
@@ -32,7 +38,6 @@ def _expected(model, per_part):
             if n not in mha:
                 out[n] = parse_pattern(pat)
     return out
-
 
 def _check_pruned(model, before, expected):
     for name, mod in model.named_modules():
@@ -57,7 +62,6 @@ def _check_pruned(model, before, expected):
         if not any(k == n + ".weight" for n in expected):
             assert torch.equal(v, before[k]), k
 
-
 def _runs(fam, m, batches):
     out = run_model(m, batches[0])
     for t in out.values() if hasattr(out, "values") else [out]:
@@ -68,13 +72,11 @@ def _runs(fam, m, batches):
         gen = m.generate(**kw, max_new_tokens=2, do_sample=False)
         assert gen.shape[0] == kw["input_ids"].shape[0]
 
-
 STRATEGIES = [
     ("both", "2:4", {"vision": "2:4", "language": "2:4"}),
     ("language", "4:8", {"language": "4:8"}),
     ("vision", 0.5, {"vision": 0.5}),
 ]
-
 
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_strategies_prune_exactly_intended_modules(fam):
@@ -91,7 +93,6 @@ def test_strategies_prune_exactly_intended_modules(fam):
         _check_pruned(m, before, expected)
     _runs(fam, m, _batches(fam, m))
 
-
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_default_skips(fam):
     m = build(fam)
@@ -100,7 +101,6 @@ def test_default_skips(fam):
     assert not {fam_.classify(n) for n in rep.names()} & set(DEFAULT_SKIP_PARTS)
     assert not set(rep.names()) & _mha_children(m)
     assert not any(n.endswith("lm_head") for n in rep.names())
-
 
 def _naive_sequential(model, method, pattern, batches):
     """Independent reference for sequential calibration: for each block (in run order),
@@ -132,7 +132,6 @@ def _naive_sequential(model, method, pattern, batches):
                 new, keep = sparsegpt_prune(w, X.t() @ X, pattern)
             apply_mask(targets[n].module, keep, new)
 
-
 @pytest.mark.parametrize("fam", FAMILIES)
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_sequential_calibration_matches_naive_full_model_reference(fam, method):
@@ -154,7 +153,6 @@ def test_sequential_calibration_matches_naive_full_model_reference(fam, method):
     # float32 statistics summed in a different order can flip a near-tie; nothing more
     assert min(agree) > 0.97 and sum(agree) / len(agree) > 0.995, dict(zip(rep.names(), agree))
     _runs(fam, m, batches)
-
 
 def test_calibration_is_block_bounded(monkeypatch):
     """At most one block's statistics objects are alive at any time (tracked by weak refs,
@@ -184,14 +182,12 @@ def test_calibration_is_block_bounded(monkeypatch):
     assert peak["n"] == per_block, peak
     assert rep.meta["peak_live_layer_stats"] == per_block
 
-
 def test_nan_in_calibration_names_layer():
     m = build("llava")
     b = _batches("llava", m, 1)
     b[0]["pixel_values"][0, 0, 3, 3] = float("nan")
     with pytest.raises(SparsityError, match=r"calibration input of layer model\.vision_tower\.encoder\.layers\.0\.\S+ contains NaN"):
         prune(m, "wanda", "2:4", calib=b, strategy="both", progress=False)
-
 
 def test_nan_block_output_named():
     m = build("llava")
@@ -200,13 +196,11 @@ def test_nan_block_output_named():
     with pytest.raises(SparsityError, match=r"language_model\.layers\.0|language_model\.layers\.1"):
         prune(m, "wanda", "2:4", calib=_batches("llava", m), strategy="language", progress=False)
 
-
 def test_calibration_must_reach_the_part():
     m = build("clip")
     b = [{"pixel_values": example_inputs("clip", m)["pixel_values"]}]  # no text: text tower never runs
     with pytest.raises((SparsityError, ValueError)):
         prune(m, "wanda", "2:4", calib=b, strategy="language", progress=False)
-
 
 def test_report_markdown_and_json(tmp_path):
     import json
@@ -219,7 +213,6 @@ def test_report_markdown_and_json(tmp_path):
     assert len(d["rows"]) == 14 and abs(d["total_sparsity"] - 0.5) < 1e-9
     assert {"name", "part", "method", "pattern", "sparsity", "shape", "seconds"} <= set(d["rows"][0])
     assert not list(tmp_path.glob("*.tmp"))
-
 
 class ToyStack(nn.Module):
     """A custom (non-transformers) model: embedding, a ModuleList of MLP blocks, a head."""
@@ -236,7 +229,6 @@ class ToyStack(nn.Module):
         for blk in self.blocks:
             h = blk(h) * self.scale_between  # a non-sequential-stack quirk when scale != 1
         return self.head(h)
-
 
 def test_custom_model_with_prefixes_sequential_and_warning():
     from sparselora.families import custom_family

@@ -32,7 +32,8 @@ from .report import LayerRow, PruneReport
 from .strategy import Target, select_targets
 
 __all__ = ["prune", "apply_mask", "PruneReport", "LayerRow", "Pattern", "parse_pattern", "magnitude_mask", "wanda_mask",
-           "sparsegpt_prune", "select_targets", "calibration_batches", "DEFAULT_SKIP_PARTS", "METHODS"]
+           "sparsegpt_prune", "select_targets", "calibration_batches", "allocate_ratios", "zeroth_order_scores", "DEFAULT_SKIP_PARTS",
+           "METHODS"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
