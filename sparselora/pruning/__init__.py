@@ -53,6 +53,7 @@ def apply_mask(module: nn.Linear, keep: torch.Tensor, weight: Optional[torch.Ten
         module.register_buffer("sparse_mask", keep, persistent=False)
 
 
+@torch.no_grad()  # calibration forwards must not build autograd graphs (memory)
 def prune(
     model: nn.Module,
     method: str = "wanda",
