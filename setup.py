@@ -47,10 +47,17 @@ def _cuda_extensions():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
-    from build_config import extension_kwargs  # csrc/build_config.py: include/link flags (cuSPARSELt)
+    import build_config  # csrc/build_config.py: include/link flags (cuSPARSELt)
 
+    try:
+        kwargs = build_config.extension_kwargs()
+    except build_config.CusparseLtNotFound as e:
+        if os.environ.get("SPARSELORA_BUILD_CUDA", "auto").lower() in ("1", "true", "yes"):
+            sys.exit(str(e))
+        print(f"sparselora: CUDA extension skipped: {e}")
+        return [], {}
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True))
-    ext = CUDAExtension("sparselora._C", sources, **extension_kwargs())
+    ext = CUDAExtension("sparselora._C", sources, **kwargs)
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -59,6 +66,7 @@ ext_modules, cmdclass = _cuda_extensions()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data={"sparselora.backends": ["tables/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -31,7 +31,8 @@ def compile_spec(spec: AotSpec, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    # attrs (e.g. 16-byte divisibility) make the check build what real launches build: wide loads, cp.async
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.extra.get("attrs"))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
 

@@ -1,0 +1,243 @@
+"""Pruning for VLMs: magnitude, Wanda, SparseGPT; modality-aware strategies; ECoFLaP ratios.
+
+    from sparselora.pruning import prune
+    report = prune(model, method="wanda", pattern="2:4", calib=batches, strategy="language")
+    print(report.to_markdown()); report.to_json("prune.json")
+
+After pruning, each selected ``nn.Linear`` stays an ``nn.Linear`` whose weight is zero outside
+its mask and which carries the boolean buffer ``sparse_mask`` ([out, in], non-persistent):
+what SparseLoRA and the sparse kernels consume.
+
+Modules: :mod:`.methods` (criteria), :mod:`.calibrate` (block-by-block statistics),
+:mod:`.strategy` (which layers; default skips), :mod:`.ecoflap` (layer-wise ratios),
+:mod:`.report` (table/JSON).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..families import DEFAULT_SKIP_PARTS, Family
+from ..format import SparsityError, check_finite
+from .calibrate import (MemoryProbe, StatsCollector, as_batches, calibration_batches, capture_block_inputs, check_sequential,
+                        find_block_lists, run_block, run_model)
+from .ecoflap import allocate_ratios, zeroth_order_scores
+from .methods import Pattern, magnitude_mask, parse_pattern, sparsegpt_prune, wanda_mask
+from .report import LayerRow, PruneReport
+from .strategy import Target, select_targets
+
+__all__ = ["prune", "apply_mask", "PruneReport", "LayerRow", "Pattern", "parse_pattern", "magnitude_mask", "wanda_mask",
+           "sparsegpt_prune", "select_targets", "calibration_batches", "allocate_ratios", "zeroth_order_scores", "DEFAULT_SKIP_PARTS",
+           "METHODS"]
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@torch.no_grad()
+def apply_mask(module: nn.Linear, keep: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
+    """Zero ``module.weight`` (or write ``weight``) outside ``keep`` and store ``sparse_mask``."""
+    w = module.weight
+    if keep.shape != w.shape or keep.dtype != torch.bool:
+        raise SparsityError(f"mask must be bool of shape {tuple(w.shape)}, got {keep.dtype} {tuple(keep.shape)}")
+    keep = keep.to(w.device)
+    src = w if weight is None else weight.to(w.device, w.dtype)
+    w.copy_(torch.where(keep, src, torch.zeros((), dtype=w.dtype, device=w.device)))
+    if "sparse_mask" in module._buffers:
+        module._buffers["sparse_mask"] = keep
+    else:
+        module.register_buffer("sparse_mask", keep, persistent=False)
+
+
+@torch.no_grad()  # calibration forwards must not build autograd graphs (memory)
+def prune(
+    model: nn.Module,
+    method: str = "wanda",
+    pattern: Union[str, float] = "2:4",
+    calib: Any = None,
+    strategy: Union[str, Mapping] = "language",
+    ratios: str = "uniform",
+    family: Optional[Union[Family, str]] = None,
+    skip: Iterable[str] = (),
+    progress: bool = True,
+    *,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    ecoflap_max: Optional[float] = None,
+    ecoflap_min: float = 0.0,
+    ecoflap_eps: float = 1e-2,
+    ecoflap_samples: int = 2,
+    ecoflap_granularity: str = "block",
+    ecoflap_temperature: float = 1.0,
+    ecoflap_batches: Optional[int] = None,
+    loss_fn: Optional[Callable] = None,
+    seed: int = 0,
+) -> PruneReport:
+    """Prune the Linear layers a strategy selects, in place.
+
+    Args:
+        method: ``"magnitude"`` (no calibration), ``"wanda"`` or ``"sparsegpt"``.
+        pattern: ``"2:4"``, ``"4:8"`` (any ``"N:M"``) or an unstructured ratio in ``[0, 1)``;
+            overridden per part by a strategy dict.
+        calib: calibration batches, an iterable of ``model(**batch)`` kwargs dicts (a
+            DataLoader, :func:`calibration_batches` over images + prompts, or for tiny models
+            ``[sparselora.tiny_models.example_inputs(...)]``). Needed by Wanda, SparseGPT and ECoFLaP.
+        strategy: ``"both"``, ``"language"``, ``"vision"`` or ``{part: ratio-or-pattern}``
+            (see :mod:`sparselora.pruning.strategy` for the default skips).
+        ratios: ``"uniform"`` (every layer at its pattern) or ``"ecoflap"`` (per-layer ratios
+            from zeroth-order global importance, meeting each part's ratio on average;
+            unstructured patterns only).
+        family: a :class:`~sparselora.families.Family`, a family name, or None (from
+            ``config.model_type``); unknown models need ``custom_family(...)``.
+        skip: layer names to leave dense (exact name, prefix, or ``.suffix``).
+        percdamp, blocksize: SparseGPT dampening (fraction of mean diag H) and lazy block width.
+        ecoflap_*: ECoFLaP per-layer max/min ratio, perturbation size, random directions,
+            ``"block"`` or ``"layer"`` granularity, temperature, and how many of the
+            calibration batches score importance (None: all; it costs
+            ``2 * samples * groups`` forwards per batch). ``loss_fn(outputs, batch)``
+            replaces its default loss.
+    Returns: a :class:`PruneReport`.
+    """
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; choose from {METHODS}")
+    if ratios not in ("uniform", "ecoflap"):
+        raise ValueError(f"ratios must be 'uniform' or 'ecoflap', got {ratios!r}")
+    targets = select_targets(model, strategy, pattern, family, skip)
+    for name, t in targets.items():  # fail before anything is modified
+        check_finite(t.module.weight.detach(), name)
+    need_calib = method != "magnitude" or ratios == "ecoflap"
+    batches = as_batches(calib) if need_calib else None
+
+    was_training = model.training
+    model.eval()
+    probe = MemoryProbe()
+    report = PruneReport(meta={"method": method, "strategy": strategy if isinstance(strategy, str) else dict((k, str(v)) for k, v in strategy.items()),
+                               "ratios": ratios})
+    try:
+        if ratios == "ecoflap":
+            eco_batches = batches if ecoflap_batches is None else batches[: max(1, int(ecoflap_batches))]
+            _ecoflap(model, targets, eco_batches, report, progress, max_ratio=ecoflap_max, min_ratio=ecoflap_min, eps=ecoflap_eps,
+                     samples=ecoflap_samples, granularity=ecoflap_granularity, temperature=ecoflap_temperature, loss_fn=loss_fn, seed=seed)
+        rows: dict[str, LayerRow] = {}
+
+        def prune_layer(name: str, stats=None) -> None:
+            t = targets[name]
+            t0 = time.perf_counter()
+            w = t.module.weight.detach()
+            label = method
+            if method != "magnitude" and (stats is None or stats.tokens == 0):
+                warnings.warn(f"layer {name} saw no calibration tokens; pruned by magnitude instead of {method}", stacklevel=3)
+                label = "magnitude(no-calib)"
+            if label.startswith("magnitude"):
+                keep, new = magnitude_mask(w, t.pattern, name), None
+            elif method == "wanda":
+                keep, new = wanda_mask(w, stats.sq_norm, t.pattern, name), None
+            else:
+                new, keep = sparsegpt_prune(w, stats.hessian, t.pattern, percdamp=percdamp, blocksize=blocksize, name=name)
+            apply_mask(t.module, keep, new)
+            rows[name] = LayerRow(name, t.part, label, str(t.pattern), t.pattern.sparsity, (~keep).sum().item() / keep.numel(), tuple(w.shape),
+                                  time.perf_counter() - t0)
+
+        if method == "magnitude":
+            for name in tqdm(targets, desc="magnitude", disable=not progress):
+                prune_layer(name)
+        else:
+            _sequential(model, targets, batches, method, prune_layer, probe, progress)
+        report.rows = [rows[n] for n in targets]  # module order
+    finally:
+        model.train(was_training)
+    report.meta.update(peak_live_layer_stats=probe.peak, seconds_total=round(time.perf_counter() - t_start, 3))
+    return report
+
+
+def _sequential(model, targets: dict[str, Target], batches, method, prune_layer, probe: MemoryProbe, progress: bool) -> None:
+    """Wanda/SparseGPT: calibrate and prune block by block (see :mod:`.calibrate`)."""
+    need_norms, need_hessian = method == "wanda", method == "sparsegpt"
+    block_lists, loose = find_block_lists(model, targets)
+
+    # process block lists in the order the model runs them (upstream parts first)
+    first_call: list[str] = []
+    hooks = [bl.module[0].register_forward_pre_hook(lambda *a, n=bl.name: first_call.append(n) if n not in first_call else None)
+             for bl in block_lists]
+    try:
+        run_model(model, batches[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    rank = {n: k for k, n in enumerate(first_call)}
+    never = [bl.name for bl in block_lists if bl.name not in rank]
+    if never:
+        raise SparsityError(f"the calibration forward never ran block list(s) {never}: the batches do not exercise those parts")
+    block_lists.sort(key=lambda bl: rank[bl.name])
+
+    for bl in block_lists:
+        cap = capture_block_inputs(model, bl, batches)
+        hidden = cap.hidden
+        for i in tqdm(range(len(bl)), desc=f"{method} {bl.name}", disable=not progress):
+            block, names = bl.module[i], bl.targets[i]
+            if names:
+                with StatsCollector({n: targets[n].module for n in names}, need_norms, need_hessian, probe) as sc:
+                    dense = [run_block(block, cap, b, i, h) for b, h in enumerate(hidden)]
+                    if i == 0:
+                        check_sequential(bl, cap, dense[0])
+                    del dense
+                    for n in names:
+                        prune_layer(n, sc.stats[n])
+            hidden_next = [run_block(block, cap, b, i, h) for b, h in enumerate(hidden)]
+            if i == 0 and not names:
+                check_sequential(bl, cap, hidden_next[0])
+            for b, h in enumerate(hidden_next):
+                if not torch.isfinite(h).all():
+                    raise SparsityError(f"output of block {bl.name}.{i} contains NaN/Inf on calibration batch {b} after pruning "
+                                        f"{names or 'nothing'}")
+            hidden = hidden_next
+        del cap, hidden
+    if loose:
+        # few Linears outside any block list (pooling heads, poolers): one pass with hooks on all of them
+        with StatsCollector({n: targets[n].module for n in loose}, need_norms, need_hessian, probe) as sc:
+            for b in tqdm(batches, desc=f"{method} loose layers", disable=not progress):
+                run_model(model, b)
+            for n in loose:
+                prune_layer(n, sc.stats[n])
+
+
+def _ecoflap(model, targets: dict[str, Target], batches, report: PruneReport, progress: bool, *, max_ratio, min_ratio, eps, samples,
+             granularity, temperature, loss_fn, seed) -> None:
+    """Replace each target's unstructured ratio by its ECoFLaP per-layer ratio (per part)."""
+    bad = [n for n, t in targets.items() if t.pattern.is_nm]
+    if bad:
+        raise SparsityError(f"ratios='ecoflap' needs unstructured ratios (an N:M pattern fixes each layer's sparsity); "
+                            f"layers {bad[:3]}{'...' if len(bad) > 3 else ''} have N:M patterns")
+    if granularity not in ("block", "layer"):
+        raise ValueError(f"ecoflap_granularity must be 'block' or 'layer', got {granularity!r}")
+    group_of: dict[str, str] = {}
+    if granularity == "block":
+        block_lists, loose = find_block_lists(model, targets)
+        for bl in block_lists:
+            for i, names in enumerate(bl.targets):
+                for n in names:
+                    group_of[n] = f"{bl.name}.{i}"
+        for n in loose:
+            group_of[n] = n
+    else:
+        group_of = {n: n for n in targets}
+    groups: dict[str, list[nn.Linear]] = {}
+    for n, g in group_of.items():
+        groups.setdefault(g, []).append(targets[n].module)
+    scores = zeroth_order_scores(model, groups, batches, loss_fn=loss_fn, eps=eps, samples=samples, seed=seed, progress=progress)
+    by_part: dict[tuple[str, float], list[str]] = {}
+    for n, t in targets.items():
+        by_part.setdefault((t.part, t.pattern.ratio), []).append(n)
+    alloc = {}
+    for (part, target), names in by_part.items():
+        r = allocate_ratios({n: scores[group_of[n]] for n in names}, {n: targets[n].module.weight.numel() for n in names},
+                            target, max_ratio=max_ratio, min_ratio=min_ratio, temperature=temperature)
+        alloc.update(r)
+    for n, r in alloc.items():
+        targets[n].pattern = Pattern(ratio=r)
+    report.meta["ecoflap_scores"] = {g: round(s, 6) for g, s in scores.items()}
