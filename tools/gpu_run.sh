@@ -54,16 +54,16 @@ if want sanitize; then
   if command -v compute-sanitizer >/dev/null; then
     run sanitize compute-sanitizer --tool memcheck --error-exitcode 1 \
       $PY -m pytest -q -x tests/test_cusparselt.py -k "leading_dims or non_contiguous or interleaved or (matches and 48-80)"
+    run sanitize_triton compute-sanitizer --tool memcheck --error-exitcode 1 \
+      $PY -m pytest -q -x -m gpu tests/test_triton_gemm.py tests/test_sparse_lora.py
   else
     echo "=== [sanitize] compute-sanitizer not found: skipped"
   fi
 fi
 if want bench; then
-  if [ -f benchmarks/bench_gemm.py ]; then
-    run bench $PY benchmarks/bench_gemm.py
-  else
-    echo "=== [bench] benchmarks/bench_gemm.py not present: skipped"
-  fi
+  run bench $PY benchmarks/bench_gemm.py
+  run bench_lora $PY benchmarks/bench_sparse_lora.py
+  run bench_e2e $PY benchmarks/bench_e2e.py
 fi
 want tune && run tune $PY benchmarks/tune_hybrid.py
 
