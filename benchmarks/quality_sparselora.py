@@ -25,7 +25,6 @@ import argparse
 import copy
 import importlib
 import inspect
-import pkgutil
 import random
 import re
 import sys

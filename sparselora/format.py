@@ -35,6 +35,7 @@ __all__ = [
     "unpack_24",
     "mask_from_meta",
     "packed_nbytes",
+    "check_packable",
     "SUPPORTED_DTYPES",
 ]
 
@@ -157,12 +158,9 @@ def _kept_index(w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.sort(idx, dim=-1).values
 
 
-def pack_24(w: torch.Tensor, mask: torch.Tensor | None = None, name: str | None = None) -> Packed24:
-    """Pack a 2:4-sparse ``[N, K]`` weight into the canonical layout.
-
-    With ``mask`` (boolean ``[N, K]``, at most 2 True per group), the kept positions are the
-    mask's, and ``w`` must be zero outside it; without, the nonzeros of ``w`` are kept.
-    """
+def check_packable(w: torch.Tensor, mask: torch.Tensor | None = None, name: str | None = None) -> None:
+    """Every check :func:`pack_24` makes before packing (shared by the Triton packer, so both
+    reject the same inputs with the same messages)."""
     _check_matrix(w, 4, name)
     if w.dtype not in SUPPORTED_DTYPES:
         raise SparsityError(f"{_name(name)} has dtype {w.dtype}; supported: {SUPPORTED_DTYPES}")
@@ -182,6 +180,15 @@ def pack_24(w: torch.Tensor, mask: torch.Tensor | None = None, name: str | None 
             )
     else:
         check_nm(w, 2, 4, name)
+
+
+def pack_24(w: torch.Tensor, mask: torch.Tensor | None = None, name: str | None = None) -> Packed24:
+    """Pack a 2:4-sparse ``[N, K]`` weight into the canonical layout.
+
+    With ``mask`` (boolean ``[N, K]``, at most 2 True per group), the kept positions are the
+    mask's, and ``w`` must be zero outside it; without, the nonzeros of ``w`` are kept.
+    """
+    check_packable(w, mask, name)
     rows, cols = w.shape
     idx = _kept_index(w, mask)  # [N, K/4, 2]
     values = torch.gather(w.reshape(rows, cols // 4, 4), -1, idx).reshape(rows, cols // 2)

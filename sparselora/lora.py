@@ -28,7 +28,6 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .format import Packed24, SparsityError, check_nm, mask_from_meta, pack_24, unpack_24
 from .ops import check_linear_inputs, sparse24_linear

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .backends import Backend, choose_backend
-from .format import Packed24, SparsityError, check_nm, pack_24, unpack_24
+from .format import Packed24, SparsityError, pack_24, unpack_24
 
 __all__ = ["SparseLinear"]
 

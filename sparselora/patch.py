@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .backends import choose_backend
-from .format import SUPPORTED_DTYPES, Packed24, SparsityError, check_nm, pack_24, packed_nbytes
+from .format import SUPPORTED_DTYPES, SparsityError, check_nm, pack_24, packed_nbytes
 from .modules import SparseLinear
 
 __all__ = ["sparsify", "unsparsify", "SparsifyReport", "LayerReport", "sparse_layers"]

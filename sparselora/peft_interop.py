@@ -107,7 +107,7 @@ class SparseLoraLinear(_base_linear_cls()):
                                       f"activate one (set_adapter) or merge them one by one")
         a = active[0]
         if a in getattr(self, "lora_variant", {}):
-            raise NotImplementedError(f"SparseLoRA (peft): LoRA variants (DoRA, ...) are not supported on pruned layers")
+            raise NotImplementedError("SparseLoRA (peft): LoRA variants (DoRA, ...) are not supported on pruned layers")
         if getattr(self, "lora_bias", {}).get(a, False):
             raise NotImplementedError("SparseLoRA (peft): lora_bias=True is not supported on pruned layers")
         return a

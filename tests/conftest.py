@@ -25,3 +25,13 @@ def seed():
     torch.manual_seed(s)
     print(f"seed={s}")
     return s
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    # tiny matmuls: two OpenMP threads on a shared 2-core machine spin against each other
+    # (measured 10x+ slower); restored afterwards for other test modules
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,14 +9,7 @@ from sparselora.pruning import prune
 from sparselora.pruning.ecoflap import allocate_ratios, zeroth_order_scores
 from sparselora.tiny_models import build, example_inputs
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: two OpenMP threads on a shared 2-core machine spin against each other
-    # (measured 10x+ slower); restore the setting for other test modules
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.parametrize("target,hi,lo", [(0.5, 0.6, 0.0), (0.5, 0.9, 0.2), (0.3, 0.35, 0.1), (0.7, 0.8, 0.0)])
 def test_allocation_meets_target_and_bounds(target, hi, lo, seed):

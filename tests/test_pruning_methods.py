@@ -7,14 +7,7 @@ from sparselora.families import custom_family
 from sparselora.format import SparsityError, check_nm
 from sparselora.pruning import Pattern, magnitude_mask, parse_pattern, prune, sparsegpt_prune, wanda_mask
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: two OpenMP threads on a shared 2-core machine spin against each other
-    # (measured 10x+ slower); restore the setting for other test modules
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ----------------------------------------------------------------------------- references
 

@@ -10,14 +10,7 @@ from sparselora.pruning import calibrate
 from sparselora.pruning.calibrate import find_block_lists, run_model
 from sparselora.tiny_models import BUILDERS, build, example_inputs
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: two OpenMP threads on a shared 2-core machine spin against each other
-    # (measured 10x+ slower); restore the setting for other test modules
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAMILIES = sorted(BUILDERS)
 GENERATIVE = {"llava", "blip-2", "qwen2-vl", "idefics3", "paligemma"}

@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparselora.format import SUPPORTED_DTYPES, Packed24, SparsityError, check_finite, check_nm, check_packed, unpack_24
-from sparselora.format import _check_matrix  # the reference's own shape check and message
+from sparselora.format import Packed24, SparsityError, check_packable, check_packed, unpack_24
 
 from .sparse24_gemm import _aligned, _expand_pairs, _load_pairs
 
@@ -118,36 +117,9 @@ def _cfg():
     return _INTERP_CFG if _interpreting() else _GPU_CFG
 
 
-def _name(name: Optional[str]) -> str:
-    return f"'{name}'" if name else "tensor"
-
-
-def _validate(w: torch.Tensor, mask: Optional[torch.Tensor], name: Optional[str]) -> None:
-    # the same checks, in the same order and with the same messages, as format.pack_24
-    _check_matrix(w, 4, name)
-    if w.dtype not in SUPPORTED_DTYPES:
-        raise SparsityError(f"{_name(name)} has dtype {w.dtype}; supported: {SUPPORTED_DTYPES}")
-    check_finite(w, name)
-    if mask is None:
-        check_nm(w, 2, 4, name)
-        return
-    if mask.shape != w.shape:
-        raise SparsityError(f"mask of {_name(name)} has shape {tuple(mask.shape)}, weight {tuple(w.shape)}")
-    if mask.device != w.device:
-        raise SparsityError(f"mask of {_name(name)} is on {mask.device}, weight on {w.device}")
-    check_nm(mask.to(torch.bool), 2, 4, f"mask of {name}" if name else "mask")
-    outside = (w != 0) & ~mask.to(torch.bool)
-    if outside.any():
-        r, c = outside.nonzero()[0].tolist()
-        raise SparsityError(
-            f"{_name(name)} has nonzeros outside its mask (first at row {r}, column {c}); "
-            f"apply the mask first (w * mask)"
-        )
-
-
 def pack_24_triton(w: torch.Tensor, mask: Optional[torch.Tensor] = None, name: Optional[str] = None) -> Packed24:
     """Triton :func:`sparselora.format.pack_24`: bit-identical values and meta."""
-    _validate(w, mask, name)
+    check_packable(w, mask, name)  # the same checks and messages as format.pack_24
     n, k = w.shape
     if w.stride(-1) != 1:
         w = w.contiguous()

@@ -6,7 +6,6 @@ packed layer traces under ``torch.compile``.
 """
 from __future__ import annotations
 
-import torch
 
 from ..format import SUPPORTED_DTYPES
 from ..ops import reference_sparse24_linear, sparse24_linear
