@@ -72,6 +72,20 @@ def test_split_count_does_not_change_the_result(seed):
         assert_close_ref(y, ref, torch.float32, k, what=f"split_k={s}")
 
 
+@pytest.mark.parametrize("config", [(4, 16, 1, 1), (16, 64, 4, 1)])
+def test_config_override(seed, config):
+    # other tiles than the interpreter default: BLOCK_KV = 16 (one meta word per row per tile),
+    # and the shipped GPU tile (16 x 64)
+    m, n, k = 3, 21, 100
+    w, _, b = random_24(n, k, torch.bfloat16)
+    p = pack_24(w)
+    x = torch.randn(m, k, dtype=torch.float64).to(torch.bfloat16)
+    for split_k in (1, 2):
+        y = sparse24_gemv_triton(x, p.values, p.meta, b, split_k=split_k, config=config,
+                                 out=_poisoned((m, n), torch.bfloat16))
+        assert_close_ref(y, _ref(x, w, b), torch.bfloat16, k, what=f"config={config} split_k={split_k}")
+
+
 def test_kept_zero_and_extreme_indices(seed):
     # every group keeps (0, 1) in one row, (2, 3) in another, (0, 3) in a third: the decoded
     # columns hit both ends of each group; a kept position holding 0.0 must still decode
@@ -138,6 +152,9 @@ def test_bad_inputs_raise_clearly():
         sparse24_gemv_triton(x, p.values, p.meta, b, split_k=0)
     with pytest.raises(SparsityError, match="out must be"):
         sparse24_gemv_triton(x, p.values, p.meta, b, out=torch.empty(3, 17).half())
+    for bad in ((16, 8, 4, 3), (12, 64, 4, 3), (16, 64, 4), [16, 64, 4, 3]):
+        with pytest.raises(ValueError, match="config must be"):
+            sparse24_gemv_triton(x, p.values, p.meta, b, config=bad)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         sparse24_gemv_triton([1.0], p.values, p.meta, b)
 

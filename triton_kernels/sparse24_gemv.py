@@ -133,22 +133,20 @@ def _sparse24_gemv_kernel(
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_N, BLOCK_KV, num_warps, num_stages), picked by BLOCK_M (no autotuner: decode launches
 # must be cheap and CUDA-graph friendly, and the right tile follows from M alone).
-# The values tile and its decoded columns stay live across the unrolled token loop and every
-# token adds BLOCK_N * BLOCK_KV / (32 * num_warps) gathered x values per thread, so the tile
-# shrinks as M grows. ptxas -v (sm_90a, bf16, Triton 3.7.1) of these builds: 92 / 80 / 128 /
-# 72 / 64 registers for BLOCK_M 1 / 2 / 4 / 8 / 16, no spills (the first draft, 32 x 128 tiles at
-# BLOCK_M >= 8, hit the 255-register cap and spilled). The loop is not cp.async-pipelined
-# (gathers and plain loads), so latency is hidden by occupancy: at those register counts 4-8
-# programs per SM keep 16-40 KB of weight loads in flight, above the ~14 KB per SM that
-# 3 TB/s x ~600 ns needs on an H100. BLOCK_N = 16 gives 256 programs for N = 4096, ~2 waves on
-# 132 SMs, so LLaVA-size layers take the fused (no split-K) path.
-_GPU_CONFIGS = {
-    1: (16, 256, 4, 3),
-    2: (16, 128, 4, 3),
-    4: (16, 128, 4, 3),
-    8: (16, 64, 4, 3),
-    16: (16, 64, 4, 3),
-}
+# Why one tile for every M: Triton lays the [BLOCK_N, BLOCK_KV] values tile out for 16-byte
+# loads (8 bf16 per thread along K), so a warp's gather instruction spans 32 threads' columns.
+# With BLOCK_KV = 64 a warp covers 4 rows x 8 threads x 8 kept values = 128 dense columns of x
+# (256 bytes, 2 L1 lines shared by the 4 rows); the first draft's BLOCK_KV = 256 spanned 1 KB
+# (8 lines) per gather instruction. Each row still reads 128 contiguous bytes of values per
+# iteration (a whole line). ptxas -v (sm_90a, bf16, Triton 3.7.1): 32 / 48 / 56 / 72 / 64
+# registers at BLOCK_M 1 / 2 / 4 / 8 / 16, no spills (the first draft, 32 x 128 tiles at
+# BLOCK_M >= 8, hit the 255-register cap and spilled). The loop is not cp.async-pipelined (a
+# gather cannot be), so latency is hidden by occupancy: 8-16 resident programs per SM keep
+# 16-32 KB of weight loads in flight, above the ~14 KB per SM that 3 TB/s x ~600 ns needs on an
+# H100. BLOCK_N = 16 gives 256 programs for N = 4096, ~2 waves of 132 SMs, so LLaVA-size
+# layers take the fused (no split-K) path. These are first choices from register counts, not
+# from timings: `config=` of the launcher overrides them for a sweep on a GPU.
+_GPU_CONFIGS = {bm: (16, 64, 4, 3) for bm in (1, 2, 4, 8, 16)}
 # under the interpreter: one small config (few programs, tiles cross every edge of test shapes)
 _INTERP_CONFIG = (8, 32, 4, 1)
 
@@ -159,6 +157,16 @@ def _block_m(m: int) -> int:
 
 def _config(block_m: int) -> tuple:
     return _INTERP_CONFIG if _interpreting() else _GPU_CONFIGS[block_m]
+
+
+def _check_config(config, name: str) -> None:
+    def pow2(v, lo):
+        return isinstance(v, int) and v >= lo and v & (v - 1) == 0
+
+    ok = isinstance(config, tuple) and len(config) == 4 and all(isinstance(v, int) for v in config)
+    if not ok or not (pow2(config[0], 1) and pow2(config[1], 16) and pow2(config[2], 1) and config[3] >= 1):
+        raise ValueError(f"{name}: config must be (BLOCK_N power of 2, BLOCK_KV power of 2 >= 16, "
+                         f"num_warps power of 2, num_stages >= 1), got {config!r}")
 
 
 def _num_splits(programs: int, iters: int, requested: Optional[int], sms: int) -> int:
@@ -173,14 +181,16 @@ def _num_splits(programs: int, iters: int, requested: Optional[int], sms: int) -
 
 def sparse24_gemv_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, *, split_k: Optional[int] = None,
-                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         out: Optional[torch.Tensor] = None, config: Optional[tuple] = None) -> torch.Tensor:
     """``x @ W.T + bias`` for at most :data:`GEMV_MAX_M` rows of ``x`` (leading dims flattened),
     ``W`` in the canonical 2:4 layout ``(values, meta)``.
 
     ``x``: ``[..., K]`` (any strides), fp16/bf16/fp32 like ``values``; returns ``[..., N]`` in that
     dtype. ``split_k``: None picks the number of K splits (~2 waves of programs), 1 forces one
     launch with bias and cast fused, ``s > 1`` at most ``s`` splits. ``out``: optional contiguous
-    ``[M, N]`` result buffer, every element of which is written.
+    ``[M, N]`` result buffer, every element of which is written. ``config``: optional
+    ``(BLOCK_N, BLOCK_KV, num_warps, num_stages)`` overriding the shipped tile (for tuning sweeps;
+    BLOCK_N a power of 2, BLOCK_KV a power of 2 >= 16 so a tile covers whole meta words).
     """
     name = "sparse24_gemv (triton)"
     if not isinstance(x, torch.Tensor):
@@ -191,6 +201,8 @@ def sparse24_gemv_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
         raise SparsityError(f"{name}: bias dtype {bias.dtype} != input dtype {x.dtype}")
     if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
         raise ValueError(f"{name}: split_k must be None or an int >= 1, got {split_k!r}")
+    if config is not None:
+        _check_config(config, name)
     lead = x.shape[:-1]
     m = math.prod(lead)
     if m > GEMV_MAX_M:
@@ -212,7 +224,7 @@ def sparse24_gemv_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
         return y.reshape(*lead, n)
 
     block_m = _block_m(m)
-    bn, bkv, warps, stages = _config(block_m)
+    bn, bkv, warps, stages = config if config is not None else _config(block_m)
     programs = triton.cdiv(n, bn)
     iters = triton.cdiv(k // 2, bkv)
     splits = _num_splits(programs, iters, split_k, _sm_count(x.device))
