@@ -212,3 +212,23 @@ def test_gpu_sparse_linear_triton_gemv(seed, dtype, n, k):
     xg = torch.randn(2, k, device="cuda", dtype=dtype, requires_grad=True)
     mod(xg).sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# property test: random shapes (K any multiple of 4, tiny N and K included), M, dtypes, paths
+# ---------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, GEMV_MAX_M), n=st.integers(1, 40), k4=st.integers(1, 40),
+       dtype=st.sampled_from(DTYPES), split_k=st.sampled_from(SPLITS), has_bias=st.booleans(),
+       seed_=st.integers(0, 2**31 - 1))
+def test_property_random_shapes(m, n, k4, dtype, split_k, has_bias, seed_):
+    torch.manual_seed(seed_)
+    k = 4 * k4
+    w, _, b = random_24(n, k, dtype, bias=has_bias)
+    p = pack_24(w)
+    x = torch.randn(m, k, dtype=torch.float64).to(dtype)
+    y = sparse24_gemv_triton(x, p.values, p.meta, b, split_k=split_k, out=_poisoned((m, n), dtype))
+    assert_close_ref(y, _ref(x, w, b), dtype, k, what=f"m={m} n={n} k={k} {dtype} split_k={split_k}")
