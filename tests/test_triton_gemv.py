@@ -214,6 +214,23 @@ def test_gpu_sparse_linear_triton_gemv(seed, dtype, n, k):
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_odd_shapes_every_m(seed, dtype):
+    # shapes off every tile edge on the GPU configs (N % 16, K % 128 and K % 32 != 0), every M,
+    # the fused path, forced splits and a non-contiguous x (also the compute-sanitizer subset)
+    n, k = 1000, 1004
+    w, _, b = random_24(n, k, dtype, device="cuda")
+    p = pack_24(w)
+    for m in range(1, GEMV_MAX_M + 1):
+        x = torch.randn(k, m, device="cuda", dtype=torch.float64).to(dtype).T
+        for split_k in (None, 1, 3):
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            y = sparse24_gemv_triton(x, p.values, p.meta, b if m % 2 else None, split_k=split_k, out=out)
+            assert_close_ref(y, _ref(x, w, b if m % 2 else None), dtype, k, what=f"m={m} split_k={split_k}")
+
+
 # ---------------------------------------------------------------------------------------------
 # property test: random shapes (K any multiple of 4, tiny N and K included), M, dtypes, paths
 # ---------------------------------------------------------------------------------------------
