@@ -176,6 +176,29 @@ def test_gemv_backend_registered_with_reasons():
     assert b.unsupported_reason(torch.device("cuda"), torch.float16, 64, 40) is None
 
 
+
+def test_gemv_backend_routes_by_rows_and_autograd(monkeypatch):
+    # which kernel linear() calls: the GEMV for <= 16 rows without autograd, else the op (GEMM on
+    # CUDA, with a backward). Recorded via stand-ins, so this runs on CPU.
+    import sparselora.backends.triton_gemv_backend as gb
+
+    calls = []
+    monkeypatch.setattr(gb, "sparse24_gemv_triton", lambda x, v, m, b: calls.append("gemv") or x)
+    monkeypatch.setattr(gb, "sparse24_linear", lambda x, v, m, b: calls.append("op") or x)
+    w, _, b = random_24(8, 32, torch.float16)
+    p = pack_24(w)
+    backend = gb.TritonGemvBackend()
+    bias = torch.nn.Parameter(b)
+    cases = [((1, 32), False, "gemv"), ((16, 32), False, "gemv"), ((2, 8, 32), False, "gemv"),
+             ((17, 32), False, "op"), ((3, 6, 32), False, "op"), ((4, 32), True, "op")]
+    for shape, grad, want in cases:
+        calls.clear()
+        x = torch.randn(shape).half()
+        with torch.set_grad_enabled(grad):
+            backend.linear(x, p, {}, bias)
+        assert calls == [want], (shape, grad, calls)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: through SparseLinear at LLaVA-1.5-7B decode shapes (attn q/k/v/o, mlp up/gate, mlp down)
 # ---------------------------------------------------------------------------------------------
