@@ -20,6 +20,8 @@ import torch
 from ..format import Packed24
 from ..ops import sparse24_linear
 from .base import Backend, register_backend
+# the M > 16 fallback is the op, whose CUDA kernel (v1) triton_backend registers on import
+from . import triton_backend  # noqa: F401
 
 try:
     import triton  # noqa: F401
