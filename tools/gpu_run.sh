@@ -55,7 +55,7 @@ if want sanitize; then
     run sanitize compute-sanitizer --tool memcheck --error-exitcode 1 \
       $PY -m pytest -q -x tests/test_cusparselt.py -k "leading_dims or non_contiguous or interleaved or (matches and 48-80)"
     run sanitize_triton compute-sanitizer --tool memcheck --error-exitcode 1 \
-      $PY -m pytest -q -x -m gpu tests/test_triton_gemm.py tests/test_sparse_lora.py
+      $PY -m pytest -q -x -m gpu tests/test_triton_gemm.py tests/test_triton_gemv.py tests/test_sparse_lora.py
   else
     echo "=== [sanitize] compute-sanitizer not found: skipped"
   fi
@@ -65,7 +65,10 @@ if want bench; then
   run bench_lora $PY benchmarks/bench_sparse_lora.py
   run bench_e2e $PY benchmarks/bench_e2e.py
 fi
-want tune && run tune $PY benchmarks/tune_hybrid.py
+if want tune; then
+  run tune $PY benchmarks/tune_hybrid.py
+  run tune_gemv $PY benchmarks/tune_gemv.py
+fi
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/results" "$OUT/tables"
