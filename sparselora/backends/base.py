@@ -54,7 +54,8 @@ def _load_optional() -> None:
     # Optional backends register on import; importing late keeps `import sparselora` light.
     import importlib
 
-    for mod in ("sparselora.backends.triton_backend", "sparselora.backends.cusparselt_backend"):
+    for mod in ("sparselora.backends.triton_backend", "sparselora.backends.triton_gemv_backend",
+                "sparselora.backends.cusparselt_backend"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
