@@ -46,7 +46,7 @@ class TritonBackend(Backend):
         if device.type != "cuda":
             return f"Triton kernels need a CUDA device (got {device.type})"
         if dtype not in DTYPES:
-            return f"dtype {dtype} not supported (Triton backend takes {', '.join(str(d) for d in DTYPES)})"
+            return f"dtype {dtype} not supported ({self.name} takes {', '.join(str(d) for d in DTYPES)})"
         if in_features % 4:
             return f"in_features={in_features} not a multiple of 4 (the 2:4 group size)"
         return None

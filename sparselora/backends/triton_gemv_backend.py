@@ -19,9 +19,9 @@ import torch
 
 from ..format import Packed24
 from ..ops import sparse24_linear
-from .base import Backend, register_backend
+from .base import register_backend
 # the M > 16 fallback is the op, whose CUDA kernel (v1) triton_backend registers on import
-from . import triton_backend  # noqa: F401
+from . import triton_backend
 
 try:
     import triton  # noqa: F401
@@ -33,27 +33,15 @@ except ImportError as e:  # pragma: no cover - triton ships with CUDA torch
     _IMPORT_ERROR = f"triton is not importable ({e})"
     GEMV_MAX_M = 16
 
-#: dtypes this backend takes (the kernel also runs fp32, for tests, but that is not a fast path)
-DTYPES = (torch.float16, torch.bfloat16)
 
+class TritonGemvBackend(triton_backend.TritonBackend):
+    """Same device/dtype/shape rules as ``triton``; only the small-M kernel differs."""
 
-class TritonGemvBackend(Backend):
     name = "triton-gemv"
     priority = 5  # below "triton" (20) until measured on a GPU: see the module docstring
-    weight_copies = "1 (canonical packed values + meta, read directly by the kernel)"
 
     def unavailable_reason(self) -> Optional[str]:
-        return _IMPORT_ERROR
-
-    def unsupported_reason(self, device, dtype, out_features, in_features) -> Optional[str]:
-        device = torch.device(device)
-        if device.type != "cuda":
-            return f"Triton kernels need a CUDA device (got {device.type})"
-        if dtype not in DTYPES:
-            return f"dtype {dtype} not supported (triton-gemv takes {', '.join(str(d) for d in DTYPES)})"
-        if in_features % 4:
-            return f"in_features={in_features} not a multiple of 4 (the 2:4 group size)"
-        return None
+        return _IMPORT_ERROR or super().unavailable_reason()
 
     def linear(self, x: torch.Tensor, packed: Packed24, extra: dict, bias: Optional[torch.Tensor]) -> torch.Tensor:
         rows = math.prod(x.shape[:-1])
