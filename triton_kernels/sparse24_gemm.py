@@ -371,6 +371,20 @@ def _finalize(ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor) -
         ws, bias if bias is not None else ws, y, total, n, HAS_BIAS=bias is not None, BLOCK=block)
 
 
+def _no_kernel_output(y: torch.Tensor, lead: tuple, k: int, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The result of ``y = x @ W.T + bias`` when no kernel needs to run (no rows, no output
+    features, or K == 0: bias only); None otherwise. ``y`` is the [M, N] output buffer."""
+    m, n = y.shape
+    if m == 0 or n == 0:
+        return y.reshape(*lead, n)
+    if k == 0:
+        y.zero_()
+        if bias is not None:
+            y += bias
+        return y.reshape(*lead, n)
+    return None
+
+
 def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                            bias: Optional[torch.Tensor] = None, *, split_k: Optional[int] = None,
                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -393,13 +407,9 @@ def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
     values, meta = _packed_rows(values, meta)
     m = x2.shape[0]
     y = _out_buffer(out, (m, n), x, name)
-    if m == 0 or n == 0:
-        return y.reshape(*lead, n)
-    if k == 0:
-        y.zero_()
-        if bias is not None:
-            y += bias
-        return y.reshape(*lead, n)
+    trivial = _no_kernel_output(y, lead, k, bias)
+    if trivial is not None:
+        return trivial
 
     sms = _sm_count(x.device)
     split = _use_split(m, n, sms) if split_k is None else split_k > 1

@@ -53,6 +53,7 @@ from sparselora.triton_kernels.sparse24_gemm import (
     _check_kernel_dtype,
     _finalize,
     _out_buffer,
+    _no_kernel_output,
     _packed_rows,
     _sm_count,
 )
@@ -215,13 +216,9 @@ def sparse24_gemv_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
         x2 = x2.contiguous()
     values, meta = _packed_rows(values, meta)
     y = _out_buffer(out, (m, n), x, name)
-    if m == 0 or n == 0:
-        return y.reshape(*lead, n)
-    if k == 0:
-        y.zero_()
-        if bias is not None:
-            y += bias
-        return y.reshape(*lead, n)
+    trivial = _no_kernel_output(y, lead, k, bias)
+    if trivial is not None:
+        return trivial
 
     block_m = _block_m(m)
     bn, bkv, warps, stages = config if config is not None else _config(block_m)
