@@ -116,6 +116,19 @@ def _tile_ids(pid, num_a, num_b, GROUP_A: tl.constexpr):
 
 
 @triton.jit
+def _store_output_tile(out, acc, out_mask, b_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr):
+    """Epilogue of the forward kernels (the GEMM's and the GEMV's), acc[BLOCK_N, BLOCK_M] holding
+    the output transposed: fp32 atomics into the split-K workspace, or bias + cast + store
+    (after a split, ``_finalize`` adds the bias and casts)."""
+    if SPLIT_OUT:
+        tl.atomic_add(out, acc, mask=out_mask, sem="relaxed")
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
+        tl.store(out, acc.to(out.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _sparse24_linear_kernel(
     x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr,
     M, N, K, M_KEY,
@@ -152,12 +165,7 @@ def _sparse24_linear_kernel(
 
     out = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT_OUT:
-        tl.atomic_add(out, acc, mask=out_mask, sem="relaxed")
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    _store_output_tile(out, acc, out_mask, b_ptr, offs_n, n_mask, HAS_BIAS, SPLIT_OUT)
 
 
 @triton.jit

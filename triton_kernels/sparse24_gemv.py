@@ -56,6 +56,7 @@ from sparselora.triton_kernels.sparse24_gemm import (
     _no_kernel_output,
     _packed_rows,
     _sm_count,
+    _store_output_tile,
 )
 
 __all__ = ["sparse24_gemv_triton", "GEMV_MAX_M", "KERNEL_DTYPES", "aot_specs"]
@@ -121,12 +122,7 @@ def _sparse24_gemv_kernel(
 
     out = y_ptr + tok.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
     out_mask = n_mask[:, None] & (tok[None, :] < M)
-    if SPLIT_OUT:
-        tl.atomic_add(out, acc, mask=out_mask, sem="relaxed")
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    _store_output_tile(out, acc, out_mask, b_ptr, offs_n, n_mask, HAS_BIAS, SPLIT_OUT)
 
 
 # ----------------------------------------------------------------------------------------------
