@@ -20,8 +20,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def seed():
-    # fresh random inputs per run, but reproducible from the printed seed on failure
-    s = int.from_bytes(os.urandom(4), "little")
+    # fresh random inputs per run, reproducible from the printed seed on failure:
+    # SPARSELORA_TEST_SEED=<seed> python -m pytest ... replays it
+    fixed = os.environ.get("SPARSELORA_TEST_SEED")
+    s = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(s)
     print(f"seed={s}")
     return s

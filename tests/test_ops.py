@@ -99,7 +99,15 @@ def test_torch_compile_traces_the_op(seed):
     model = nn.Sequential(s, nn.GELU())
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(5, 64)
-    assert torch.allclose(compiled(x), model(x), atol=1e-6)
+    # inductor's vectorized erf differs from eager's by ~1e-4 relative near GELU's tail,
+    # so both are checked against float64 rather than bit-compared with each other
+    ref64 = torch.nn.functional.gelu(x.double() @ w.double().t() + b.double())
+    with torch.no_grad():
+        out_c, out_e = compiled(x), model(x)
+    for out in (out_c, out_e):
+        assert torch.isfinite(out).all()
+        rel = (out.double() - ref64).norm() / ref64.norm()
+        assert rel < 1e-5, f"relative error {rel:.2e}"
 
 
 def test_backend_registry():
