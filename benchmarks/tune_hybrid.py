@@ -87,7 +87,8 @@ def main(argv=None):
                 shape_rows.append(row)
                 del x
             min_m, slower = hb.derive_thresholds(shape_rows)
-            table["shapes"][f"{n}x{k}"] = {"cusparselt_min_m": min_m, "slower_than_dense_m": slower, "models": f"{model} {layer}"}
+            table["shapes"][f"{n}x{k}"] = {"cusparselt_min_m": min_m, "slower_than_dense_m": slower,
+                                               "measured_m": [r["M"] for r in shape_rows], "models": f"{model} {layer}"}
             rows += shape_rows
             del w, packed, comp
             torch.cuda.empty_cache()

@@ -412,7 +412,7 @@ def cmd_sparsify(args) -> int:
     model, info = load_model(args.model, args.tiny, args.dtype)
     if args.tiny:  # a built-in model is dense: prune it by magnitude first so there is something to pack
         magnitude_24(model, args.strategy, _family_for(model, args.tiny))
-    report = sparsify(model, backend=args.backend, skip=args.skip or ())
+    report = sparsify(model, backend=args.backend, skip=args.skip or (), tokens=args.tokens or None)
     if not report.sparse:
         raise CLIError("no pruned layers to sparsify (no sparse_mask found); run 'sparselora prune' first")
     out = Path(args.out)
@@ -593,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint layout (default: sparselora; compressed-tensors = sparse-24-bitmask)")
     sp.add_argument("--strategy", default="language", help="with --tiny: parts to prune by magnitude first (default: language)")
     sp.add_argument("--skip", nargs="*", help="module names to leave dense")
+    sp.add_argument("--tokens", nargs="*", type=int, metavar="M",
+                    help="with --backend auto: tokens per call you will run (e.g. 1 8 for decode); layers whose tuned "
+                         "table says dense is faster at any of them stay dense")
     sp.add_argument("-v", "--verbose", action="store_true", help="print the per-layer report")
     sp.add_argument("--out", required=True, help="output directory")
     sp.set_defaults(fn=cmd_sparsify)

@@ -217,7 +217,8 @@ def _layer_mask(name: str, lin: nn.Linear, explicit: bool) -> torch.Tensor:
 
 
 def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[str]] = None, parts: Optional[Iterable[str]] = None,
-             family=None, skip: Iterable[str] = (), on_unsupported: str = "dense") -> SparsifyReport:
+             family=None, skip: Iterable[str] = (), on_unsupported: str = "dense",
+             tokens: Optional[int | Iterable[int]] = None) -> SparsifyReport:
     """Replace the pruned ``nn.Linear`` layers of ``model`` by :class:`SparseLinear`, in place.
 
     Args:
@@ -231,6 +232,12 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
         skip: module names (exact, prefix or suffix such as ``"lm_head"``) to leave alone.
         on_unsupported: ``"dense"`` leaves a layer no backend can run dense, with the reason in the
             report; ``"raise"`` raises instead.
+        tokens: with ``backend="auto"``, the tokens per call (M) the model will run, e.g.
+            ``[1, 8]`` for decode or ``4096`` for prefill. A layer whose chosen backend has a
+            measured table saying dense ``F.linear`` is faster at any of them stays dense ("auto is
+            never slower than dense"); ``None`` leaves dense only layers that lost at every
+            measured M. Backends without measurements (CPU, or a GPU with no tuned table) are not
+            second-guessed. An explicit backend is always honoured.
 
     Layers that are already ``SparseLoRALinear`` (adapters attached) are kept and reported; merge them
     first (``merge_sparse_lora``) to get packed layers. Children of ``nn.MultiheadAttention`` are never
@@ -243,6 +250,10 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
 
         get_backend(backend)  # an unknown name is a usage error, not a reason to leave layers dense
     skip = tuple(skip)
+    if tokens is not None:
+        tokens = [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
+        if not tokens or min(tokens) < 1:
+            raise ValueError(f"sparsify: tokens must be positive token counts per call, got {tokens}")
     names = list(names) if names is not None else None
     parts = list(parts) if parts is not None else None
     classify = _part_fn(model, family)
@@ -291,6 +302,11 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
         if choice.backend is None:
             leave_dense(choice.reason)
             continue
+        if backend == "auto":
+            slower = choice.backend.dense_faster_reason(w.device, w.dtype, out_f, in_f, tokens)
+            if slower:  # a speed decision, not an unsupported layer: never raises
+                row.reason = f"auto: {choice.backend.name}: {slower}"
+                continue
         planned.append((name, lin, mask, row))
 
     # every layer validated: now build and swap (SparseLinear construction packs and prepares)

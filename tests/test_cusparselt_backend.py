@@ -152,3 +152,24 @@ def test_derive_thresholds_without_triton_compares_with_dense():
     min_m, slower = hb.derive_thresholds(rows)
     assert min_m == 4096 and slower == [1]
     assert all(r["hybrid_path"] == "cusparselt" for r in rows)
+
+
+def test_dense_faster_at_reads_measured_points(tmp_path):
+    _write_table(tmp_path, {
+        # lost to dense at small M only
+        "4096x4096": {"cusparselt_min_m": 256, "slower_than_dense_m": [1, 16], "measured_m": [1, 16, 256, 4096]},
+        # lost everywhere: never worth it
+        "64x64": {"cusparselt_min_m": None, "slower_than_dense_m": [1, 4096], "measured_m": [1, 4096]},
+        # older table without measured_m: no decision
+        "1024x1024": {"cusparselt_min_m": 64, "slower_than_dense_m": [1]},
+    })
+    f = hb.dense_faster_at
+    assert f(DEV, 4096, 4096, None, tmp_path) is None
+    assert "M=[1, 2]" in f(DEV, 4096, 4096, [1, 2, 4096], tmp_path)  # 2 is nearest to measured 1
+    assert f(DEV, 4096, 4096, [200, 8192], tmp_path) is None  # nearest measured: 256 and 4096
+    assert "M=[8]" in f(DEV, 4096, 4096, [8], tmp_path)  # nearest measured: 16 (log scale)
+    assert "every measured M" in f(DEV, 64, 64, None, tmp_path)
+    assert f(DEV, 1024, 1024, [1], tmp_path) is None
+    assert f(DEV, 2048, 2048, [1], tmp_path) is None  # shape not measured
+    assert f("Other GPU", 4096, 4096, [1], tmp_path) is None
+    hb._load_table_cached.cache_clear()

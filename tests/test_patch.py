@@ -262,3 +262,55 @@ def test_cuda_llava_round_trip(dtype, seed):
     # whole model in 16-bit vs float64: loose bound, errors compound over layers
     assert (out - ref64).abs().max() <= 0.1 * max(1.0, ref64.abs().max().item())
     assert model.generate(**cuda_inputs, max_new_tokens=3, do_sample=False).shape[1] == cuda_inputs["input_ids"].shape[1] + 3
+
+
+class _SlowerThanDenseAt(_Only64):
+    """Test backend with a 'measured' table: dense wins for 64x64 layers at M >= 100."""
+
+    name = "test-slow-big-m"
+    priority = 10_000  # auto takes it on CPU
+
+    def dense_faster_reason(self, device, dtype, out_features, in_features, tokens=None):
+        if (out_features, in_features) != (64, 64):
+            return None
+        if tokens is None:
+            return None  # wins at some measured M
+        lost = [t for t in tokens if t >= 100]
+        return f"dense faster at M={lost}" if lost else None
+
+
+def _pruned_mlp():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 128))
+    for lin in (model[0], model[2]):
+        mask = nm_mask(lin.weight.detach().abs())
+        with torch.no_grad():
+            lin.weight.mul_(mask)
+        lin.register_buffer("sparse_mask", mask, persistent=False)
+    return model
+
+
+def test_auto_leaves_dense_where_measurements_say_dense_is_faster(seed):
+    register_backend(_SlowerThanDenseAt())
+    try:
+        model = _pruned_mlp()
+        x = torch.randn(5, 64)
+        ref = model(x)
+        report = sparsify(model, tokens=[1, 8, 4096])
+        assert report["0"].action == "dense" and "auto: test-slow-big-m: dense faster at M=[4096]" in report["0"].reason
+        assert report["2"].action == "sparse" and report["2"].backend == "test-slow-big-m"
+        assert isinstance(model[0], nn.Linear) and not isinstance(model[0], SparseLinear)
+        torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)
+
+        # decode only: the same layer now pays off and is swapped
+        model = _pruned_mlp()
+        assert sparsify(model, tokens=8).sparse == ["0", "2"]
+        # no tokens: only layers that lose at every measured M stay dense (none here)
+        assert sparsify(_pruned_mlp()).sparse == ["0", "2"]
+        # an explicit backend is honoured even where dense is measured faster
+        assert sparsify(_pruned_mlp(), backend="test-slow-big-m", tokens=4096).sparse == ["0", "2"]
+        # a speed decision is not "unsupported": on_unsupported="raise" does not raise for it
+        assert sparsify(_pruned_mlp(), tokens=4096, on_unsupported="raise").dense == ["0"]
+        with pytest.raises(ValueError, match="tokens must be positive"):
+            sparsify(_pruned_mlp(), tokens=[0])
+    finally:
+        backend_base._REGISTRY.pop("test-slow-big-m", None)

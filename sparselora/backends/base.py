@@ -36,6 +36,16 @@ class Backend:
     def linear(self, x: torch.Tensor, packed: Packed24, extra: dict[str, torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def dense_faster_reason(self, device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
+                            tokens: Optional[list[int]] = None) -> Optional[str]:
+        """Why dense ``F.linear`` is measured faster than this backend for this layer, or None.
+
+        ``tokens``: the M values (tokens per call) the caller will run; None means "any": then
+        only a layer that loses at every measured M counts. The default has no measurements
+        and returns None; a backend with a tuning table overrides it (see ``hybrid``).
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"<Backend {self.name}>"
 

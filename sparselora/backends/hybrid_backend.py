@@ -22,9 +22,11 @@ larger measured M (``null``: never). Lookup order for a weight shape on a device
    tokens an H100/A100 GEMM is bound by weight bandwidth (the roofline ridge is ~300 FLOP/B for
    bf16), where Triton's smaller weight read wins; above it, the sparse tensor cores do.
 
-"auto is never slower than dense": the tuner also records, per shape, the M where even the faster
-sparse path lost to dense (``slower_than_dense_m``); :func:`dense_is_faster` exposes it so a
-patcher can leave such layers dense. This backend itself holds no dense copy.
+"auto is never slower than dense": the tuner also records, per shape, the measured M values
+(``measured_m``) and those where even the faster sparse path lost to dense
+(``slower_than_dense_m``). :func:`dense_faster_at` turns that into a decision that
+``sparsify(backend="auto", tokens=...)`` uses to leave such layers dense. This backend itself
+holds no dense copy, so a layer is either sparse at every M or dense at every M.
 
 Memory: 2 copies of the weight, the canonical values + meta (state dict, read by Triton) and the
 cuSPARSELt compressed buffer.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -45,7 +48,7 @@ from .base import Backend, get_backend, register_backend
 from .cusparselt_backend import CUSPARSELT
 
 __all__ = ["HybridBackend", "HEURISTIC_MIN_M", "TABLE_DIR", "table_path", "load_table", "cusparselt_min_m",
-           "choose", "dense_is_faster", "derive_thresholds"]
+           "choose", "dense_is_faster", "dense_faster_at", "derive_thresholds"]
 
 TABLE_DIR = Path(__file__).parent / "tables"
 HEURISTIC_MIN_M = 256
@@ -102,10 +105,41 @@ def choose(device_name: str, n: int, k: int, m: int, table_dir: Path = TABLE_DIR
 
 
 def dense_is_faster(device_name: str, n: int, k: int, m: int, table_dir: Path = TABLE_DIR) -> bool:
-    """True if the table measured dense ``F.linear`` faster than both sparse paths at this M."""
+    """True if the table measured dense ``F.linear`` faster than both sparse paths at this M
+    (exactly this M; see :func:`dense_faster_at` for M between measured points)."""
     table = load_table(device_name, table_dir)
     entry = (table or {}).get("shapes", {}).get(f"{n}x{k}", {})
     return int(m) in {int(v) for v in entry.get("slower_than_dense_m", [])}
+
+
+def _nearest(measured: list[int], m: int) -> int:
+    # GEMM time scales with M roughly geometrically between tile-size steps: nearest in log space
+    return min(measured, key=lambda v: (abs(math.log2(max(v, 1)) - math.log2(max(m, 1))), -v))
+
+
+def dense_faster_at(device_name: str, n: int, k: int, tokens: Optional[list[int]] = None,
+                    table_dir: Path = TABLE_DIR) -> Optional[str]:
+    """Reason string if the measured table says dense beats the hybrid for an ``[n, k]`` weight.
+
+    ``tokens`` None: only when the hybrid lost at *every* measured M (the layer never pays off).
+    Otherwise: when it lost at the measured M nearest (log scale) to any requested M. No table,
+    no entry for the shape, or no ``measured_m`` list (older tables): None, i.e. stay sparse:
+    without a measurement the patcher keeps the user's request."""
+    table = load_table(device_name, table_dir)
+    entry = (table or {}).get("shapes", {}).get(f"{n}x{k}")
+    if not entry or not entry.get("measured_m"):
+        return None
+    measured = sorted(int(v) for v in entry["measured_m"])
+    slower = {int(v) for v in entry.get("slower_than_dense_m", [])}
+    src = table_path(device_name, table_dir).name
+    if tokens is None:
+        if slower >= set(measured):
+            return f"dense F.linear was faster at every measured M {measured} ({src})"
+        return None
+    lost = sorted({m for m in (int(t) for t in tokens) if _nearest(measured, m) in slower})
+    if lost:
+        return f"dense F.linear was faster at M={lost} (nearest measured M in {src})"
+    return None
 
 
 def derive_thresholds(rows: list[dict]) -> tuple[Optional[int], list[int]]:
@@ -171,6 +205,12 @@ class HybridBackend(Backend):
         extra = dict(CUSPARSELT.prepare(packed))
         # The small-M path calls the canonical op directly, so Triton needs no extra buffer.
         return extra
+
+    def dense_faster_reason(self, device, dtype, out_features, in_features, tokens=None):
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        return dense_faster_at(_device_name(device.index or 0), out_features, in_features, tokens)
 
     def linear(self, x, packed, extra, bias):
         n, k = packed.shape
