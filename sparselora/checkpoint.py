@@ -11,8 +11,9 @@ every other tensor as is. The safetensors header metadata records:
   truncation that a header alone would not),
 * ``extra_config``: JSON given by the caller, and ``sparselora_version``.
 
-Writes are atomic: a temp file in the destination directory is written, fsynced and
-``os.replace``d over the target, so a failing save leaves the previous file intact.
+Writes are atomic: temp files in the destination directory (weights and ``config.json`` together)
+are written and fsynced, and only then ``os.replace``d over the targets, so a failing save leaves
+the previous files intact.
 
 ``load_sparse(model, path)`` takes a dense model of the same architecture, validates every
 key, shape, dtype and the packed metadata *before* touching the model, then swaps the listed
@@ -85,29 +86,47 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _atomic_write_all(files: list[tuple[Path, object]]) -> None:
+    """Write several files as one save: every ``write_fn(tmp_path)`` runs and is fsynced first,
+    and only then are the temps renamed over their targets, back to back. Any error while writing
+    (disk full, a tensor safetensors refuses...) removes every temp and leaves all targets as
+    they were; the only window for a mixed pair is between two renames."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, write_fn in files:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            write_fn(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+    for parent in {path.parent for _, path in staged}:
+        _fsync_dir(parent)
+
+
 def _atomic_write(path: Path, write_fn) -> None:
     """Call ``write_fn(tmp_path)``, fsync the result, then rename it over ``path``. On any error the
     temp file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    _atomic_write_all([(path, write_fn)])
+
+
+def _text_writer(text: str):
+    return lambda tmp: Path(tmp).write_text(text)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    _atomic_write(path, _text_writer(text))
 
 
 def _resolve(path, for_write: bool) -> tuple[Path, Optional[Path]]:
@@ -185,14 +204,15 @@ def save_sparse(model: nn.Module, path, extra_config: Optional[dict] = None, for
         }
     from safetensors.torch import save_file
 
-    _atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    files = [(file, lambda tmp: save_file(tensors, tmp, metadata=metadata))]
     if directory is not None:
         config = _config_dict(model)
         if format == "compressed-tensors":
             config = config or {}
             config["quantization_config"] = _ct_config(layers, model)
         if config is not None:
-            _atomic_write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+            files.append((directory / "config.json", _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n")))
+    _atomic_write_all(files)  # weights and config.json staged together: no half-written pair
     return file
 
 

@@ -105,6 +105,34 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert (target / "model.safetensors").read_bytes() == old_bytes
 
 
+def test_failed_config_write_keeps_the_old_weights_too(tmp_path, monkeypatch):
+    # weights and config.json are one save: a failure on the second file must not leave the new
+    # weights next to the old config (or the reverse)
+    model = _sparse_model()
+    target = tmp_path / "ckpt"
+    save_sparse(model, target, format="compressed-tensors")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    import sparselora.checkpoint as ck
+
+    real = ck._text_writer
+
+    def broken_writer(text):
+        def write(tmp):
+            real(text[: len(text) // 2])(tmp)
+            raise OSError("No space left on device")
+        return write
+
+    monkeypatch.setattr(ck, "_text_writer", broken_writer)
+    with pytest.raises(OSError, match="No space"):
+        save_sparse(_sparse_model(seed=3), target, format="compressed-tensors")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # same files, same bytes, no temps
+    fresh = build("llava", seed=7)
+    load_sparse(fresh, target)
+    assert _state_equal(fresh, model)
+
+
 def _untouched(fn, model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     types = {n: type(m) for n, m in model.named_modules()}
