@@ -17,12 +17,13 @@ prefill >= 1.3x, pruned weights ~0.56x.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from sparselora.timing import median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -68,23 +69,7 @@ def make_inputs(cfg, batch: int, prompt: int, device, dtype):
 
 def timed(fn, device, iters: int, warmup: int = 2) -> float:
     """Median wall time in ms (CUDA events on GPU)."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            if device.type == "cuda":
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, iters, device, warmup=warmup)
 
 
 def weight_bytes(module) -> int:

@@ -426,50 +426,13 @@ def cmd_sparsify(args) -> int:
     return 0
 
 
-def _time_cpu(fn, iters: int, warmup: int = 2) -> float:
-    import statistics
-
-    import torch
-
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def _time_ms(fn, iters: int, device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        import statistics
-
-        with torch.no_grad():
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(iters):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                ts.append(s.elapsed_time(e))
-        return statistics.median(ts)
-    return _time_cpu(fn, iters)
-
-
 def layer_latency(model, tokens: int, iters: int, progress: bool = True) -> list[dict]:
     """Per distinct sparse layer shape: dense F.linear on the unpacked weight vs the SparseLinear."""
     import torch
     import torch.nn.functional as F
 
     from .patch import sparse_layers
+    from .timing import median_ms
 
     rows, seen = [], set()
     layers = [(n, m) for n, m in sparse_layers(model).items()]
@@ -480,8 +443,8 @@ def layer_latency(model, tokens: int, iters: int, progress: bool = True) -> list
         seen.add(key)
         x = torch.randn(tokens, m.in_features, dtype=m.values.dtype, device=m.values.device)
         w = m.dense_weight()
-        dense = _time_ms(lambda: F.linear(x, w, m.bias), iters, x.device)
-        sparse = _time_ms(lambda: m(x), iters, x.device)
+        dense = median_ms(lambda: F.linear(x, w, m.bias), iters, x.device, warmup=3)
+        sparse = median_ms(lambda: m(x), iters, x.device, warmup=3)
         rows.append({"layer": name, "shape": f"{m.out_features}x{m.in_features}", "tokens": tokens, "backend": m.backend.name,
                      "device": str(x.device), "dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse})
     return rows

@@ -183,9 +183,9 @@ def minilm(args, out: Path) -> dict:
 
 
 def _time_model(model, batch, iters) -> float:
-    from .cli import _time_cpu
+    from .timing import median_ms
 
-    return _time_cpu(lambda: model(**batch), iters, warmup=1)
+    return median_ms(lambda: model(**batch), iters, warmup=1)
 
 
 def llava(args, out: Path) -> dict:

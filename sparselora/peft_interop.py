@@ -174,7 +174,7 @@ def get_sparse_lora_model(model: nn.Module, config, **kwargs):
 def load_sparse_lora(model: nn.Module, path, **kwargs):
     """``PeftModel.from_pretrained`` of an adapter saved from a SparseLoRA model. The custom-module
     registration is not serialized by peft, so it is re-applied to the loaded config here."""
-    peft = _peft()
+    _peft()  # clear error on a missing or too old peft
     from peft import LoraConfig, PeftModel
 
     config = kwargs.pop("config", None) or LoraConfig.from_pretrained(path)

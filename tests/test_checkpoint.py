@@ -10,7 +10,6 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sparselora import SparseLinear
 from sparselora.checkpoint import CheckpointError, FORMAT_VERSION, load_sparse, read_metadata, save_sparse
 from sparselora.format import nm_mask
 from sparselora.patch import sparse_layers, sparsify

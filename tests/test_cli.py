@@ -1,5 +1,4 @@
 """The sparselora CLI: help, a fast prune -> sparsify -> load flow, clear errors, demo smoke."""
-import argparse
 import json
 import subprocess
 import sys

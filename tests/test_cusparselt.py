@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import assert_close_ref, random_24
 

@@ -181,12 +181,7 @@ class _Only64(Backend):
 def test_explicit_backend_that_cannot_take_a_layer_leaves_it_dense():
     register_backend(_Only64())
     try:
-        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
-        for lin in (model[0], model[2]):
-            mask = nm_mask(lin.weight.detach().abs())
-            with torch.no_grad():
-                lin.weight.mul_(mask)
-            lin.register_buffer("sparse_mask", mask, persistent=False)
+        model = _pruned_mlp(nn.Linear(64, 32), nn.Linear(32, 16))
         x = torch.randn(3, 64)
         ref = model(x)
         report = sparsify(model, backend="test-only-64")
@@ -279,8 +274,9 @@ class _SlowerThanDenseAt(_Only64):
         return f"dense faster at M={lost}" if lost else None
 
 
-def _pruned_mlp():
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 128))
+def _pruned_mlp(first=None, second=None):
+    """Linear-ReLU-Linear with both layers magnitude-pruned to 2:4 (``sparse_mask`` attached)."""
+    model = nn.Sequential(first or nn.Linear(64, 64), nn.ReLU(), second or nn.Linear(64, 128))
     for lin in (model[0], model[2]):
         mask = nm_mask(lin.weight.detach().abs())
         with torch.no_grad():

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from sparselora.families import custom_family
 from sparselora.format import SparsityError, check_nm
-from sparselora.pruning import Pattern, magnitude_mask, parse_pattern, prune, sparsegpt_prune, wanda_mask
+from sparselora.pruning import magnitude_mask, parse_pattern, prune, sparsegpt_prune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

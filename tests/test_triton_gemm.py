@@ -115,27 +115,34 @@ def test_empty_and_degenerate_inputs(seed):
     assert sparse24_matmul_t_triton(torch.randn(2, 0, 8).half(), p.values, p.meta).shape == (2, 0, 32)
 
 
-def test_bad_inputs_raise_clearly():
+@pytest.mark.parametrize("launcher", ["gemm", "gemv"])
+def test_bad_inputs_raise_clearly(launcher):
+    # both forward launchers share one input check; each must still reach it
+    from sparselora.triton_kernels.sparse24_gemv import sparse24_gemv_triton
+
+    fwd = sparse24_linear_triton if launcher == "gemm" else sparse24_gemv_triton
     w, _, b = random_24(16, 32, torch.float16)
     p = pack_24(w)
     x = torch.randn(3, 32).half()
     with pytest.raises(SparsityError, match="input has 40 features"):
-        sparse24_linear_triton(torch.randn(3, 40).half(), p.values, p.meta, b)
+        fwd(torch.randn(3, 40).half(), p.values, p.meta, b)
     with pytest.raises(SparsityError, match="dtype"):
-        sparse24_linear_triton(x.float(), p.values, p.meta, b)
+        fwd(x.float(), p.values, p.meta, b)
     with pytest.raises(SparsityError, match="meta must be int32"):
-        sparse24_linear_triton(x, p.values, p.meta.long(), b)
+        fwd(x, p.values, p.meta.long(), b)
     with pytest.raises(SparsityError, match="bias must be"):
-        sparse24_linear_triton(x, p.values, p.meta, b[:5])
+        fwd(x, p.values, p.meta, b[:5])
     with pytest.raises(SparsityError, match="bias dtype"):
-        sparse24_linear_triton(x, p.values, p.meta, b.float())
+        fwd(x, p.values, p.meta, b.float())
     w64 = pack_24(w.double())
     with pytest.raises(SparsityError, match="not supported by the Triton kernels"):
-        sparse24_linear_triton(x.double(), w64.values, w64.meta, None)
+        fwd(x.double(), w64.values, w64.meta, None)
     with pytest.raises(ValueError, match="split_k"):
-        sparse24_linear_triton(x, p.values, p.meta, b, split_k=0)
+        fwd(x, p.values, p.meta, b, split_k=0)
     with pytest.raises(SparsityError, match="out must be"):
-        sparse24_linear_triton(x, p.values, p.meta, b, out=torch.empty(3, 17).half())
+        fwd(x, p.values, p.meta, b, out=torch.empty(3, 17).half())
+    if launcher == "gemv":
+        return
     with pytest.raises(SparsityError, match="dy has 15 features"):
         sparse24_matmul_t_triton(torch.randn(3, 15).half(), p.values, p.meta)
     with pytest.raises(SparsityError, match="dy dtype"):
