@@ -25,3 +25,14 @@ def assert_close_ref(out, ref64, dtype, k, what="output"):
     err = (out.double() - ref64).abs().max()
     bound = eps * max(1.0, k ** 0.5) * scale
     assert err <= bound, f"{what}: max abs err {err:.3e} > {bound:.3e} (dtype {dtype}, K={k})"
+
+
+def ref_linear(x, w, b=None):
+    """float64 ``x @ w.T + b``: the oracle for every linear kernel."""
+    y = x.double() @ w.double().T
+    return y + b.double() if b is not None else y
+
+
+def poisoned(shape, dtype, device="cpu"):
+    """An output buffer of NaN: any element a kernel fails to write fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -11,7 +11,7 @@ fails. GPU tests (skipped only without CUDA) run the same through ``SparseLinear
 import pytest
 import torch
 
-from helpers import assert_close_ref, random_24
+from helpers import assert_close_ref, poisoned, random_24, ref_linear
 from sparselora.format import SparsityError, pack_24
 from sparselora.triton_kernels.sparse24_gemm import sparse24_linear_triton, sparse24_matmul_t_triton
 
@@ -22,15 +22,6 @@ SHAPES = [(1, 64, 96), (5, 40, 72), (17, 48, 40), (33, 96, 128)]
 SPLITS = [None, 1, 3]
 
 
-def _ref_linear(x, w, b):
-    y = x.double() @ w.double().T
-    return y + b.double() if b is not None else y
-
-
-def _poisoned(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("split_k", SPLITS)
@@ -38,10 +29,10 @@ def test_linear_matches_float64(seed, dtype, m, n, k, split_k):
     w, _, b = random_24(n, k, dtype, bias=(m + n) % 2 == 0)
     p = pack_24(w)
     x = torch.randn(m, k, dtype=torch.float64).to(dtype)
-    out = _poisoned((m, n), dtype)
+    out = poisoned((m, n), dtype)
     y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=split_k, out=out)
     assert y.dtype == dtype and y.data_ptr() == out.data_ptr()
-    assert_close_ref(y, _ref_linear(x, w, b), dtype, k)
+    assert_close_ref(y, ref_linear(x, w, b), dtype, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,8 +43,8 @@ def test_linear_bias_and_no_bias(seed, dtype, split_k):
     p = pack_24(w)
     x = torch.randn(m, k, dtype=torch.float64).to(dtype)
     for bias in (b, None):
-        y = sparse24_linear_triton(x, p.values, p.meta, bias, split_k=split_k, out=_poisoned((m, n), dtype))
-        assert_close_ref(y, _ref_linear(x, w, bias), dtype, k)
+        y = sparse24_linear_triton(x, p.values, p.meta, bias, split_k=split_k, out=poisoned((m, n), dtype))
+        assert_close_ref(y, ref_linear(x, w, bias), dtype, k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -70,7 +61,7 @@ def test_linear_noncontiguous_and_batched_inputs(seed, dtype):
         for split_k in (None, 1):
             y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=split_k)
             assert y.shape == (*x.shape[:-1], n)
-            assert_close_ref(y, _ref_linear(x, w, b), dtype, k)
+            assert_close_ref(y, ref_linear(x, w, b), dtype, k)
 
 
 def test_split_path_is_really_split(seed):
@@ -80,9 +71,9 @@ def test_split_path_is_really_split(seed):
     w, _, b = random_24(n, k, torch.float32)
     p = pack_24(w)
     x = torch.randn(m, k)
-    ref = _ref_linear(x, w, b)
+    ref = ref_linear(x, w, b)
     for s in (1, 2, 4, 64):
-        y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=s, out=_poisoned((m, n), torch.float32))
+        y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=s, out=poisoned((m, n), torch.float32))
         assert_close_ref(y, ref, torch.float32, k, what=f"split_k={s}")
 
 
@@ -93,7 +84,7 @@ def test_matmul_t_matches_float64(seed, dtype, m, n, k, split_k):
     w, _, _ = random_24(n, k, dtype, bias=False)
     p = pack_24(w)
     dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
-    dx = sparse24_matmul_t_triton(dy, p.values, p.meta, split_k=split_k, out=_poisoned((m, k), dtype))
+    dx = sparse24_matmul_t_triton(dy, p.values, p.meta, split_k=split_k, out=poisoned((m, k), dtype))
     assert dx.dtype == dtype
     assert_close_ref(dx, dy.double() @ w.double(), dtype, n)
 
@@ -171,11 +162,11 @@ def test_gpu_sparse_linear_uses_triton(seed, dtype, m, n, k):
     mod = SparseLinear.from_linear(lin, backend="triton")
     assert mod.backend.name == "triton", mod.backend_reason
     x = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype)
-    assert_close_ref(mod(x), _ref_linear(x, w, b), dtype, k)
+    assert_close_ref(mod(x), ref_linear(x, w, b), dtype, k)
     for split_k in (1, 4):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         y = sparse24_linear_triton(x, mod.values, mod.meta, mod.bias.detach(), split_k=split_k, out=out)
-        assert_close_ref(y, _ref_linear(x, w, b), dtype, k, what=f"split_k={split_k}")
+        assert_close_ref(y, ref_linear(x, w, b), dtype, k, what=f"split_k={split_k}")
         dy = torch.randn(m, n, device="cuda", dtype=torch.float64).to(dtype)
         dx = sparse24_matmul_t_triton(dy, mod.values, mod.meta, split_k=split_k,
                                       out=torch.full((m, k), float("nan"), device="cuda", dtype=dtype))
@@ -265,8 +256,8 @@ def test_property_random_shapes(m, n, k4, dtype, split_k, has_bias, seed_):
     w, _, b = random_24(n, k, dtype, bias=has_bias)
     p = pack_24(w)
     x = torch.randn(m, k, dtype=torch.float64).to(dtype)
-    y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=split_k, out=_poisoned((m, n), dtype))
-    assert_close_ref(y, _ref_linear(x, w, b), dtype, k)
+    y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=split_k, out=poisoned((m, n), dtype))
+    assert_close_ref(y, ref_linear(x, w, b), dtype, k)
     dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
-    dx = sparse24_matmul_t_triton(dy, p.values, p.meta, split_k=split_k, out=_poisoned((m, k), dtype))
+    dx = sparse24_matmul_t_triton(dy, p.values, p.meta, split_k=split_k, out=poisoned((m, k), dtype))
     assert_close_ref(dx, dy.double() @ w.double(), dtype, n, what="dx")
