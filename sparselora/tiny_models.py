@@ -2,7 +2,10 @@
 
 Used by the tests, the demo and the examples: every family of :mod:`sparselora.families`
 has a builder here (hidden size 64, 2 layers, 32x32 images). Dimensions are multiples of
-64 so that every Linear can take a 2:4 pattern and the GPU kernels' alignment.
+64 so that every Linear can take a 2:4 pattern and the GPU kernels' alignment, except the
+language models' grouped-query k/v projections (2 KV heads x head_dim 16 = 32 outputs, still
+a multiple of 4 and 32). Builder keys (``BUILDERS``) are tiny-model names; several map to one
+family (instructblip -> blip-2, qwen2.5-vl -> qwen2-vl, smolvlm -> idefics3).
 """
 from __future__ import annotations
 
