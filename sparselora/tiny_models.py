@@ -2,7 +2,10 @@
 
 Used by the tests, the demo and the examples: every family of :mod:`sparselora.families`
 has a builder here (hidden size 64, 2 layers, 32x32 images). Dimensions are multiples of
-64 so that every Linear can take a 2:4 pattern and the GPU kernels' alignment.
+64 so that every Linear can take a 2:4 pattern and the GPU kernels' alignment, except the
+language models' grouped-query k/v projections (2 KV heads x head_dim 16 = 32 outputs, still
+a multiple of 4 and 32). Builder keys (``BUILDERS``) are tiny-model names; several map to one
+family (instructblip -> blip-2, qwen2.5-vl -> qwen2-vl, smolvlm -> idefics3).
 """
 from __future__ import annotations
 
@@ -78,6 +81,56 @@ def _paligemma():
     return PaliGemmaForConditionalGeneration(cfg)
 
 
+def _instructblip():
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    cfg = InstructBlipConfig(
+        vision_config=dict(_VISION),
+        # the Q-Former reads the instruction too (qformer_input_ids): it needs its own vocabulary
+        qformer_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, encoder_hidden_size=64,
+                            vocab_size=256, max_position_embeddings=64),
+        text_config=dict(model_type="opt", vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=64, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        num_query_tokens=8, image_token_index=255,
+    )
+    return InstructBlipForConditionalGeneration(cfg)
+
+
+def _qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(**_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        # window_size 16 px = one merged 2x2-patch group per window, so block 0 runs windowed attention
+        # and block 1 (fullatt_block_indexes) full attention: both code paths of the real model
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16, fullatt_block_indexes=[1]),
+        image_token_id=250, video_token_id=251, vision_start_token_id=252, vision_end_token_id=253,
+    )
+    return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def _smolvlm():
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    cfg = SmolVLMConfig(vision_config=dict(_VISION), text_config=dict(model_type="llama", **_TEXT), image_token_id=255, scale_factor=2)
+    return SmolVLMForConditionalGeneration(cfg)
+
+
+def _gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    # real Gemma 3 checkpoints have no SigLIP pooling head (vision_use_head=False); the projector
+    # average-pools the 4x4 patch grid to mm_tokens_per_image=4 tokens and projects them with a
+    # bare Parameter (no nn.Linear), so the projector part has no Linear layers.
+    cfg = Gemma3Config(
+        vision_config=dict(model_type="siglip_vision_model", **_VISION, vision_use_head=False),
+        text_config=dict(model_type="gemma3_text", **_TEXT, head_dim=16, query_pre_attn_scalar=16, sliding_window=8),
+        mm_tokens_per_image=4, boi_token_index=252, eoi_token_index=253, image_token_index=255,
+    )
+    return Gemma3ForConditionalGeneration(cfg)
+
+
 BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "llava": _llava,
     "blip-2": _blip2,
@@ -86,6 +139,10 @@ BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "qwen2-vl": _qwen2_vl,
     "idefics3": _idefics3,
     "paligemma": _paligemma,
+    "instructblip": _instructblip,
+    "qwen2.5-vl": _qwen2_5_vl,
+    "smolvlm": _smolvlm,
+    "gemma3": _gemma3,
 }
 
 
@@ -116,9 +173,17 @@ def example_inputs(family: str, model: torch.nn.Module, batch: int = 2, text: in
         return {"input_ids": _ids(16, c.image_token_id, text, batch, g), "pixel_values": px}
     if family == "blip-2":
         return {"input_ids": _ids(c.num_query_tokens, c.image_token_id, text, batch, g), "pixel_values": px}
-    if family == "idefics3":
+    if family == "instructblip":
+        ids = _ids(c.num_query_tokens, c.image_token_id, text, batch, g)
+        # the instruction as the Q-Former sees it (its own tokenizer in the real model)
+        return {"input_ids": ids, "pixel_values": px, "qformer_input_ids": torch.randint(3, 240, (batch, text), generator=g)}
+    if family == "gemma3":
+        ids = _ids(c.mm_tokens_per_image, c.image_token_id, text, batch, g)
+        # token_type_ids mark image tokens (as Gemma3Processor does): they attend bidirectionally
+        return {"input_ids": ids, "pixel_values": px, "token_type_ids": (ids == c.image_token_id).long()}
+    if family in ("idefics3", "smolvlm"):
         return {"input_ids": _ids(4, c.image_token_id, text, batch, g), "pixel_values": px.unsqueeze(1)}
-    if family == "qwen2-vl":
+    if family in ("qwen2-vl", "qwen2.5-vl"):
         grid = torch.tensor([[1, 4, 4]] * batch)  # t, h, w patches per image
         patches = torch.randn(batch * 16, 3 * 2 * 8 * 8, generator=g).to(dtype)
         ids = _ids(4, c.image_token_id, text, batch, g)

@@ -13,7 +13,12 @@ from sparselora.tiny_models import BUILDERS, build, example_inputs
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAMILIES = sorted(BUILDERS)
-GENERATIVE = {"llava", "blip-2", "qwen2-vl", "idefics3", "paligemma"}
+GENERATIVE = {"llava", "blip-2", "qwen2-vl", "idefics3", "paligemma", "instructblip", "qwen2.5-vl", "smolvlm", "gemma3"}
+ENCODERS = {"clip", "siglip"}  # contrastive dual encoders: no generate()
+
+def test_every_family_is_generative_or_encoder():
+    # a new builder must say which it is, so that _runs() cannot silently skip its generate()
+    assert GENERATIVE | ENCODERS == set(FAMILIES) and not GENERATIVE & ENCODERS
 
 def _batches(fam, m, n=2):
     return [example_inputs(fam, m, batch=2, seed=s) for s in range(n)]
