@@ -29,7 +29,9 @@ from pathlib import Path
 MASKS_FILE = "sparselora_masks.safetensors"
 ADAPTERS_FILE = "sparselora_adapters.safetensors"
 STATE_FILE = "sparselora.json"
-TINY_FAMILIES = ("llava", "blip-2", "clip", "siglip", "qwen2-vl", "idefics3", "paligemma")
+# the keys of sparselora.tiny_models.BUILDERS, spelled out so that `--help` does not import torch (a test keeps them equal)
+TINY_FAMILIES = ("blip-2", "clip", "gemma3", "idefics3", "instructblip", "llava", "paligemma", "qwen2-vl", "qwen2.5-vl",
+                 "siglip", "smolvlm")
 
 
 class CLIError(Exception):
@@ -92,8 +94,11 @@ def load_model(args_model: str | None, tiny: str | None, dtype: str | None = Non
     if tiny:
         from .tiny_models import build
 
+        from .families import get_family
+
         model = build(tiny, dtype=tdtype or torch.float32)
-        return model, {"tiny": tiny, "family": tiny, "stage": "dense"}
+        # a tiny model's name (e.g. "smolvlm") is not always its family's name ("idefics3")
+        return model, {"tiny": tiny, "family": get_family(model).name, "stage": "dense"}
     if not args_model:
         raise CLIError("give a model directory or --tiny FAMILY")
     path = Path(args_model)
@@ -411,7 +416,7 @@ def cmd_sparsify(args) -> int:
 
     model, info = load_model(args.model, args.tiny, args.dtype)
     if args.tiny:  # a built-in model is dense: prune it by magnitude first so there is something to pack
-        magnitude_24(model, args.strategy, _family_for(model, args.tiny))
+        magnitude_24(model, args.strategy, _family_for(model, None))
     report = sparsify(model, backend=args.backend, skip=args.skip or (), tokens=args.tokens or None)
     if not report.sparse:
         raise CLIError("no pruned layers to sparsify (no sparse_mask found); run 'sparselora prune' first")
@@ -465,7 +470,7 @@ def cmd_bench(args) -> int:
 
     model, info = load_model(args.model, args.tiny, args.dtype)
     if args.tiny:
-        magnitude_24(model, "both", _family_for(model, args.tiny))
+        magnitude_24(model, "both", _family_for(model, None))
     if not sparse_layers(model):
         sparsify(model)
     if not sparse_layers(model):

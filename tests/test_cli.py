@@ -254,3 +254,17 @@ def test_bench_e2e_tiny_smoke(capsys):
     assert "decode tok/s b2" in out and "packed_layer_max_rel_err" in out
     if not torch.cuda.is_available():
         assert bench.main([]) == 2  # the real benchmark refuses to run without a GPU, with a message
+
+
+def test_every_tiny_model_is_offered_and_named_families_resolve(tmp_path):
+    import json
+
+    from sparselora.cli import STATE_FILE, TINY_FAMILIES
+    from sparselora.tiny_models import BUILDERS
+
+    assert sorted(TINY_FAMILIES) == sorted(BUILDERS)
+    # "smolvlm" is a model whose family is "idefics3": the CLI must resolve it, not look it up by name
+    out = tmp_path / "p"
+    assert main(["prune", "--tiny", "smolvlm", "--method", "magnitude", "-q", "--out", str(out)]) == 0
+    assert json.loads((out / STATE_FILE).read_text())["family"] == "idefics3"
+    assert main(["sparsify", "--tiny", "smolvlm", "-q", "--out", str(tmp_path / "s")]) == 0
