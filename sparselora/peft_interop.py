@@ -17,7 +17,9 @@ How: :func:`register_sparse_lora` registers :class:`SparseLoraLinear` for ``nn.L
 peft's own ``lora.Linear`` and does not override ``__init__``, so whatever constructor signature the
 installed peft's dispatcher uses (``config=`` since peft 0.19, individual keyword arguments before)
 reaches the matching parent constructor. Supported: peft >= 0.12 (first release with
-``_register_custom_module``); tested with peft 0.21. Older peft raises a clear ImportError.
+``_register_custom_module``); tested with peft 0.12, 0.18, 0.19, 0.20 and 0.21 (with transformers 5,
+peft 0.13-0.17 do not import at all: they need ``transformers.HybridCache``). Older peft raises a
+clear ImportError.
 
 Per layer: a targeted ``nn.Linear`` that is pruned (``sparse_mask`` buffer, else a 2:4 weight) gets
 SparseLoRA: forward through ``sparselora::sparse_lora_linear`` (fused Triton kernel on CUDA), merge
