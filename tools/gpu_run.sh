@@ -4,6 +4,7 @@
 #
 #   tools/gpu_run.sh            # all stages
 #   tools/gpu_run.sh build test # only some stages: build env test sanitize bench tune
+#                               # (bench = bench_gemm bench_lora bench_e2e; tune = tune_hybrid tune_gemv)
 #
 # Needs: a CUDA build of torch, nvcc, nvidia-cusparselt-cu13 (or cu12), triton, pytest. No network.
 # Results go to benchmarks/results/ (and are copied to $OUT when it is set). Each stage's log is
@@ -60,15 +61,13 @@ if want sanitize; then
     echo "=== [sanitize] compute-sanitizer not found: skipped"
   fi
 fi
-if want bench; then
-  run bench $PY benchmarks/bench_gemm.py
-  run bench_lora $PY benchmarks/bench_sparse_lora.py
-  run bench_e2e $PY benchmarks/bench_e2e.py
-fi
-if want tune; then
-  run tune $PY benchmarks/tune_hybrid.py
-  run tune_gemv $PY benchmarks/tune_gemv.py
-fi
+# "bench" and "tune" run all of their parts; each part is also a stage of its own, so that a
+# lease with a per-command time limit can run them one per call
+(want bench || want bench_gemm) && run bench_gemm $PY benchmarks/bench_gemm.py
+(want bench || want bench_lora) && run bench_lora $PY benchmarks/bench_sparse_lora.py
+(want bench || want bench_e2e) && run bench_e2e $PY benchmarks/bench_e2e.py
+(want tune || want tune_hybrid) && run tune_hybrid $PY benchmarks/tune_hybrid.py
+(want tune || want tune_gemv) && run tune_gemv $PY benchmarks/tune_gemv.py
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/results" "$OUT/tables"
