@@ -23,7 +23,7 @@ import triton.language as tl
 
 from sparselora.format import Packed24, SparsityError, check_packable, check_packed, unpack_24
 
-from .sparse24_gemm import _aligned, _expand_pairs, _load_pairs
+from .sparse24_gemm import _expand_pairs, _load_pairs
 
 __all__ = ["pack_24_triton", "unpack_24_triton", "aot_specs"]
 
@@ -172,7 +172,7 @@ def unpack_24_triton(packed: Packed24) -> torch.Tensor:
 
 def aot_specs():
     """The shipped config for every bit width (fp16/bf16 share int16)."""
-    from sparselora.triton_kernels.aot import AotSpec
+    from sparselora.triton_kernels.aot import AotSpec, aligned_attrs
 
     br, bc, nw = _GPU_CFG
     specs = []
@@ -183,11 +183,11 @@ def aot_specs():
             const = {"HAS_MASK": has_mask, "ABS_BITS": 0x7FFF if ity == "i16" else 0x7FFFFFFF, "BLOCK_R": br, "BLOCK_C": bc}
             specs.append(AotSpec(f"pack24_{ity}_{'mask' if has_mask else 'nz'}", _pack24_kernel,
                                  {**sig, **{c: "constexpr" for c in const}}, const, num_warps=nw, num_stages=1,
-                                 extra={"attrs": _aligned(_pack24_kernel, [a for a in sig if a.endswith("_ptr") or a.startswith("stride")])}))
+                                 extra={"attrs": aligned_attrs(_pack24_kernel, [a for a in sig if a.endswith("_ptr") or a.startswith("stride")])}))
         sig = {"v_ptr": f"*{ity}", "meta_ptr": "*i32", "w_ptr": f"*{ity}", "bad_ptr": "*i32", "N": "i32", "K": "i32",
                "stride_vn": "i32", "stride_mn": "i32", "stride_wn": "i32"}
         const = {"BLOCK_R": br, "BLOCK_C": bc}
         specs.append(AotSpec(f"unpack24_{ity}", _unpack24_kernel, {**sig, **{c: "constexpr" for c in const}}, const,
                              num_warps=nw, num_stages=1,
-                             extra={"attrs": _aligned(_unpack24_kernel, [a for a in sig if a.endswith("_ptr") or a.startswith("stride")])}))
+                             extra={"attrs": aligned_attrs(_unpack24_kernel, [a for a in sig if a.endswith("_ptr") or a.startswith("stride")])}))
     return specs

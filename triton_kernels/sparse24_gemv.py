@@ -245,19 +245,13 @@ def sparse24_gemv_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _aligned(fn, names) -> dict:
-    """16-byte divisibility attrs of pointers and strides, as aligned launches get them (wide
-    loads), so the AOT check builds what real launches build (see sparse24_gemm._aligned)."""
-    return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in names}
-
-
 def aot_specs():
     """Every shipped config (one per BLOCK_M bucket) x dtype x {split, fused} path. The finalize
     kernel of the split path is v1's and is listed by sparse24_gemm.aot_specs."""
-    from sparselora.triton_kernels.aot import AotSpec
+    from sparselora.triton_kernels.aot import AotSpec, aligned_attrs
 
     specs = []
-    attrs = _aligned(_sparse24_gemv_kernel, ["x_ptr", "v_ptr", "meta_ptr", "b_ptr", "y_ptr", "N", "K",
+    attrs = aligned_attrs(_sparse24_gemv_kernel, ["x_ptr", "v_ptr", "meta_ptr", "b_ptr", "y_ptr", "N", "K",
                                              "stride_xm", "stride_vn", "stride_mn", "stride_ym"])
     for dt, ty in _TY.items():
         for split in (True, False):

@@ -450,6 +450,13 @@ _TY = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def aot_specs() -> list[AotSpec]:
+    from .aot import aligned_attrs
+
+    def aligned(fn, sig):
+        # pointers, N, K and strides are 16-divisible for aligned launches on VLM shapes; M and R
+        # (tokens, rank) are not assumed
+        return {"attrs": aligned_attrs(fn, [a for a, t in sig.items() if t.startswith("*") or a in ("N", "K") or a.startswith("stride")])}
+
     specs = []
     for dtype, ty in _TY.items():
         p = f"*{ty}"
@@ -495,4 +502,6 @@ def aot_specs() -> list[AotSpec]:
                            "UPCAST": "constexpr", "IEEE": "constexpr"},
                 constexprs={"BM": bm, "BN": bn, "BK": bk, "BR": 64, "UPCAST": False, "IEEE": False},
                 num_warps=warps, num_stages=stages))
+    for spec in specs:
+        spec.extra = aligned(spec.fn, spec.signature)
     return specs
