@@ -290,11 +290,17 @@ def gpu_table(kind: str, split: bool, arch: int) -> list[tuple]:
     return table
 
 
+@functools.lru_cache(maxsize=None)
+def _arch_of(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
 def _arch(device: torch.device) -> int:
+    # cached per device: this runs on every launch, and decode launches take microseconds
     if device.type != "cuda":
         return 90  # interpreter: the table is _INTERP anyway
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    return _arch_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _configs(kind: str, split: bool, arch: int) -> list[triton.Config]:
