@@ -211,6 +211,7 @@ def main(argv=None) -> int:
         {"metric": "prefill ms (1 image + %d tok, b1)" % args.prompt, "dense": dense["prefill_ms"], "sparse": sparse["prefill_ms"]},
         *[{"metric": f"decode tok/s b{b}", "dense": dense[f"decode_tok_s_b{b}"], "sparse": sparse[f"decode_tok_s_b{b}"]} for b in args.batches],
         {"metric": "weights GiB (language model)", "dense": dense["lm_weight_bytes"] / 2**30, "sparse": sparse["lm_weight_bytes"] / 2**30},
+        {"metric": "weights GiB (whole model)", "dense": dense["model_weight_bytes"] / 2**30, "sparse": sparse["model_weight_bytes"] / 2**30},
     ]
     if device.type == "cuda":
         rows.append({"metric": "peak memory GiB", "dense": dense["peak_mem_bytes"] / 2**30, "sparse": sparse["peak_mem_bytes"] / 2**30})
