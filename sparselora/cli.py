@@ -34,6 +34,32 @@ TINY_FAMILIES = ("blip-2", "clip", "gemma3", "idefics3", "instructblip", "llava"
                  "siglip", "smolvlm")
 
 
+def _positive_int(text: str) -> int:
+    # argparse turns the ValueError into "argument --steps: invalid _positive_int value"; say why instead
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return v
+
+
 class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
@@ -527,8 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pattern", default="2:4", help="2:4, 4:8 or a ratio such as 0.5 (default: 2:4)")
     sp.add_argument("--strategy", default="language", help="which parts: language, vision or both (default: language)")
     sp.add_argument("--family", help="model family for unknown model types (see sparselora.families)")
-    sp.add_argument("--calib-batches", type=int, default=8, help="calibration batches for wanda/sparsegpt (default: 8)")
-    sp.add_argument("--batch", type=int, default=4, help="calibration batch size (default: 4)")
+    sp.add_argument("--calib-batches", type=_positive_int, default=8, help="calibration batches for wanda/sparsegpt (default: 8)")
+    sp.add_argument("--batch", type=_positive_int, default=4, help="calibration batch size (default: 4)")
     sp.add_argument("--out", required=True, help="output directory")
     sp.set_defaults(fn=cmd_prune)
 
@@ -537,13 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp, tiny=False)
     sp.add_argument("--teacher", help="dense teacher model directory")
     sp.add_argument("--teacher-tiny", choices=TINY_FAMILIES, help="teacher is the built-in tiny model the student was pruned from")
-    sp.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
-    sp.add_argument("--lr", type=float, default=1e-3)
-    sp.add_argument("--rank", type=int, default=16, help="LoRA rank r (default: 16)")
-    sp.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default: 32)")
+    sp.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: 200)")
+    sp.add_argument("--lr", type=_positive_float, default=1e-3)
+    sp.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default: 16)")
+    sp.add_argument("--alpha", type=_positive_float, default=32, help="LoRA alpha (default: 32)")
     sp.add_argument("--loss", default="mse", choices=["kl", "mse", "cosine"], help="distillation loss (default: mse)")
-    sp.add_argument("--calib-batches", type=int, default=16, help="training batches cycled over (default: 16)")
-    sp.add_argument("--batch", type=int, default=8)
+    sp.add_argument("--calib-batches", type=_positive_int, default=16, help="training batches cycled over (default: 16)")
+    sp.add_argument("--batch", type=_positive_int, default=8)
     sp.add_argument("--merge", action="store_true", help="merge the adapters into the weights right away")
     sp.add_argument("--out", required=True, help="output directory")
     sp.set_defaults(fn=cmd_restore)
@@ -561,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint layout (default: sparselora; compressed-tensors = sparse-24-bitmask)")
     sp.add_argument("--strategy", default="language", help="with --tiny: parts to prune by magnitude first (default: language)")
     sp.add_argument("--skip", nargs="*", help="module names to leave dense")
-    sp.add_argument("--tokens", nargs="*", type=int, metavar="M",
+    sp.add_argument("--tokens", nargs="*", type=_positive_int, metavar="M",
                     help="with --backend auto: tokens per call you will run (e.g. 1 8 for decode); layers whose tuned "
                          "table says dense is faster at any of them stay dense")
     sp.add_argument("-v", "--verbose", action="store_true", help="print the per-layer report")
@@ -570,8 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="time sparse vs dense layers (CPU here; GPU numbers with benchmarks/bench_e2e.py)")
     model_args(sp)
-    sp.add_argument("--tokens", type=int, default=256, help="tokens per call (default: 256)")
-    sp.add_argument("--iters", type=int, default=10)
+    sp.add_argument("--tokens", type=_positive_int, default=256, help="tokens per call (default: 256)")
+    sp.add_argument("--iters", type=_positive_int, default=10)
     sp.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     sp.add_argument("--json", help="also write the rows to this JSON file")
     sp.set_defaults(fn=cmd_bench)
@@ -580,11 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Prune (2:4), SparseLoRA-restore, merge, sparsify, verify, save/reload and report on the real "
                                     "all-MiniLM-L6-v2 weights and a tiny LLaVA. Writes results.json, results.md and results.png.")
     sp.add_argument("--out", default="./sparselora-demo", help="output directory (default: ./sparselora-demo)")
-    sp.add_argument("--steps", type=int, default=60, help="SparseLoRA distillation steps for MiniLM (default: 60)")
+    sp.add_argument("--steps", type=_positive_int, default=60, help="SparseLoRA distillation steps for MiniLM (default: 60)")
     sp.add_argument("--method", default="wanda", choices=["wanda", "magnitude", "sparsegpt"], help="pruning criterion (default: wanda)")
-    sp.add_argument("--eval-sentences", type=int, default=64, help="held-out sentences for the quality metric (default: 64)")
-    sp.add_argument("--batch", type=int, default=8, help="training batch size (default: 8)")
-    sp.add_argument("--iters", type=int, default=10, help="timing repetitions (default: 10)")
+    sp.add_argument("--eval-sentences", type=_positive_int, default=64, help="held-out sentences for the quality metric (default: 64)")
+    sp.add_argument("--batch", type=_positive_int, default=8, help="training batch size (default: 8)")
+    sp.add_argument("--iters", type=_positive_int, default=10, help="timing repetitions (default: 10)")
     sp.add_argument("--skip-llava", action="store_true", help="only the MiniLM part")
     sp.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -268,3 +268,15 @@ def test_every_tiny_model_is_offered_and_named_families_resolve(tmp_path):
     assert main(["prune", "--tiny", "smolvlm", "--method", "magnitude", "-q", "--out", str(out)]) == 0
     assert json.loads((out / STATE_FILE).read_text())["family"] == "idefics3"
     assert main(["sparsify", "--tiny", "smolvlm", "-q", "--out", str(tmp_path / "s")]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sparsify", "--tiny", "llava", "--tokens", "0", "--out", "o"], "--tokens: must be a positive integer, got 0"),
+    (["restore", "p", "--steps", "-3", "--out", "o"], "--steps: must be a positive integer, got -3"),
+    (["restore", "p", "--rank", "four", "--out", "o"], "--rank: 'four' is not an integer"),
+    (["restore", "p", "--lr", "nan", "--out", "o"], "--lr: must be a positive finite number, got nan"),
+])
+def test_numeric_options_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
