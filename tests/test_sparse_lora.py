@@ -383,3 +383,41 @@ def test_random_shapes_all_kernels(seed, dtype):
         g = (dy.double().t() @ x.double()) * mask * 0.3
         assert_close_ref(da, b.double().t() @ g, dtype, n * m, f"dA {m}x{n}x{k} r={r}")
         assert_close_ref(db, g @ a.double().t(), dtype, k * m, f"dB {m}x{n}x{k} r={r}")
+
+
+def test_launch_steps_down_when_a_config_does_not_fit_shared_memory():
+    # sm_86/sm_89 have 99 KB of shared memory per block: the "large" tiles raise OutOfResources at
+    # launch there; the launcher must retry with the medium tiles, remember that, and re-raise
+    # only when even the smallest config does not fit
+    from triton.runtime.errors import OutOfResources
+
+    from sparselora.triton_kernels import sparse_lora as k
+
+    class FakeKernel:
+        def __init__(self, limit_bm):
+            self.limit_bm, self.calls, self.attempts = limit_bm, [], 0
+
+        def __getitem__(self, grid):
+            def run(*args, BM, BN, BK, num_warps, num_stages, **kw):
+                self.attempts += 1
+                if BM > self.limit_bm:
+                    raise OutOfResources(BM * 1024, self.limit_bm * 1024, "shared memory")
+                self.calls.append((grid, BM, BN, BK, kw))
+            return run
+
+    dev = torch.device("cpu")
+    k._FITS.clear()
+    try:
+        fake = FakeKernel(limit_bm=64)
+        k._launch(fake, "test", k._FWD_CONFIGS, "large", dev, lambda bm, bn, bk: (bn, bm), (), FLAG=1)
+        bm, bn, bk = k._FWD_CONFIGS["medium"][:3]
+        assert fake.calls == [((bn, bm), bm, bn, bk, {"FLAG": 1})]
+        assert k._FITS[("test", "large", None)] == "medium"
+        k._launch(fake, "test", k._FWD_CONFIGS, "large", dev, lambda bm, bn, bk: (bn, bm), ())
+        assert fake.attempts == 2  # the large tiles were tried once, then the medium ones
+        k._launch(fake, "test", k._FWD_CONFIGS, "large", dev, lambda bm, bn, bk: (bn, bm), ())
+        assert fake.attempts == 3 and fake.calls[1][1] == bm  # remembered: no failed attempt first
+        with pytest.raises(OutOfResources):
+            k._launch(FakeKernel(limit_bm=8), "test2", k._FWD_CONFIGS, "large", dev, lambda bm, bn, bk: (1,), ())
+    finally:
+        k._FITS.clear()

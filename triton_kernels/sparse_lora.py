@@ -295,6 +295,33 @@ def _regime(m: int) -> str:
     return "small" if m <= 16 else ("medium" if m <= 64 else "large")
 
 
+# Some GPUs have less shared memory per block than the sm_80/sm_90 these configs are sized for
+# (sm_86/sm_89: 99 KB against 163 KB/227 KB): a "large" config that needs more fails there at
+# launch with OutOfResources. The launch then steps down to the next smaller regime's config
+# (same kernel, smaller tiles; nothing ran, so retrying is safe) and remembers it per device.
+_SMALLER = {"large": "medium", "medium": "small"}
+_FITS: dict[tuple, str] = {}  # (kernel name, regime, device index) -> regime whose config fits
+
+
+def _launch(kernel, name: str, table: dict, regime: str, device: torch.device, grid_of, args: tuple, **kw) -> None:
+    """``kernel[grid](*args, BM=.., BN=.., BK=.., num_warps=.., num_stages=.., **kw)`` with the config
+    of ``regime`` (``grid_of(bm, bn, bk)`` gives the grid), stepping down where it does not fit."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (name, regime, device.index)
+    regime = _FITS.get(key, regime)
+    while True:
+        bm, bn, bk, warps, stages = table[regime]
+        try:
+            kernel[grid_of(bm, bn, bk)](*args, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages, **kw)
+            return
+        except OutOfResources:
+            if regime not in _SMALLER:
+                raise
+            regime = _SMALLER[regime]
+            _FITS[key] = regime
+
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -352,15 +379,13 @@ def sparse_lora_fwd(x: torch.Tensor, xa: Optional[torch.Tensor], values: torch.T
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else _check("out", out, (m, n), x.dtype, x.device)
     if m == 0:
         return y
-    bm, bn, bk, warps, stages = _FWD_CONFIGS[_regime(m)]
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
-    _fwd_kernel[grid](
-        x, xa if xa is not None else x, values, meta, a, b, bias if bias is not None else y, y,
-        m, n, k, r, float(scaling),
-        x.stride(0), (xa if xa is not None else x).stride(0), values.stride(0), meta.stride(0), a.stride(0), b.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, SEPARATE=xa is not None,
-        BM=bm, BN=bn, BK=bk, BR=_rank_block(r), num_warps=warps, num_stages=stages, **_flags(x.dtype),
-    )
+    _launch(_fwd_kernel, "fwd", _FWD_CONFIGS, _regime(m), x.device,
+            lambda bm, bn, bk: (triton.cdiv(n, bn), triton.cdiv(m, bm)),
+            (x, xa if xa is not None else x, values, meta, a, b, bias if bias is not None else y, y,
+             m, n, k, r, float(scaling),
+             x.stride(0), (xa if xa is not None else x).stride(0), values.stride(0), meta.stride(0), a.stride(0), b.stride(0),
+             y.stride(0)),
+            HAS_BIAS=bias is not None, SEPARATE=xa is not None, BR=_rank_block(r), **_flags(x.dtype))
     return y
 
 
@@ -376,14 +401,11 @@ def sparse_lora_dx(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a
     dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device) if out is None else _check("out", out, (m, k), dy.dtype, dy.device)
     if m == 0:
         return dx
-    bm, bn, bk, warps, stages = _BWD_CONFIGS[_regime(m)]
-    grid = (triton.cdiv(k, bk), triton.cdiv(m, bm))
-    _dx_kernel[grid](
-        dy, values, meta, a, b, dx, m, n, k, r, float(scaling),
-        dy.stride(0), values.stride(0), meta.stride(0), a.stride(0), b.stride(0), dx.stride(0),
-        USE_W=use_w, USE_LORA=use_lora, BM=bm, BN=bn, BK=bk, BR=_rank_block(r),
-        num_warps=warps, num_stages=stages, **_flags(dy.dtype),
-    )
+    _launch(_dx_kernel, "dx", _BWD_CONFIGS, _regime(m), dy.device,
+            lambda bm, bn, bk: (triton.cdiv(k, bk), triton.cdiv(m, bm)),
+            (dy, values, meta, a, b, dx, m, n, k, r, float(scaling),
+             dy.stride(0), values.stride(0), meta.stride(0), a.stride(0), b.stride(0), dx.stride(0)),
+            USE_W=use_w, USE_LORA=use_lora, BR=_rank_block(r), **_flags(dy.dtype))
     return dx
 
 
@@ -397,13 +419,13 @@ def sparse_lora_dab(dy: torch.Tensor, xa: torch.Tensor, meta: torch.Tensor, a: t
     da = torch.zeros(r, k, dtype=torch.float32, device=dy.device)
     db = torch.zeros(n, r, dtype=torch.float32, device=dy.device)
     if m > 0:
-        bm, bn, bk, warps, stages = _BWD_CONFIGS[_regime(m)]
-        grid = (triton.cdiv(k, bk), triton.cdiv(n, bn))
-        _dab_kernel[grid](
-            dy, xa, meta, a, b, da, db, m, n, k, r, float(scaling),
-            dy.stride(0), xa.stride(0), meta.stride(0), a.stride(0), b.stride(0),
-            BM=bm, BN=bn, BK=bk, BR=_rank_block(r), num_warps=warps, num_stages=stages, **_flags(dy.dtype),
-        )
+        # atomics accumulate into da/db: a launch that raises OutOfResources ran nothing, so the
+        # retry with smaller tiles starts from the zeros
+        _launch(_dab_kernel, "dab", _BWD_CONFIGS, _regime(m), dy.device,
+                lambda bm, bn, bk: (triton.cdiv(k, bk), triton.cdiv(n, bn)),
+                (dy, xa, meta, a, b, da, db, m, n, k, r, float(scaling),
+                 dy.stride(0), xa.stride(0), meta.stride(0), a.stride(0), b.stride(0)),
+                BR=_rank_block(r), **_flags(dy.dtype))
     return da.to(a.dtype), db.to(b.dtype)
 
 
