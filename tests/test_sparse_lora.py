@@ -413,7 +413,6 @@ def test_launch_steps_down_when_a_config_does_not_fit_shared_memory():
         bm, bn, bk = k._FWD_CONFIGS["medium"][:3]
         assert fake.calls == [((bn, bm), bm, bn, bk, {"FLAG": 1})]
         assert k._FITS[("test", "large", None)] == "medium"
-        k._launch(fake, "test", k._FWD_CONFIGS, "large", dev, lambda bm, bn, bk: (bn, bm), ())
         assert fake.attempts == 2  # the large tiles were tried once, then the medium ones
         k._launch(fake, "test", k._FWD_CONFIGS, "large", dev, lambda bm, bn, bk: (bn, bm), ())
         assert fake.attempts == 3 and fake.calls[1][1] == bm  # remembered: no failed attempt first
