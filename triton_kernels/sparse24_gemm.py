@@ -379,6 +379,21 @@ def _check_kernel_dtype(t: torch.Tensor, name: str) -> None:
         raise SparsityError(f"{name}: dtype {t.dtype} not supported by the Triton kernels (supported: {KERNEL_DTYPES})")
 
 
+def _check_split_k(split_k, name: str) -> None:
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"{name}: split_k must be None or an int >= 1, got {split_k!r}")
+
+
+def _check_forward_inputs(x, values, meta, bias, split_k, name: str) -> tuple[int, int]:
+    """The input checks every Triton forward launcher (GEMM, GEMV) shares; returns (N, K)."""
+    n, k = check_linear_inputs(x, values, meta, bias, name)
+    _check_kernel_dtype(x, name)
+    if bias is not None and bias.dtype != x.dtype:
+        raise SparsityError(f"{name}: bias dtype {bias.dtype} != input dtype {x.dtype}")
+    _check_split_k(split_k, name)
+    return n, k
+
+
 def _rows(t: torch.Tensor, feat: int) -> torch.Tensor:
     t2 = t.reshape(math.prod(t.shape[:-1]), feat)
     # a unit inner stride lets Triton use wide vector loads; other strides are copied once
@@ -436,12 +451,7 @@ def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
     contiguous ``[M, N]`` result buffer (M = rows of ``x``), every element of which is written.
     """
     name = "sparse24_linear (triton)"
-    n, k = check_linear_inputs(x, values, meta, bias, name)
-    _check_kernel_dtype(x, name)
-    if bias is not None and bias.dtype != x.dtype:
-        raise SparsityError(f"{name}: bias dtype {bias.dtype} != input dtype {x.dtype}")
-    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"{name}: split_k must be None or an int >= 1, got {split_k!r}")
+    n, k = _check_forward_inputs(x, values, meta, bias, split_k, name)
     lead = x.shape[:-1]
     x2 = _rows(x, k)
     values, meta = _packed_rows(values, meta)
@@ -494,8 +504,7 @@ def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch
     if dy.dtype != values.dtype:
         raise SparsityError(f"{name}: dy dtype {dy.dtype} != weight dtype {values.dtype}")
     _check_kernel_dtype(dy, name)
-    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"{name}: split_k must be None or an int >= 1, got {split_k!r}")
+    _check_split_k(split_k, name)
     lead = dy.shape[:-1]
     g2 = _rows(dy, n)
     values, meta = _packed_rows(values, meta)

@@ -43,14 +43,11 @@ import torch
 import triton
 import triton.language as tl
 
-from sparselora.format import SparsityError
-from sparselora.ops import check_linear_inputs
-
-# one definition of the shared launch helpers (output buffer rules, dtype check, finalize
+# one definition of the shared launch helpers (input checks, output buffer rules, finalize
 # kernel): both kernel families must behave identically at their API boundary
 from sparselora.triton_kernels.sparse24_gemm import (
     KERNEL_DTYPES,
-    _check_kernel_dtype,
+    _check_forward_inputs,
     _finalize,
     _out_buffer,
     _no_kernel_output,
@@ -192,12 +189,7 @@ def sparse24_gemv_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     name = "sparse24_gemv (triton)"
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-    n, k = check_linear_inputs(x, values, meta, bias, name)
-    _check_kernel_dtype(x, name)
-    if bias is not None and bias.dtype != x.dtype:
-        raise SparsityError(f"{name}: bias dtype {bias.dtype} != input dtype {x.dtype}")
-    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"{name}: split_k must be None or an int >= 1, got {split_k!r}")
+    n, k = _check_forward_inputs(x, values, meta, bias, split_k, name)
     if config is not None:
         _check_config(config, name)
     lead = x.shape[:-1]
