@@ -88,7 +88,7 @@ def test_policy_without_table_uses_the_heuristic(tmp_path):
 
 def test_policy_uses_measured_thresholds(tmp_path):
     _write_table(tmp_path, {
-        "4096x4096": {"cusparselt_min_m": 64, "slower_than_dense_m": [16]},
+        "4096x4096": {"cusparselt_min_m": 64, "slower_than_dense_m": [16], "measured_m": [16, 64]},
         "1024x1024": {"cusparselt_min_m": 1024},
         "4096x1024": {"cusparselt_min_m": None},  # cuSPARSELt never won
     })
@@ -103,8 +103,8 @@ def test_policy_uses_measured_thresholds(tmp_path):
     assert m == 1024 and "median" in src
     # another device has no table: heuristic
     assert hb.cusparselt_min_m("Other GPU", 4096, 4096, tmp_path)[0] == hb.HEURISTIC_MIN_M
-    assert hb.dense_is_faster(DEV, 4096, 4096, 16, tmp_path)
-    assert not hb.dense_is_faster(DEV, 4096, 4096, 64, tmp_path)
+    assert hb.dense_faster_at(DEV, 4096, 4096, [16], tmp_path)
+    assert hb.dense_faster_at(DEV, 4096, 4096, [64], tmp_path) is None
 
 
 def test_malformed_table_is_a_clear_error(tmp_path):

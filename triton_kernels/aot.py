@@ -113,12 +113,12 @@ def check(specs: list[AotSpec]) -> list[dict]:
             try:
                 k = compile_spec(spec, arch)
                 row.update(ok=k.metadata.shared <= SHARED_LIMIT[arch], shared=k.metadata.shared,
-                           wgmma="wgmma" in k.asm.get("ptx", ""), error=None, num_warps=spec.num_warps,
+                           error=None, num_warps=spec.num_warps,
                            num_stages=spec.num_stages, **resource_usage(k.asm["cubin"]), **ptx_counts(k.asm.get("ptx", "")))
                 if not row["ok"]:
                     row["error"] = f"shared memory {k.metadata.shared} B > sm_{arch} limit {SHARED_LIMIT[arch]} B"
             except Exception as e:  # any compile failure is a failed row, reported with its cause
-                row.update(ok=False, shared=None, wgmma=False, error=f"{type(e).__name__}: {e}"[:2000])
+                row.update(ok=False, shared=None, error=f"{type(e).__name__}: {e}"[:2000])
             rows.append(row)
     return rows
 

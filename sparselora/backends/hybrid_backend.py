@@ -48,7 +48,7 @@ from .base import Backend, get_backend, register_backend
 from .cusparselt_backend import CUSPARSELT
 
 __all__ = ["HybridBackend", "HEURISTIC_MIN_M", "TABLE_DIR", "table_path", "load_table", "cusparselt_min_m",
-           "choose", "dense_is_faster", "dense_faster_at", "derive_thresholds"]
+           "choose", "dense_faster_at", "derive_thresholds"]
 
 TABLE_DIR = Path(__file__).parent / "tables"
 HEURISTIC_MIN_M = 256
@@ -102,14 +102,6 @@ def cusparselt_min_m(device_name: str, n: int, k: int, table_dir: Path = TABLE_D
 def choose(device_name: str, n: int, k: int, m: int, table_dir: Path = TABLE_DIR) -> str:
     """``"cusparselt"`` or ``"triton"`` for ``m`` tokens through an ``[n, k]`` weight."""
     return "cusparselt" if m >= cusparselt_min_m(device_name, n, k, table_dir)[0] else "triton"
-
-
-def dense_is_faster(device_name: str, n: int, k: int, m: int, table_dir: Path = TABLE_DIR) -> bool:
-    """True if the table measured dense ``F.linear`` faster than both sparse paths at this M
-    (exactly this M; see :func:`dense_faster_at` for M between measured points)."""
-    table = load_table(device_name, table_dir)
-    entry = (table or {}).get("shapes", {}).get(f"{n}x{k}", {})
-    return int(m) in {int(v) for v in entry.get("slower_than_dense_m", [])}
 
 
 def _nearest(measured: list[int], m: int) -> int:
