@@ -12,9 +12,12 @@ Canonical 2:4 layout of a weight ``W`` of shape ``[N, K]`` (``N`` = out_features
   kept value ``2g + 1`` is ``W[n, 4g + i1]``. A kept position may hold 0.0 (the mask, not
   the value, decides what is kept: SparseLoRA needs that).
 * ``meta``: ``[N, ceil(K / 32)]`` int32. Kept value ``j`` of a row has its 2-bit in-group
-  index at bits ``2 * (j % 16)`` of ``meta[n, j // 16]``. Bits of the padding past
-  ``K / 2`` values are zero. 16 indices per word means one word covers 32 dense columns,
-  which is one natural K-slice of a GPU tile.
+  index at bits ``2 * (j % 16)`` of ``meta[n, j // 16]``. The padding past ``K / 2`` values
+  (when ``K % 32 != 0``) holds the nibble ``0b0100`` (indices 0 and 1) per padded group, a valid
+  ``mma.sp`` encoding (``0b0000`` is undefined behaviour on sparse tensor cores), so a kernel may
+  feed whole words to the hardware. 16 indices per word means one word covers 32 dense columns,
+  which is one natural K-slice of a GPU tile, and the nibble of group ``g`` is exactly
+  ``mma.sp``'s metadata for that group (low 2 bits: first kept index).
 
 For 16-bit types the packed weight takes ``K + K/8`` bytes per row instead of ``2K``:
 9/16 of the dense bytes (exactly, when ``K % 32 == 0``).
@@ -198,7 +201,8 @@ def pack_24(w: torch.Tensor, mask: torch.Tensor | None = None, name: str | None 
 def _pack_indices(idx: torch.Tensor) -> torch.Tensor:
     rows, nvals = idx.shape
     words = -(-nvals // _IDX_PER_WORD)
-    padded = torch.zeros(rows, words * _IDX_PER_WORD, dtype=torch.int64, device=idx.device)
+    # padding value j gets index j % 2: nibble 0b0100 per padded group (nvals is even)
+    padded = (torch.arange(words * _IDX_PER_WORD, dtype=torch.int64, device=idx.device) % 2).repeat(rows, 1)
     padded[:, :nvals] = idx
     shifts = 2 * torch.arange(_IDX_PER_WORD, device=idx.device, dtype=torch.int64)
     word = (padded.reshape(rows, words, _IDX_PER_WORD) << shifts).sum(-1)

@@ -139,3 +139,22 @@ def test_mask_from_meta_matches_mask():
     m = nm_mask(w.abs())
     p = pack_24(w * m, m)
     assert torch.equal(mask_from_meta(p.meta, p.shape), m)
+
+
+@pytest.mark.parametrize("k", [4, 8, 36, 72, 100])
+def test_meta_padding_is_a_valid_mma_sp_encoding(k):
+    # Groups past K/4 in the last word hold 0b0100 (indices 0, 1): mma.sp treats 0b0000 (and
+    # 0b0101, 0b1010, 0b1111) as undefined, and a kernel feeds whole words to the hardware.
+    torch.manual_seed(k)
+    w = torch.randn(3, k) * nm_mask(torch.rand(3, k))
+    p = pack_24(w)
+    words = p.meta.to(torch.int64) & 0xFFFFFFFF
+    groups = k // 4
+    for r in range(3):
+        for g in range(words.shape[1] * 8):
+            nib = int(words[r, g // 8] >> (4 * (g % 8))) & 0xF
+            if g >= groups:
+                assert nib == 0b0100, (r, g, bin(nib))
+            else:
+                assert nib & 3 < nib >> 2, (r, g, bin(nib))  # i0 < i1: a valid encoding
+    assert torch.equal(unpack_24(p), w)

@@ -77,9 +77,10 @@ def _pack24_kernel(w_ptr, mask_ptr, v_ptr, meta_ptr, N, K,
     vcol = c0 // 2 + tl.arange(0, BLOCK_C // 2)
     tl.store(v_ptr + rows64[:, None] * stride_vn + vcol[None, :], vals,
              mask=row_mask[:, None] & (vcol[None, :] < K // 2))
-    # indices of padding values (past K/2 in the last word) must be zero bits
+    # padding values (past K/2 in the last word) get index j % 2, nibble 0b0100 per group: a valid
+    # mma.sp encoding (0b0000 is not), bit-identical to format.pack_24
     idx = tl.reshape(tl.join(lo, hi), (BLOCK_R, BLOCK_C // 2))
-    idx = tl.where(vcol[None, :] < K // 2, idx, 0)
+    idx = tl.where(vcol[None, :] < K // 2, idx, vcol[None, :] % 2)
     shifts = 2 * tl.arange(0, 16)
     words = tl.reduce(tl.reshape(idx, (BLOCK_R, BLOCK_C // 32, 16)) << shifts[None, None, :], 2, _or)
     wcol = c0 // 32 + tl.arange(0, BLOCK_C // 32)
