@@ -9,16 +9,19 @@ For every (weight shape N x K, tokens M) it times, in one run on one GPU:
   supports the layer on CUDA -- ``triton``, ``cusparselt`` once it exists, ``reference`` -- through
   ``Backend.prepare`` / ``Backend.linear``, so a new backend shows up here without edits.
 
-Each method is timed twice with ``benchmarks.common.cuda_time_us`` (median of CUDA events, L2
-flushed): eagerly, and as a replayed CUDA graph (GPU time without Python launch overhead, which
-at decode sizes can exceed the kernel time). Speedups are ``dense_time / method_time`` from the
-same run and the same timing mode. Every method's output is also checked against dense
-(relative error), so a fast wrong kernel cannot look good.
+Each method is timed with ``benchmarks.common.time_rotating``: enough distinct copies of its
+weight to exceed 3x L2, called round-robin inside one CUDA graph of ~100 calls, graph time / calls
+(``<method>_graph_us``, the headline: a layer's cost inside a model, weight from HBM, no CPU
+between kernels). ``<method>_eager_us`` is the same loop issued from Python (per-call wall time of
+back-to-back launches: includes CPU launch overhead wherever it exceeds GPU time). Speedups are
+``dense_time / method_time`` in the same mode, same run. Every method's output is also checked
+against dense (relative error), so a fast wrong kernel cannot look good.
 
 Run on a GPU machine (writes results/gemm.{json,md,png}):
 
     python benchmarks/bench_gemm.py            # full grid
     python benchmarks/bench_gemm.py --quick    # 3 shapes x M in {1, 16, 4096}
+    python benchmarks/bench_gemm.py --shapes llava --tokens 1 4 16 --name decode   # a slice
     pytest benchmarks/bench_gemm.py            # pytest-benchmark: a few points + the quick grid
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.common` from anywhere
 
-from benchmarks.common import DECODE_M, PREFILL_M, RESULTS, SHAPES, TOKENS, cuda_time_us, device_info, geomean, write_results  # noqa: E402
+from benchmarks.common import DECODE_M, PREFILL_M, RESULTS, SHAPES, TOKENS, device_info, geomean, time_rotating, write_results  # noqa: E402
 
 DTYPE = torch.bfloat16
 QUICK_SHAPES = [SHAPES[0], SHAPES[3], SHAPES[7]]
@@ -57,85 +60,105 @@ def _weight(n: int, k: int):
     return w, pack_24(w)
 
 
-def _graphed(fn):
-    """A CUDA graph replaying ``fn`` (warmed up on a side stream first, as capture requires)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
 
 
+def _err(e: Exception) -> str:
+    return f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
 def methods_for(w: torch.Tensor, packed) -> dict:
-    """name -> callable(x) for every method that can run this weight (or the error text)."""
+    """name -> ``make(x)`` for every method that can run this weight (or the error text).
+
+    ``make(x)`` builds a fresh copy of the method's weight (and whatever its backend prepares)
+    and returns a no-argument callable running the method on ``x``: the timer rotates over such
+    copies. Every registered backend that runs on CUDA is listed, so a new one shows up here."""
     from sparselora.backends import list_backends
+    from sparselora.format import Packed24
 
     n, k = w.shape
-    out: dict = {"dense": lambda x: F.linear(x, w)}
+    def dense(x):
+        wc = w.clone()
+        return lambda: F.linear(x, wc)
+
+    out: dict = {"dense": dense}
     try:
         from torch.sparse import to_sparse_semi_structured
 
-        ws = to_sparse_semi_structured(w)
-        out["torch24"] = lambda x: F.linear(x, ws)
+        to_sparse_semi_structured(w)  # fails early (and is recorded) where PyTorch's path does not run
+
+        def torch24(x):
+            ws = to_sparse_semi_structured(w.clone())
+            return lambda: F.linear(x, ws)
+
+        out["torch24"] = torch24
     except Exception as e:  # noqa: BLE001 - record why PyTorch's path does not run here
-        out["torch24"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        out["torch24"] = _err(e)
     for b in list_backends():
         why = b.unavailable_reason() or b.unsupported_reason(torch.device("cuda"), DTYPE, n, k)
         if why:
             continue
+
+        def make(x, b=b):
+            pc = Packed24(packed.values.clone(), packed.meta.clone(), packed.shape)
+            extra = b.prepare(pc)
+            return lambda: b.linear(x, pc, extra, None)
+
         try:
-            extra = b.prepare(packed)
-            out[b.name] = (lambda b, extra: (lambda x: b.linear(x, packed, extra, None)))(b, extra)
+            make(torch.zeros(1, k, device=w.device, dtype=w.dtype))  # prepare once: errors show here
+            out[b.name] = make
         except Exception as e:  # noqa: BLE001
-            out[b.name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            out[b.name] = _err(e)
     return out
+
+
+MODES = ("_graph", "_eager")
 
 
 def bench_point(model: str, layer: str, n: int, k: int, m: int, w, packed, methods: dict) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.float32).to(DTYPE)
     row = {"model": model, "layer": layer, "N": n, "K": k, "M": m}
     ref = F.linear(x, w)
-    for name, fn in methods.items():
-        if isinstance(fn, str):
-            row[f"{name}_error"] = fn
+    for name, make in methods.items():
+        if isinstance(make, str):
+            row[f"{name}_error"] = make
             continue
         try:
-            out = fn(x)
+            out = make(x)()
             row[f"{name}_relerr"] = _rel_err(out, ref)
+            del out
             if row[f"{name}_relerr"] > MAX_REL_ERR:
                 row[f"{name}_error"] = f"wrong result: rel err {row[f'{name}_relerr']:.3g}"
-            row[f"{name}_us"] = cuda_time_us(lambda: fn(x))
-            try:
-                g = _graphed(lambda: fn(x))
-                row[f"{name}_graph_us"] = cuda_time_us(g.replay)
-            except Exception as e:  # noqa: BLE001 - some paths cannot be captured
-                row[f"{name}_graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            t = time_rotating(lambda: make(x))
+            row[f"{name}_copies"] = t["copies"]
+            for key in ("graph_us", "eager_us", "graph_error"):
+                if key in t:
+                    row[f"{name}_{key}"] = t[key]
         except Exception as e:  # noqa: BLE001 - e.g. torch24 rejecting a shape: record, go on
-            row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            row[f"{name}_error"] = _err(e)[len("error: "):]
+        torch.cuda.empty_cache()
     for name in methods:
         if name == "dense" or f"{name}_error" in row:
             continue
-        for mode in ("", "_graph"):
+        for mode in MODES:
             t, d = row.get(f"{name}{mode}_us"), row.get(f"dense{mode}_us")
             if t and d:
                 row[f"{name}{mode}_x"] = d / t
     return row
 
 
-def run_grid(quick: bool = False, log=print) -> tuple[list[dict], dict]:
+def _print(*a):
+    print(*a, flush=True)
+
+
+def run_grid(quick: bool = False, log=_print, shapes=None, tokens=None, name: str | None = None) -> tuple[list[dict], dict]:
+    """Time the grid; with ``name``, rewrite ``results/<name>.{json,md}`` after every point, so
+    a run stopped by a time limit keeps what it measured."""
     _need_cuda()
     torch.manual_seed(0)
-    shapes = QUICK_SHAPES if quick else SHAPES
-    tokens = QUICK_TOKENS if quick else TOKENS
+    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
+    tokens = tokens or (QUICK_TOKENS if quick else TOKENS)
     rows, names = [], []
     for model, layer, n, k in shapes:
         w, packed = _weight(n, k)
@@ -146,6 +169,8 @@ def run_grid(quick: bool = False, log=print) -> tuple[list[dict], dict]:
             rows.append(row)
             log(" ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}" for key, val in row.items()
                          if not key.endswith("relerr")))
+            if name:
+                write_results(name, rows, columns_for(rows), summarize(rows, names))
         del w, packed, methods
         torch.cuda.empty_cache()
     return rows, summarize(rows, names)
@@ -158,8 +183,8 @@ def summarize(rows: list[dict], names: list[str]) -> dict:
     for name in names:
         if name == "dense":
             continue
-        for mode in ("_graph", ""):
-            tag = "graph" if mode else "eager"
+        for mode in MODES:
+            tag = mode[1:]
             for regime, ms in (("decode", DECODE_M), ("prefill", PREFILL_M)):
                 xs = [r.get(f"{name}{mode}_x") for r in rows if r["M"] in ms]
                 if any(xs):
@@ -174,7 +199,7 @@ def summarize(rows: list[dict], names: list[str]) -> dict:
 
 
 def columns_for(rows: list[dict]) -> list[str]:
-    cols = ["model", "layer", "N", "K", "M", "dense_us", "dense_graph_us"]
+    cols = ["model", "layer", "N", "K", "M", "dense_graph_us", "dense_eager_us"]
     extra = []
     for r in rows:
         for key in r:
@@ -220,16 +245,27 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 shapes x M in {1, 16, 4096}")
+    ap.add_argument("--shapes", nargs="*", default=None, help="model names of common.SHAPES to keep (e.g. llava)")
+    ap.add_argument("--tokens", type=int, nargs="*", default=None, help="token counts M (default: the grid's)")
     ap.add_argument("--name", default=None, help="results file stem (default gemm, or gemm_quick)")
+    ap.add_argument("--no-plot", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     _need_cuda()
-    rows, summary = run_grid(args.quick)
+    shapes = [s for s in SHAPES if any(s[0].startswith(p) for p in args.shapes)] if args.shapes else None
+    if args.shapes and not shapes:
+        raise SystemExit(f"--shapes {args.shapes}: no shape of {sorted({s[0] for s in SHAPES})} matches")
     name = args.name or ("gemm_quick" if args.quick else "gemm")
+    rows, summary = run_grid(args.quick, shapes=shapes, tokens=args.tokens, name=name)
     jpath, mpath = write_results(name, rows, columns_for(rows), summary)
-    png = plot(rows, RESULTS / f"{name}.png")
+    png = None if args.no_plot else plot(rows, RESULTS / f"{name}.png")
     for key, val in summary.items():
         print(f"{key}: {val:.3f}" if isinstance(val, float) else f"{key}: {val}")
     print(f"wrote {jpath}, {mpath}" + (f", {png}" if png else ""))
@@ -250,13 +286,14 @@ POINTS = [(SHAPES[0], 1), (SHAPES[0], 16), (SHAPES[1], 4096)]
 def test_gemm_point(benchmark, method, shape, m):
     _, _, n, k = shape
     w, packed = _weight(n, k)
-    fn = methods_for(w, packed).get(method)
-    if fn is None or isinstance(fn, str):
-        pytest.skip(f"{method}: {fn or 'not available'}")
+    make = methods_for(w, packed).get(method)
+    if make is None or isinstance(make, str):
+        pytest.skip(f"{method}: {make or 'not available'}")
     x = torch.randn(m, k, device="cuda").to(DTYPE)
+    fn = make(x)
 
-    def run():
-        fn(x)
+    def run():  # pytest-benchmark's wall clock: eager, warm L2 (use main() for the graph-timed figures)
+        fn()
         torch.cuda.synchronize()
 
     benchmark.extra_info.update({"N": n, "K": k, "M": m, "method": method, "device": torch.cuda.get_device_name()})
@@ -270,7 +307,7 @@ def test_quick_grid_writes_results():
     jpath, _ = write_results("gemm_quick", rows, columns_for(rows), summary)
     assert jpath.exists() and rows
     for r in rows:
-        assert "dense_us" in r and "triton_error" not in r, r
+        assert "dense_graph_us" in r and "triton_error" not in r, r
 
 
 if __name__ == "__main__":

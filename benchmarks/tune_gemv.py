@@ -4,8 +4,8 @@
     python benchmarks/tune_gemv.py --quick    # 3 shapes
 
 For each weight N x K of ``common.SHAPES`` and M in ``common.DECODE_M`` it times (median CUDA
-events, L2 flushed, each call replayed as a CUDA graph so launch overhead is excluded the same way
-for every method): ``dense`` (``F.linear``), ``v1`` (``sparse24_linear_triton``) and the GEMV
+``common.time_rotating``: one CUDA graph of many calls over rotating weight copies > 3x L2, per
+call, so launch overhead is excluded the same way for every method): ``dense`` (``F.linear``), ``v1`` (``sparse24_linear_triton``) and the GEMV
 kernel for every config of ``CONFIGS`` with the automatic split-K choice. Writes
 ``benchmarks/results/tune_gemv.{json,md}``; the summary gives, per M, the geo-mean speedup over
 dense of v1 and of the best GEMV config overall, and which config that is. Results are only
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DECODE_M, SHAPES, cuda_time_us, geomean, write_results  # noqa: E402
+from common import DECODE_M, SHAPES, geomean, time_rotating, write_results  # noqa: E402
 
 # (BLOCK_N, BLOCK_KV, num_warps, num_stages): the shipped tile first, then wider/narrower ones
 CONFIGS = [(16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3),
@@ -30,18 +30,12 @@ DTYPE = torch.bfloat16
 MAX_REL_ERR = 2e-2
 
 
-def _graph_time(fn) -> float:
-    fn()  # compile / allocate outside the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        with torch.cuda.graph(g, stream=s):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    return cuda_time_us(g.replay)
+def _graph_time(make) -> float:
+    """``make()`` builds a fresh weight copy and returns the call to time."""
+    t = time_rotating(make, eager=False)
+    if "graph_us" not in t:
+        raise RuntimeError(f"CUDA graph capture failed: {t.get('graph_error')}")
+    return t["graph_us"]
 
 
 def _rel_err(out, ref) -> float:
@@ -63,17 +57,19 @@ def run(quick: bool) -> tuple[list[dict], dict]:
             x = torch.randn(m, k, device="cuda").to(DTYPE)
             ref = F.linear(x, w)
             row = {"model": model, "layer": layer, "N": n, "K": k, "M": m,
-                   "dense_us": _graph_time(lambda: F.linear(x, w))}
-            methods = {"v1": lambda: sparse24_linear_triton(x, p.values, p.meta)}
+                   "dense_us": _graph_time(lambda: (lambda wc: lambda: F.linear(x, wc))(w.clone()))}
+            methods = {"v1": lambda v=p.values, mt=p.meta: sparse24_linear_triton(x, v, mt)}
             for c in CONFIGS:
-                methods["gemv_" + "x".join(map(str, c))] = (lambda c: lambda: sparse24_gemv_triton(x, p.values, p.meta, config=c))(c)
+                methods["gemv_" + "x".join(map(str, c))] = (
+                    lambda c: lambda v=p.values, mt=p.meta: sparse24_gemv_triton(x, v, mt, config=c))(c)
             for name, fn in methods.items():
                 try:
                     err = _rel_err(fn(), ref)
                     if err > MAX_REL_ERR:
                         row[f"{name}_error"] = f"wrong result: rel err {err:.3g}"
                         continue
-                    row[f"{name}_us"] = _graph_time(fn)
+                    # fn's defaults are the weight: each copy binds clones of it
+                    row[f"{name}_us"] = _graph_time(lambda: (lambda v, mt: lambda: fn(v, mt))(p.values.clone(), p.meta.clone()))
                     row[f"{name}_x"] = row["dense_us"] / row[f"{name}_us"]
                 except Exception as e:  # noqa: BLE001 - record (e.g. out of resources), go on
                     row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"

@@ -4,7 +4,8 @@
     python benchmarks/tune_hybrid.py --quick         # 3 shapes x 4 token counts
 
 For every weight shape N x K of ``common.SHAPES`` and token count M of ``common.TOKENS`` it times
-(median CUDA-event time, L2 flushed, same process):
+(``common.time_rotating``: one CUDA graph of many calls over rotating weight copies > 3x L2, per
+call; same process):
 
 * ``dense``: ``F.linear`` (cuBLAS) on the dense weight;
 * ``triton``: ``sparselora.ops.sparse24_linear`` on the canonical layout (the Triton kernel, if the
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DECODE_M, PREFILL_M, SHAPES, TOKENS, cuda_time_us, device_info, geomean, write_results  # noqa: E402
+from common import DECODE_M, PREFILL_M, SHAPES, TOKENS, device_info, time_rotating, geomean, write_results  # noqa: E402
 
 from sparselora.backends import get_backend  # noqa: E402
 from sparselora.backends import cusparselt_backend as cb  # noqa: E402
@@ -44,6 +45,12 @@ from sparselora.ops import sparse24_linear  # noqa: E402
 def random_24(n, k, dtype):
     w = torch.randn(n, k, device="cuda", dtype=torch.float32)
     return (w * nm_mask(w.abs())).to(dtype)
+
+
+def _time(make) -> float:
+    """Graph-timed per-call us over rotating copies built by ``make`` (eager if capture fails)."""
+    t = time_rotating(make)
+    return t.get("graph_us", t["eager_us"])
 
 
 def main(argv=None):
@@ -77,9 +84,10 @@ def main(argv=None):
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 row = {"model": model, "layer": layer, "N": n, "K": k, "M": m}
-                row["dense_us"] = cuda_time_us(lambda: F.linear(x, w))
-                row["cusparselt_us"] = cuda_time_us(lambda: cb.cslt_linear(x, comp, n, k))
-                row["triton_us"] = None if triton_why else cuda_time_us(lambda: sparse24_linear(x, packed.values, packed.meta))
+                row["dense_us"] = _time(lambda: (lambda wc: lambda: F.linear(x, wc))(w.clone()))
+                row["cusparselt_us"] = _time(lambda: (lambda c: lambda: cb.cslt_linear(x, c, n, k))(comp.clone()))
+                row["triton_us"] = None if triton_why else _time(
+                    lambda: (lambda v, mt: lambda: sparse24_linear(x, v, mt))(packed.values.clone(), packed.meta.clone()))
                 row["cusparselt_speedup"] = row["dense_us"] / row["cusparselt_us"]
                 if row["triton_us"]:
                     row["triton_speedup"] = row["dense_us"] / row["triton_us"]

@@ -3,7 +3,7 @@
 On CUDA the region is timed with device events (work is asynchronous; a host clock would time
 the launch), on CPU with ``time.perf_counter``. Warm-up calls come first so that compilation,
 handle creation and plan building stay out of the numbers; the median resists stragglers.
-Per-GEMM benchmarks use ``benchmarks.common.cuda_time_us`` instead (L2 flush, microseconds).
+Per-GEMM benchmarks use ``benchmarks.common.time_rotating`` instead (graphs of many calls over rotating weight copies).
 """
 from __future__ import annotations
 
