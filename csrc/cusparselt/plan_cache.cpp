@@ -6,7 +6,8 @@
 //     bias presence, operand layout), in a bounded LRU map guarded by a mutex;
 //   * the algorithm (config id and split-K) is searched once per tuning key (device name,
 //     dtype, N, K, power-of-two bucket of M, bias presence) by timing every candidate with CUDA
-//     events on the call's own operands, and remembered in a table that can be exported and
+//     events, cold (round-robin over copies of the call's operands beyond 3x L2, see
+//     ColdOperands), and remembered in a table that can be exported and
 //     imported (save_tuning / load_tuning in Python), so a deployment can ship tuned choices.
 // Tuning per M bucket rather than per exact M keeps the number of searches bounded when the
 // token count varies from call to call (prefill); plans are still built per exact M.
@@ -269,14 +270,60 @@ struct EventPair {
   }
 };
 
-// Average time in ns of `iters` launches, or -1 if the configuration cannot run.
-int64_t time_plan(const cusparseLtHandle_t* h, PlanEntry& e, const Operands& ops, cudaStream_t stream,
+// Operand sets for the search: the call's own, plus copies of its weight and input until they
+// add up to 3x the L2 size. Candidates are timed round-robin over them, so each launch reads its
+// weight and input from HBM as it would inside a model; timing one operand set repeated runs
+// from a warm L2 and favours the wrong algorithms at small M.
+struct ColdOperands {
+  std::vector<Operands> sets;
+  c10::DataPtr buffer;  // holds the copies until the search ends
+};
+
+ColdOperands cold_operands(const Problem& p, const Operands& ops, cudaStream_t stream) {
+  ColdOperands c;
+  c.sets.push_back(ops);
+  int l2 = 0;
+  if (cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, p.device) != cudaSuccess || l2 <= 0) {
+    cudaGetLastError();  // clear: without the L2 size the search stays warm, which is only slower to trust
+    return c;
+  }
+  auto round_up = [](int64_t v) { return (v + 255) / 256 * 256; };
+  const int64_t a_bytes = round_up(compressed_size(p.device, p.dtype, p.n, p.k));
+  const int64_t b_bytes = round_up(p.m * p.k * static_cast<int64_t>(c10::elementSize(p.dtype)));
+  const int64_t per_set = a_bytes + b_bytes;
+  int64_t extra = (3 * static_cast<int64_t>(l2) + per_set - 1) / per_set - 1;  // copies beyond the call's own
+  extra = std::min<int64_t>({extra, 63, (int64_t{1} << 30) / per_set});     // at most 64 sets and 1 GiB
+  if (extra <= 0) return c;
+  try {
+    c.buffer = c10::cuda::CUDACachingAllocator::get()->allocate(extra * per_set);
+  } catch (const c10::Error&) {
+    return c;  // out of memory: time warm rather than fail the call
+  }
+  auto* base = static_cast<char*>(c.buffer.get());
+  for (int64_t i = 0; i < extra; ++i) {
+    Operands o = ops;
+    char* a = base + i * per_set;
+    char* b = a + a_bytes;
+    SPARSELORA_CUDA_CHECK(cudaMemcpyAsync(a, ops.a, compressed_size(p.device, p.dtype, p.n, p.k),
+                                          cudaMemcpyDeviceToDevice, stream));
+    SPARSELORA_CUDA_CHECK(cudaMemcpyAsync(b, ops.b, p.m * p.k * c10::elementSize(p.dtype),
+                                          cudaMemcpyDeviceToDevice, stream));
+    o.a = a;
+    o.b = b;
+    c.sets.push_back(o);
+  }
+  return c;
+}
+
+// Average time in ns of `iters` launches round-robin over the operand sets, or -1 if the
+// configuration cannot run.
+int64_t time_plan(const cusparseLtHandle_t* h, PlanEntry& e, const std::vector<Operands>& sets, cudaStream_t stream,
                   EventPair& ev, int iters) {
   auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(e.workspace);
-  if (launch(h, e, ops, ws.get(), stream) != CUSPARSE_STATUS_SUCCESS) return -1;  // warm-up
+  if (launch(h, e, sets[0], ws.get(), stream) != CUSPARSE_STATUS_SUCCESS) return -1;  // warm-up
   SPARSELORA_CUDA_CHECK(cudaEventRecord(ev.start, stream));
   for (int i = 0; i < iters; ++i)
-    if (launch(h, e, ops, ws.get(), stream) != CUSPARSE_STATUS_SUCCESS) return -1;
+    if (launch(h, e, sets[(i + 1) % sets.size()], ws.get(), stream) != CUSPARSE_STATUS_SUCCESS) return -1;
   SPARSELORA_CUDA_CHECK(cudaEventRecord(ev.stop, stream));
   SPARSELORA_CUDA_CHECK(cudaEventSynchronize(ev.stop));
   float ms = 0.f;
@@ -284,22 +331,25 @@ int64_t time_plan(const cusparseLtHandle_t* h, PlanEntry& e, const Operands& ops
   return static_cast<int64_t>(1e6 * ms / iters);
 }
 
-// Times cuSPARSELt's default plan and every (config id, split-K) it accepts; returns the
-// fastest. The default is a candidate, so the search never picks something slower than what
-// an untuned call would run (up to timing noise).
+// Times cuSPARSELt's default plan and every (config id, split-K) it accepts, cold (see
+// ColdOperands); returns the fastest. The default is a candidate, so the search never picks
+// something slower than what an untuned call would run (up to timing noise).
 AlgConfig search(const cusparseLtHandle_t* h, const Problem& p, const Operands& ops, cudaStream_t stream) {
   EventPair ev;
+  const ColdOperands cold = cold_operands(p, ops, stream);
   auto base = make_plan(h, p, ops.bias, nullptr, /*allow_fail=*/false);
   int max_id = 0;
   SPARSELORA_CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &base->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID,
                                                         &max_id, sizeof(max_id)));
-  // Size the repetitions from the default plan: ~2 ms of timed work per candidate, 3..20 runs.
-  int64_t t0 = time_plan(h, *base, ops, stream, ev, 3);
+  // Size the repetitions from the default plan: ~2 ms of timed work per candidate, 3..20 runs,
+  // and at least one round over the operand sets.
+  int64_t t0 = time_plan(h, *base, cold.sets, stream, ev, 3);
   TORCH_CHECK(t0 >= 0, "sparselora: cuSPARSELt default plan failed to run for weight [", p.n, ", ", p.k,
               "], ", p.m, " rows");
-  const int iters = static_cast<int>(std::clamp<int64_t>(2000000 / std::max<int64_t>(t0, 1), 3, 20));
+  const int iters = std::max(static_cast<int>(std::clamp<int64_t>(2000000 / std::max<int64_t>(t0, 1), 3, 20)),
+                             static_cast<int>(cold.sets.size()));
   AlgConfig best = base->config;
-  best.time_ns = time_plan(h, *base, ops, stream, ev, iters);
+  best.time_ns = time_plan(h, *base, cold.sets, stream, ev, iters);
 
   // Split-K trades a reduction pass for parallelism: worth trying when M gives few tiles.
   std::vector<int> split_ks = {1, 2};
@@ -321,7 +371,7 @@ AlgConfig search(const cusparseLtHandle_t* h, const Problem& p, const Operands& 
       cfg.split_k = sk;
       auto e = make_plan(h, p, ops.bias, &cfg, /*allow_fail=*/true);
       if (!e) continue;
-      int64_t t = time_plan(h, *e, ops, stream, ev, iters);
+      int64_t t = time_plan(h, *e, cold.sets, stream, ev, iters);
       if (t >= 0 && t < best.time_ns) {
         best = e->config;
         best.time_ns = t;
