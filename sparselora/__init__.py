@@ -8,6 +8,10 @@ from .checkpoint import save_sparse, load_sparse, CheckpointError
 
 __version__ = "0.1.0"
 
+from .hf_registration import install as _install_hf_method
+
+_install_hf_method()  # from_pretrained of packed directories, once transformers loads (see hf_quantizer)
+
 # SparseLoRA loads on first use: it registers ops and pulls in more of torch, which
 # `import sparselora` (and `sparselora --help`) should not pay for.
 _LAZY = {

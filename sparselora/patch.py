@@ -13,6 +13,7 @@ failing call leaves the model exactly as it was.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
@@ -319,6 +320,10 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
         _set_module(model, name, new)
         row.action, row.backend, row.reason = "sparse", new.backend.name, new.backend_reason
         row.packed_bytes = packed_nbytes(new.out_features, new.in_features, new.values.dtype)
+    if built and "transformers" in sys.modules:  # a transformers model: save_pretrained writes the packed format
+        from .hf_quantizer import attach
+
+        attach(model, backend=backend)
     return SparsifyReport(rows)
 
 
@@ -342,4 +347,8 @@ def unsparsify(model: nn.Module) -> list[str]:
         lin.train(mod.training)
         _set_module(model, name, lin)
         done.append(name)
+    if not sparse_layers(model) and "transformers" in sys.modules:
+        from .hf_quantizer import detach
+
+        detach(model)  # nothing packed left: save_pretrained writes a plain dense directory again
     return done

@@ -1,0 +1,166 @@
+"""transformers-native packed checkpoints: save_pretrained / from_pretrained (any Auto class) with
+SparseLinear in place, same logits as in memory, checksums, refusal without sparselora, and no
+dense weight of a packed layer allocated while loading."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sparselora  # noqa: F401  (registers the method)
+from sparselora.format import SparsityError
+from sparselora.hf_quantizer import QUANT_METHOD, PackedSlot
+from sparselora.modules import SparseLinear
+from sparselora.patch import sparse_layers, sparsify, unsparsify
+from sparselora.tiny_models import build, example_inputs
+
+from test_patch import _out, prune_24
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """Bytes of every new host/device storage an aten op creates (views and in-place ops add
+    nothing), and the largest single one with its shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.total, self.seen, self.shapes = 0, set(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                ptr = t.untyped_storage().data_ptr()
+                if ptr and ptr not in inputs and ptr not in self.seen:
+                    self.seen.add(ptr)
+                    self.total += t.untyped_storage().nbytes()
+                    self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _packed_dir(family, tmp_path, seed, dtype=torch.float32):
+    model = build(family, seed=seed, dtype=dtype)
+    prune_24(model)
+    inputs = example_inputs(family, model, seed=seed)
+    with torch.no_grad():
+        dense = _out(model(**inputs))
+    report = sparsify(model)
+    assert len(report.sparse) > 10
+    with torch.no_grad():
+        packed = _out(model(**inputs))
+    out = tmp_path / f"{family}-packed"
+    model.save_pretrained(out)
+    return model, inputs, dense, packed, out
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "idefics3"])
+def test_from_pretrained_gives_the_packed_model(family, tmp_path, seed):
+    from transformers import AutoModel, AutoModelForImageTextToText
+
+    model, inputs, dense, packed, out = _packed_dir(family, tmp_path, seed % 10_000)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == QUANT_METHOD and set(cfg["sparse_layers"]) == set(sparse_layers(model))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # packed on disk: half the columns under the dense name
+        some = next(iter(cfg["sparse_layers"]))
+        keys = list(f.keys())
+    assert sum(k.endswith(".weight_meta") for k in keys) == len(cfg["sparse_layers"])
+
+    loaded = AutoModelForImageTextToText.from_pretrained(out, device_map="cpu", dtype=torch.float32)
+    assert type(loaded) is type(model)
+    layers = sparse_layers(loaded)
+    assert set(layers) == set(sparse_layers(model)) and not any(isinstance(m, PackedSlot) for m in loaded.modules())
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
+    for name, m in layers.items():
+        assert torch.equal(m.values, sparse_layers(model)[name].values) and torch.equal(m.meta, sparse_layers(model)[name].meta)
+    with torch.no_grad():
+        got = _out(loaded(**inputs))
+    assert torch.equal(got, packed)  # same kernels, same tensors: bit-identical to the in-memory packed model
+    assert ((got.double() - dense.double()).norm() / dense.double().norm()).item() < 1e-5  # and the masked-dense one
+    del some
+
+    base = AutoModel.from_pretrained(out)  # another Auto class: its own module names, still packed
+    assert sparse_layers(base) and all(isinstance(m, SparseLinear) for m in sparse_layers(base).values())
+
+
+def test_resave_and_bf16_load(tmp_path, seed):
+    model, inputs, _, packed, out = _packed_dir("llava", tmp_path, seed % 10_000)
+    from transformers import AutoModelForImageTextToText
+
+    loaded = AutoModelForImageTextToText.from_pretrained(out)
+    loaded.save_pretrained(tmp_path / "again")  # a loaded model saves the same format
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(_out(again(**inputs)), packed)
+    half = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.bfloat16)
+    m = next(iter(sparse_layers(half).values()))
+    assert m.values.dtype == torch.bfloat16 and m.meta.dtype == torch.int32
+    ref = next(iter(sparse_layers(model).values()))
+    assert torch.equal(m.values, ref.values.to(torch.bfloat16))
+
+
+def test_unsparsified_model_saves_dense_again(tmp_path):
+    model = build("llava")
+    prune_24(model)
+    sparsify(model)
+    unsparsify(model)
+    model.save_pretrained(tmp_path / "d")
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
+
+
+def test_corrupt_tensor_is_named(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    _, _, _, _, out = _packed_dir("llava", tmp_path, 3)
+    f = out / "model.safetensors"
+    with safe_open(str(f), "pt") as sf:
+        name = next(k for k in sf.keys() if k.endswith("mlp.down_proj.weight"))
+    from sparselora.stream_io import read_header
+
+    _, infos = read_header(f)
+    raw = bytearray(f.read_bytes())
+    raw[infos[name].start + 5] ^= 0x40
+    f.write_bytes(bytes(raw))
+    with pytest.raises(SparsityError, match=f"checksum mismatch for tensor '{name}'"):
+        AutoModelForImageTextToText.from_pretrained(out)
+
+
+def test_transformers_without_sparselora_refuses(tmp_path):
+    _, _, _, _, out = _packed_dir("llava", tmp_path, 4)
+    code = ("import sys\nfrom transformers import AutoModelForImageTextToText as A\n"
+            "try:\n    A.from_pretrained(sys.argv[1])\nexcept RuntimeError as e:\n"
+            "    assert 'sparselora' not in sys.modules\n    print('REFUSED', e)\n    sys.exit(3)\nprint('LOADED')\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 3 and "REFUSED" in r.stdout and "ignore_mismatched_sizes" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert "Unknown quantization type, got sparselora" in r.stderr
+
+
+def test_loading_allocates_no_dense_weight(tmp_path, monkeypatch):
+    """Every storage created while loading, added up, stays below the packed file (+ the
+    non-packed tensors' size): building the dense model first would allocate the dense weights
+    of every packed layer again (and the old path did)."""
+    from transformers import AutoModelForImageTextToText
+
+    model, _, _, _, out = _packed_dir("llava", tmp_path, 5)
+    dense_packed_layers = sum(m.out_features * m.in_features * 4 for m in sparse_layers(model).values())
+    file_bytes = (out / "model.safetensors").stat().st_size
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # loader threads would escape the (thread-local) mode
+    with AllocatedBytes() as alloc:
+        AutoModelForImageTextToText.from_pretrained(out)
+    assert alloc.total > 0
+    assert alloc.total < 1.1 * file_bytes, (alloc.total, file_bytes)
+    shapes = {(m.out_features, m.in_features) for m in sparse_layers(model).values()}
+    other = {tuple(p.shape) for n, p in model.named_parameters()}
+    dense_shaped = [s for s in alloc.shapes if s in shapes and s not in other]
+    assert not dense_shaped, dense_shaped[:5]
+
+    # the counter sees a dense build: the same count around building the model at random is larger
+    with AllocatedBytes() as alloc_dense:
+        build("llava")
+    assert alloc_dense.total > dense_packed_layers
