@@ -1,4 +1,8 @@
-"""Compressed checkpoints of sparsified models (safetensors), and compressed-tensors interop.
+"""Compressed checkpoints of sparsified models (safetensors, the ``sparselora-24`` single-file format).
+
+The primary format is the transformers-native one (``save_pretrained`` / ``from_pretrained``,
+:mod:`sparselora.hf_quantizer`); this module keeps sparselora's own file format and reads the
+legacy compressed-tensors layout (:mod:`sparselora.compressed_tensors_interop`).
 
 ``save_sparse(model, path)`` stores every :class:`SparseLinear` as its canonical packed pair
 (``<layer>.values`` ``[N, K/2]`` + ``<layer>.meta`` int32, see :mod:`sparselora.format`) and
@@ -15,41 +19,41 @@ Writes are atomic: temp files in the destination directory (weights and ``config
 are written and fsynced, and only then ``os.replace``d over the targets, so a failing save leaves
 the previous files intact.
 
-``load_sparse(model, path)`` takes a dense model of the same architecture, validates every
-key, shape, dtype and the packed metadata *before* touching the model, then swaps the listed
-layers for ``SparseLinear`` and loads all weights. It also reads the compressed-tensors
-``sparse-24-bitmask`` layout (``<layer>.compressed`` ``[N, K/2]``, ``<layer>.bitmask`` uint8
-``[N, ceil(K/8)]`` little-endian bits, ``<layer>.shape`` ``[[N], [K]]``), and
-``save_sparse(..., format="compressed-tensors")`` writes it with a matching ``config.json``
-``quantization_config.sparsity_config``.
+``load_sparse(model, path)`` takes a model of the same architecture, dense or built without
+weights (meta device), validates every key, shape, dtype, the packed metadata and the checksum
+(streamed from disk) *before* touching the model, then swaps the listed layers for
+``SparseLinear`` and loads all weights, one tensor at a time (no mmap, no dense weight of a
+packed layer). ``save_sparse(..., format="compressed-tensors")`` writes the legacy
+``sparse-24-bitmask`` layout (see :mod:`sparselora.compressed_tensors_interop` for its status).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .format import Packed24, SparsityError, check_packed, mask_from_meta, pack_24, unpack_24
+from .compressed_tensors_interop import CT_FORMAT, LEGACY_NOTE, check_ct_config, ct_config, from_compressed_tensors, to_compressed_tensors
+from .compressed_tensors_interop import packbits as _packbits, unpackbits as _unpackbits  # noqa: F401  (cli's masks)
+from .format import Packed24, SparsityError, check_packed, unpack_24
 from .modules import SparseLinear
+from .stream_io import CheckpointError, TensorInfo, iter_bytes, read_header, read_tensor
 
 __all__ = ["save_sparse", "load_sparse", "read_metadata", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION",
            "WEIGHTS_NAME", "CT_FORMAT"]
 
+logger = logging.getLogger(__name__)
+
 FORMAT_NAME = "sparselora-24"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
-CT_FORMAT = "sparse-24-bitmask"  # compressed-tensors' name of the layout
-_CT_PARAMS = ("compressed", "bitmask", "shape")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, of an unknown format, or does not fit the model."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,9 +185,10 @@ def save_sparse(model: nn.Module, path, extra_config: Optional[dict] = None, for
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
     state, aliases = _dedupe(model.state_dict())
     if format == "compressed-tensors":
+        logger.warning(LEGACY_NOTE)
         if directory is None:
             raise ValueError("save_sparse(format='compressed-tensors') needs a directory: its sparsity config goes to config.json")
-        tensors = _to_compressed_tensors(state, layers)
+        tensors = to_compressed_tensors(state, layers)
         for alias, target in aliases.items():  # compressed-tensors readers know no aliases: store the copy
             tensors[alias] = tensors[target].clone()
         metadata = {"format": "pt"}
@@ -209,7 +214,7 @@ def save_sparse(model: nn.Module, path, extra_config: Optional[dict] = None, for
         config = _config_dict(model)
         if format == "compressed-tensors":
             config = config or {}
-            config["quantization_config"] = _ct_config(layers, model)
+            config["quantization_config"] = ct_config(layers, model)
         if config is not None:
             files.append((directory / "config.json", _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n")))
     _atomic_write_all(files)  # weights and config.json staged together: no half-written pair
@@ -228,148 +233,131 @@ def _config_dict(model: nn.Module) -> Optional[dict]:
 
 
 # ---------------------------------------------------------------------------------------
-# compressed-tensors "sparse-24-bitmask"
-def _packbits(mask: torch.Tensor) -> torch.Tensor:
-    """[N, K] bool -> [N, ceil(K/8)] uint8, bit j of byte b = column 8b + j (numpy bitorder='little')."""
-    n, k = mask.shape
-    pad = (-k) % 8
-    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).reshape(n, -1, 8).to(torch.int32)
-    weights = (1 << torch.arange(8, dtype=torch.int32, device=m.device))
-    return (m * weights).sum(-1).to(torch.uint8)
+# load: headers first, tensors one at a time (no mmap: see stream_io), never the dense weights
+class _Source:
+    """A checkpoint on disk (one file or the shards of an index): tensor names, shapes and dtypes
+    from the headers; data read on request, one tensor at a time."""
+
+    def __init__(self, files: list[Path], shown: Path):
+        self.where = shown
+        self.meta: dict[str, str] = {}
+        self.infos: dict[str, tuple[Path, TensorInfo]] = {}
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"no checkpoint file {f}")
+            try:
+                m, infos = read_header(f)
+            except (ValueError, OSError) as e:
+                raise CheckpointError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+            self.meta.update(m)
+            self.infos.update({k: (f, i) for k, i in infos.items()})
+
+    def read(self, key: str, device=None) -> torch.Tensor:
+        f, info = self.infos[key]
+        with open(f, "rb", buffering=0) as h:
+            try:
+                return read_tensor(h, info, device)[0]
+            except ValueError as e:
+                raise CheckpointError(f"{f}: {e}") from None
+
+    def read_all(self) -> dict[str, torch.Tensor]:
+        return {k: self.read(k) for k in self.infos}
+
+    def checksum(self) -> str:
+        """:func:`checksum` of the stored tensors, streamed from the files (16 MiB at a time)."""
+        h = hashlib.sha256()
+        for k in sorted(self.infos):
+            f, info = self.infos[k]
+            h.update(f"{k}|{_dtype_name(info.dtype)}|{list(info.shape)}|".encode())
+            try:
+                for chunk in iter_bytes(f, info):
+                    h.update(chunk)
+            except ValueError as e:
+                raise CheckpointError(f"{f}: {e}") from None
+        return h.hexdigest()
 
 
-def _unpackbits(bits: torch.Tensor, k: int) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.int32, device=bits.device)
-    m = (bits.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-    return m.reshape(bits.shape[0], -1)[:, :k].to(torch.bool)
+class _LazyState(Mapping):
+    """``{key: tensor}`` of a sparselora checkpoint, aliases resolved, each tensor read from disk
+    when asked for (and not kept: the caller keeps what it loads). ``spec(key)`` gives
+    (shape, dtype) without reading."""
+
+    def __init__(self, src: _Source, aliases: dict[str, str]):
+        self.src, self.aliases = src, dict(aliases)
+
+    def _stored(self, key: str) -> str:
+        return self.aliases.get(key, key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self:
+            raise KeyError(key)
+        return self.src.read(self._stored(key))
+
+    def __contains__(self, key) -> bool:
+        return key in self.src.infos or key in self.aliases
+
+    def __iter__(self):
+        yield from self.src.infos
+        yield from (a for a in self.aliases if a not in self.src.infos)
+
+    def __len__(self) -> int:
+        return len(set(self.src.infos) | set(self.aliases))
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        info = self.src.infos[self._stored(key)][1]
+        return info.shape, info.dtype
 
 
-def _to_compressed_tensors(state: dict[str, torch.Tensor], layers: dict[str, SparseLinear]) -> dict[str, torch.Tensor]:
-    out = dict(state)
-    for name, m in layers.items():
-        values, meta = out.pop(f"{name}.values"), out.pop(f"{name}.meta")
-        mask = mask_from_meta(meta, (m.out_features, m.in_features))
-        # both layouts list a row's kept values in column order, so the values carry over as they are
-        out[f"{name}.compressed"] = values
-        out[f"{name}.bitmask"] = _packbits(mask)
-        out[f"{name}.shape"] = torch.tensor([m.out_features, m.in_features], dtype=torch.int64).reshape(-1, 1)
-    return out
+def _spec(state, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+    if isinstance(state, _LazyState):
+        return state.spec(key)
+    t = state[key]
+    return tuple(t.shape), t.dtype
 
 
-def _ct_config(layers: dict[str, SparseLinear], model: nn.Module) -> dict:
-    total = sum(p.numel() for n, p in model.named_parameters())
-    total += sum(2 * m.values.numel() for m in layers.values())
-    pruned = sum(m.values.numel() for m in layers.values())
-    sparsity = {"format": CT_FORMAT, "sparsity_structure": "2:4", "global_sparsity": pruned / total if total else 0.0,
-                "targets": sorted(layers), "ignore": [], "registry_requires_subclass": False}
-    try:  # let the library itself shape the config when it is installed
-        from compressed_tensors.config import Sparse24BitMaskConfig
-
-        sparsity = Sparse24BitMaskConfig(targets=sorted(layers), ignore=[], global_sparsity=sparsity["global_sparsity"]).model_dump()
-        import compressed_tensors
-
-        version = compressed_tensors.__version__
-    except ImportError:
-        version = "0.9.0"
-    return {"quant_method": "compressed-tensors", "format": "dense", "version": version, "config_groups": {},
-            "sparsity_config": sparsity}
-
-
-def _from_compressed_tensors(tensors: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """compressed-tensors triples -> canonical values/meta; returns (state, sparse_layers)."""
-    prefixes = {k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[-1] in _CT_PARAMS}
-    state = dict(tensors)
-    layers = {}
-    for p in sorted(prefixes):
-        missing = [s for s in _CT_PARAMS if f"{p}.{s}" not in state]
-        if missing:
-            raise CheckpointError(f"{where}: compressed-tensors layer '{p}' lacks {', '.join(p + '.' + s for s in missing)}")
-        values, bits, shape = (state.pop(f"{p}.{s}") for s in _CT_PARAMS)
-        shape = [int(x) for x in shape.flatten().tolist()]
-        if len(shape) != 2:
-            raise CheckpointError(f"{where}: '{p}.shape' must hold 2 numbers, got {shape}")
-        n, k = shape
-        if k % 4 or values.shape != (n, k // 2):
-            raise CheckpointError(f"{where}: '{p}.compressed' has shape {tuple(values.shape)}, expected {(n, k // 2)} for a 2:4 {n}x{k} weight")
-        if bits.dtype != torch.uint8 or bits.shape != (n, -(-k // 8)):
-            raise CheckpointError(f"{where}: '{p}.bitmask' is {bits.dtype} {tuple(bits.shape)}, expected uint8 {(n, -(-k // 8))}")
-        mask = _unpackbits(bits, k)
-        per_group = mask.reshape(n, k // 4, 4).sum(-1)
-        if (per_group != 2).any():
-            r, g = (per_group != 2).nonzero()[0].tolist()
-            raise CheckpointError(f"{where}: '{p}.bitmask' is not 2:4: row {r}, group {g} keeps {int(per_group[r, g])} of 4")
-        dense = torch.zeros(n, k, dtype=values.dtype)
-        dense[mask] = values.reshape(-1)
-        packed = pack_24(dense, mask, name=f"{p}.weight")
-        state[f"{p}.values"], state[f"{p}.meta"] = packed.values, packed.meta
-        layers[p] = {"shape": [n, k], "dtype": _dtype_name(values.dtype), "pattern": "2:4", "bias": f"{p}.bias" in state}
-    return state, layers
-
-
-# ---------------------------------------------------------------------------------------
-# load
-def _open(file: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    if not file.exists():
-        raise CheckpointError(f"no checkpoint file {file}")
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad headers/lengths
-        raise CheckpointError(f"{file}: cannot read safetensors ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
-    return meta, tensors
-
-
-def _read_all(path) -> tuple[str, dict, dict[str, torch.Tensor], Path]:
-    """(kind, metadata, tensors, weights file). kind: "sparselora" or "compressed-tensors"."""
+def _source(path) -> tuple[_Source, Optional[Path]]:
     file, directory = _resolve(path, for_write=False)
     index = directory / (WEIGHTS_NAME + ".index.json") if directory is not None else None
     if directory is not None and not file.exists() and index is not None and index.exists():
-        # sharded checkpoint (compressed-tensors/transformers style): read every shard of the index
+        # sharded checkpoint (compressed-tensors/transformers style): every shard of the index
         weight_map = json.loads(index.read_text())["weight_map"]
-        meta, tensors = {}, {}
-        for shard in sorted(set(weight_map.values())):
-            m, t = _open(directory / shard)
-            meta.update(m)
-            tensors.update(t)
-        file = index
-    else:
-        meta, tensors = _open(file)
+        return _Source([directory / s for s in sorted(set(weight_map.values()))], index), directory
+    return _Source([file], file), directory
+
+
+def _kind(src: _Source, directory: Optional[Path]) -> str:
+    """"sparselora" or "compressed-tensors" (from the headers alone)."""
+    meta, file = src.meta, src.where
     if meta.get("format") == FORMAT_NAME:
-        return "sparselora", meta, tensors, file
-    if any(k.endswith(".bitmask") for k in tensors):
+        return "sparselora"
+    if any(k.endswith(".bitmask") for k in src.infos):
         if directory is not None and (directory / "config.json").exists():
-            _check_ct_config(directory / "config.json")
-        return "compressed-tensors", meta, tensors, file
+            check_ct_config(directory / "config.json")
+        return "compressed-tensors"
     if "format_version" in meta or meta.get("format", "pt") != "pt":
         raise CheckpointError(f"{file}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT_NAME!r} or compressed-tensors {CT_FORMAT!r})")
+    if meta.get("sparselora_checksums"):
+        raise CheckpointError(f"{file}: a transformers-native sparselora directory: load it with from_pretrained "
+                              "(sparselora imported), not load_sparse")
     raise CheckpointError(f"{file}: holds no sparse layers in a known format (no {FORMAT_NAME!r} metadata, no compressed-tensors bitmasks)")
 
 
-def _check_ct_config(config_path: Path) -> None:
-    cfg = json.loads(config_path.read_text())
-    qc = cfg.get("quantization_config") or cfg.get("compression_config") or {}
-    sc = qc.get("sparsity_config") or {}
-    if sc and sc.get("format") != CT_FORMAT:
-        raise CheckpointError(f"{config_path}: sparsity_config.format is {sc.get('format')!r}; only {CT_FORMAT!r} is supported")
-    if qc.get("config_groups"):
-        raise CheckpointError(f"{config_path}: the checkpoint is also quantized ({sorted(qc['config_groups'])}); only sparse-only checkpoints are supported")
-
-
 def read_metadata(path) -> dict:
-    """Format, version, sparse layers and extra config of a checkpoint, without a model."""
-    kind, meta, tensors, file = _read_all(path)
+    """Format, version, sparse layers and extra config of a checkpoint, without a model (and, for
+    sparselora checkpoints, without reading any tensor)."""
+    src, directory = _source(path)
+    kind = _kind(src, directory)
     if kind == "compressed-tensors":
-        _, layers = _from_compressed_tensors(tensors, str(file))
-        return {"format": CT_FORMAT, "sparse_layers": layers, "extra_config": {}, "file": str(file)}
+        _, layers = from_compressed_tensors(src.read_all(), str(src.where))
+        return {"format": CT_FORMAT, "sparse_layers": layers, "extra_config": {}, "file": str(src.where)}
+    meta = src.meta
     return {"format": meta["format"], "format_version": int(meta.get("format_version", -1)),
             "sparse_layers": json.loads(meta.get("sparse_layers", "{}")), "extra_config": json.loads(meta.get("extra_config", "{}")),
-            "sparselora_version": meta.get("sparselora_version"), "file": str(file)}
+            "sparselora_version": meta.get("sparselora_version"), "file": str(src.where)}
 
 
-def _validated_sparselora(meta: dict, tensors: dict[str, torch.Tensor], file: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def _validated_sparselora(src: _Source) -> tuple[_LazyState, dict[str, dict]]:
+    meta, file = src.meta, src.where
     try:
         version = int(meta.get("format_version", ""))
     except ValueError:
@@ -384,15 +372,13 @@ def _validated_sparselora(meta: dict, tensors: dict[str, torch.Tensor], file: Pa
     want = meta.get("checksum")
     if not want:
         raise CheckpointError(f"{file}: metadata has no checksum")
-    got = checksum(tensors)
+    got = src.checksum()
     if got != want:
         raise CheckpointError(f"{file}: checksum mismatch (stored {want[:12]}..., computed {got[:12]}...): the file is corrupt")
-    state = dict(tensors)
     for alias, target in aliases.items():
-        if target not in state:
+        if target not in src.infos:
             raise CheckpointError(f"{file}: alias {alias!r} points to missing tensor {target!r}")
-        state[alias] = state[target]
-    return state, layers
+    return _LazyState(src, aliases), layers
 
 
 def _renamer(model: nn.Module, key_mapping: Optional[dict]):
@@ -468,42 +454,106 @@ def _fill_tied(model: nn.Module, state: dict) -> None:
                 state.setdefault(k, state[present[0]])
 
 
-def load_sparse(model: nn.Module, path, backend: str = "auto", strict: bool = True, key_mapping: Optional[dict] = None) -> nn.Module:
-    """Load a compressed checkpoint into ``model`` (a dense model of the same architecture), in place.
+def load_sparse(model: nn.Module, path, backend: str = "auto", strict: bool = True, key_mapping: Optional[dict] = None,
+                device=None) -> nn.Module:
+    """Load a compressed checkpoint into ``model`` (a model of the same architecture), in place.
 
-    The listed sparse layers become :class:`SparseLinear` (backend ``backend``, on the device of the
-    model's layer); every other tensor is loaded as usual. Everything is validated first (format,
-    version, checksum, keys, shapes, dtypes, packed metadata): on any mismatch a
-    :class:`CheckpointError` names the tensor or layer and the model is left untouched. Reads both
-    sparselora checkpoints and compressed-tensors ``sparse-24-bitmask`` ones; for the latter,
-    checkpoint names that differ from the model's module names are mapped with ``key_mapping``
-    (``{regex: replacement}``, applied in order) or else with transformers' own checkpoint renamings,
-    and tied weights dropped by ``save_pretrained`` are filled in. Returns ``model``.
+    The model may be dense with real weights, or built without them (``accelerate``'s
+    ``init_empty_weights()``, i.e. parameters on the meta device): then nothing dense is ever
+    allocated, and the loaded tensors go to ``device`` (default CPU). The listed sparse layers
+    become :class:`SparseLinear` (backend ``backend``, on the device of the model's layer, or
+    ``device`` for a meta one); every other tensor is loaded as usual. Tensors are read one at a
+    time, without mmap: host memory peaks at about the checkpoint's size (the tensors kept) plus one
+    tensor.
+
+    Everything is validated first (format, version, the whole-file checksum streamed from disk,
+    keys, shapes, dtypes, packed metadata, and that no parameter or buffer would stay on the meta
+    device): on any mismatch a :class:`CheckpointError` names the tensor or layer and the model is
+    left untouched. Reads sparselora checkpoints and (legacy) compressed-tensors
+    ``sparse-24-bitmask`` ones; for the latter, checkpoint names that differ from the model's module
+    names are mapped with ``key_mapping`` (``{regex: replacement}``, applied in order) or else with
+    transformers' own checkpoint renamings, and tied weights dropped by ``save_pretrained`` are
+    filled in. Returns ``model``. (Directories written by ``save_pretrained`` of a sparsified model
+    load with ``from_pretrained`` instead, see :mod:`sparselora.hf_quantizer`.)
     """
-    kind, meta, tensors, file = _read_all(path)
-    where = str(file)
-    if kind == "sparselora":
-        state, layers = _validated_sparselora(meta, tensors, file)
+    src, directory = _source(path)
+    where = str(src.where)
+    if _kind(src, directory) == "sparselora":
+        state, layers = _validated_sparselora(src)
     else:
-        state, layers = _from_compressed_tensors(tensors, where)
+        state, layers = from_compressed_tensors(src.read_all(), where)
         state, layers = _fit_names(model, state, layers, key_mapping)
         _fill_tied(model, state)
-    new_modules = _plan(model, state, layers, where, backend, strict)
-    # validated: mutate (swap the sparse layers, then load everything else)
+    fallback = torch.device(device) if device is not None else torch.device("cpu")
+    new_modules = _plan(model, state, layers, where, backend, strict, fallback)
+    _check_nothing_left_on_meta(model, state, new_modules, where)
+    # validated: mutate (swap the sparse layers, then load everything else, one tensor at a time)
     for name, mod in new_modules.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, mod)
-    rest = {k: v for k, v in state.items() if not any(k == f"{n}.values" or k == f"{n}.meta" for n in new_modules)}
+    packed_keys = {f"{n}.{leaf}" for n in new_modules for leaf in ("values", "meta", "bias")}
     try:
-        model.load_state_dict(rest, strict=False)
-    except RuntimeError as e:  # cannot happen after _plan's checks; if it does, say the model is unusable
+        assigned = _load_rest(model, state, sorted(k for k in state if k not in packed_keys), fallback)
+    except (RuntimeError, CheckpointError) as e:  # cannot happen after _plan's checks; if it does, say the model is unusable
         raise CheckpointError(f"{where}: loading failed after validation, the model is in an undefined state: {e}") from e
+    if assigned and hasattr(model, "tie_weights"):
+        model.tie_weights()  # tensors that replaced meta ones: re-tie what the architecture ties
     return model
 
 
-def _plan(model: nn.Module, state: dict[str, torch.Tensor], layers: dict[str, dict], where: str, backend: str, strict: bool) -> dict[str, SparseLinear]:
-    """Check ``state`` fits ``model`` with ``layers`` packed; return the SparseLinear modules to install."""
+def _check_nothing_left_on_meta(model: nn.Module, state, new_modules: dict, where: str) -> None:
+    """A model built on the meta device must get every parameter and buffer from the checkpoint;
+    name the first one it would not (typically a non-persistent buffer: build the model with
+    ``init_empty_weights(include_buffers=False)``)."""
+    left = []
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for k, t in items:
+            owner = k.rpartition(".")[0]
+            if t.device.type == "meta" and owner not in new_modules and k not in state:
+                left.append(f"{kind} '{k}'")
+    if left:
+        raise CheckpointError(f"{where}: {len(left)} tensors of {type(model).__name__} are on the meta device and not in the checkpoint "
+                              f"(first: {left[0]}); the model would be unusable. Build it with accelerate's "
+                              "init_empty_weights(include_buffers=False), or load the missing tensors first")
+
+
+def _load_rest(model: nn.Module, state, keys: list[str], device: torch.device) -> bool:
+    """Copy each checkpoint tensor into the model's (or, for a meta one, put it in its place, on
+    ``device``). Tied meta parameters get one shared tensor. Returns whether any was assigned."""
+    slots: dict[str, tuple[nn.Module, str, bool]] = {}
+    for mod_name, mod in model.named_modules():
+        for leaf, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None:
+                slots.setdefault(f"{mod_name}.{leaf}" if mod_name else leaf, (mod, leaf, leaf in mod._parameters))
+    replaced: dict[int, torch.Tensor] = {}
+    assigned = False
+    with torch.no_grad():
+        for k in keys:
+            if k not in slots:
+                continue  # strict=False and a key the model lacks (_plan reported what strict would)
+            mod, leaf, is_param = slots[k]
+            cur = mod._parameters[leaf] if is_param else mod._buffers[leaf]
+            if cur.device.type != "meta":
+                cur.copy_(state[k])
+                continue
+            new = replaced.get(id(cur))
+            if new is None:
+                t = state[k].to(device)
+                new = nn.Parameter(t, requires_grad=cur.requires_grad) if is_param else t
+                replaced[id(cur)] = new
+            if is_param:
+                mod._parameters[leaf] = new
+            else:
+                mod._buffers[leaf] = new
+            assigned = True
+    return assigned
+
+
+def _plan(model: nn.Module, state, layers: dict[str, dict], where: str, backend: str, strict: bool,
+          fallback: torch.device = torch.device("cpu")) -> dict[str, SparseLinear]:
+    """Check ``state`` fits ``model`` with ``layers`` packed; return the SparseLinear modules to install
+    (on the device of the layer they replace, ``fallback`` for a meta-device one)."""
     modules = dict(model.named_modules())
     new: dict[str, SparseLinear] = {}
     for name, info in layers.items():
@@ -516,6 +566,8 @@ def _plan(model: nn.Module, state: dict[str, torch.Tensor], layers: dict[str, di
             shape, dtype, device, has_bias = tuple(mod.weight.shape), mod.weight.dtype, mod.weight.device, mod.bias is not None
         else:
             raise CheckpointError(f"{where}: sparse layer '{name}' is a {type(mod).__name__} in the model, expected nn.Linear")
+        if device.type == "meta":
+            device = fallback
         values, meta = state.get(f"{name}.values"), state.get(f"{name}.meta")
         if values is None or meta is None:
             raise CheckpointError(f"{where}: sparse layer '{name}' has no '{name}.values'/'{name}.meta' tensors")
@@ -564,9 +616,9 @@ def _plan(model: nn.Module, state: dict[str, torch.Tensor], layers: dict[str, di
             parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         raise CheckpointError(f"{where}: checkpoint does not fit {type(model).__name__}: " + "; ".join(parts))
     for k in set(expected) & set(state):
-        e, t = expected[k], state[k]
-        if tuple(e.shape) != tuple(t.shape):
-            raise CheckpointError(f"{where}: shape mismatch for '{k}': checkpoint {tuple(t.shape)}, model {tuple(e.shape)}")
-        if e.dtype != t.dtype:
-            raise CheckpointError(f"{where}: dtype mismatch for '{k}': checkpoint {_dtype_name(t.dtype)}, model {_dtype_name(e.dtype)}")
+        e, (shape, dtype) = expected[k], _spec(state, k)
+        if tuple(e.shape) != tuple(shape):
+            raise CheckpointError(f"{where}: shape mismatch for '{k}': checkpoint {tuple(shape)}, model {tuple(e.shape)}")
+        if e.dtype != dtype:
+            raise CheckpointError(f"{where}: dtype mismatch for '{k}': checkpoint {_dtype_name(dtype)}, model {_dtype_name(e.dtype)}")
     return new

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["TensorInfo", "read_header", "tensor_sha256", "hash_file_tensors", "read_tensor", "ST_DTYPES"]
+__all__ = ["CheckpointError", "TensorInfo", "read_header", "tensor_sha256", "hash_file_tensors", "iter_bytes", "read_tensor", "ST_DTYPES"]
 
 # safetensors dtype names -> torch dtypes (the ones a model checkpoint holds)
 ST_DTYPES = {
@@ -28,6 +28,10 @@ ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _CHUNK = 16 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, of an unknown format, or does not fit the model."""
 
 
 class TensorInfo:
@@ -97,6 +101,20 @@ def tensor_sha256(t: torch.Tensor) -> str:
     if t.numel():
         h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def iter_bytes(file, info: TensorInfo) -> Iterator[memoryview]:
+    """The stored bytes of one tensor, 16 MiB at a time (each chunk valid until the next)."""
+    buf = memoryview(bytearray(min(_CHUNK, max(info.nbytes, 1))))
+    with open(file, "rb", buffering=0) as f:
+        f.seek(info.start)
+        left = info.nbytes
+        while left:
+            got = f.readinto(buf[: min(left, len(buf))])
+            if not got:
+                raise ValueError(f"tensor '{info.name}' ends early: the file is truncated")
+            yield buf[:got]
+            left -= got
 
 
 def hash_file_tensors(file, infos: Iterable[TensorInfo]) -> Iterator[tuple[str, str]]:

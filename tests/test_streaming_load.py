@@ -1,0 +1,82 @@
+"""load_sparse onto a model built without weights (meta device): same model as a dense load, no
+dense weight of a packed layer allocated, nothing silently left on meta."""
+import pytest
+import torch
+from accelerate import init_empty_weights
+
+from sparselora.checkpoint import CheckpointError, load_sparse, save_sparse
+from sparselora.patch import sparse_layers, sparsify
+from sparselora.tiny_models import build, example_inputs
+
+from test_hf_quantizer import AllocatedBytes
+from test_patch import _out, prune_24
+
+
+def _saved(tmp_path, family="llava", seed=0):
+    model = build(family, seed=seed)
+    prune_24(model)
+    sparsify(model)
+    path = save_sparse(model, tmp_path / "ckpt")
+    return model, path
+
+
+def _dense_only_shapes(model):
+    """Shapes only a packed layer's dense weight has (not its packed values, not another tensor)."""
+    layers = sparse_layers(model).values()
+    shapes = {(m.out_features, m.in_features) for m in layers} - {(m.out_features, m.in_features // 2) for m in layers}
+    shapes -= {tuple(t.shape) for t in model.state_dict().values()}
+    assert shapes
+    return shapes
+
+
+def _empty(model):
+    with init_empty_weights():  # parameters on meta, buffers (rotary inv_freq...) real
+        return type(model)(model.config).eval()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_meta_model_loads_everything(family, tmp_path, seed):
+    model, path = _saved(tmp_path, family, seed % 10_000)
+    empty = _empty(model)
+    load_sparse(empty, path.parent)
+    assert not [k for k, t in empty.state_dict().items() if t.device.type == "meta"]
+    assert set(sparse_layers(empty)) == set(sparse_layers(model))
+    sa, sb = empty.state_dict(), model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    if getattr(model.config, "tie_word_embeddings", False):
+        assert empty.get_output_embeddings().weight is empty.get_input_embeddings().weight
+    inputs = example_inputs(family, model, seed=seed % 10_000)
+    with torch.no_grad():
+        assert torch.equal(_out(empty(**inputs)), _out(model(**inputs)))
+
+
+def test_meta_buffers_not_in_the_checkpoint_are_refused(tmp_path):
+    model, path = _saved(tmp_path)
+    with torch.device("meta"):  # buffers on meta too: rotary inv_freq is not in any checkpoint
+        empty = type(model)(model.config)
+    before = {k: (t.device, t.shape) for k, t in empty.state_dict(keep_vars=True).items()}
+    with pytest.raises(CheckpointError, match=r"on the meta device and not in the checkpoint \(first: buffer '[a-z_.]+'"):
+        load_sparse(empty, path.parent)
+    assert {k: (t.device, t.shape) for k, t in empty.state_dict(keep_vars=True).items()} == before
+    assert not sparse_layers(empty)
+
+
+def test_load_allocates_the_packed_bytes_only(tmp_path):
+    """The storages alive at once while loading onto a meta-device model peak at the file's size, and
+    none has the shape of a packed layer's dense weight; the old way (build dense at random, then
+    load) holds the dense weights on top."""
+    model, path = _saved(tmp_path, seed=7)
+    size = path.stat().st_size
+    dense_shapes = _dense_only_shapes(model)
+    # built outside the count: init_empty_weights lets each nn.Linear torch.empty its weight before
+    # moving it to meta (never written, so no resident page: RSS does not see it, aten ops do)
+    empty = _empty(model)
+    with AllocatedBytes() as alloc:
+        load_sparse(empty, path.parent)
+    assert 0.5 * size < alloc.peak < 1.2 * size, (alloc.peak, size)  # the counter sees the reads (no mmap)
+    assert not [s for s in alloc.shapes if s in dense_shapes]
+
+    with AllocatedBytes() as old:
+        load_sparse(type(model)(model.config).eval(), path.parent)
+    assert old.total > 2 * size, (old.total, size)
+    assert [s for s in old.shapes if s in dense_shapes]
