@@ -12,8 +12,11 @@ or, in one command on built-in defaults (real MiniLM weights + a tiny LLaVA), ``
 
 Directories: a dense/pruned model is a transformers ``save_pretrained`` folder plus
 ``sparselora_masks.safetensors`` (exact 2:4 masks, bit-packed) and ``sparselora.json`` (stage,
-provenance); a restored one also has ``sparselora_adapters.safetensors``; a sparsified one is a
-:func:`sparselora.checkpoint.save_sparse` folder (``model.safetensors`` compressed + ``config.json``).
+provenance); a restored one also has ``sparselora_adapters.safetensors``; a sparsified one is, by
+default, a transformers ``save_pretrained`` folder whose ``config.json`` carries the ``sparselora``
+``quantization_config`` (``from_pretrained`` loads it packed once sparselora is imported, see
+:mod:`sparselora.hf_quantizer`), or with ``--format`` a :func:`sparselora.checkpoint.save_sparse`
+folder. Every output keeps the input's tokenizer, processor, chat template and generation config files.
 
 Heavy imports (torch, transformers, pruning, lora) happen inside the commands, so ``--help`` is
 instant and a command whose part is missing from the installation says so clearly.
@@ -140,6 +143,17 @@ def load_model(args_model: str | None, tiny: str | None, dtype: str | None = Non
     except Exception as e:
         raise CLIError(f"{path}: cannot read config.json ({e})") from None
     cls = _model_class(config)
+    from .hf_quantizer import is_packed_dir
+
+    if is_packed_dir(path):  # transformers-native packed directory: from_pretrained streams the packed tensors in
+        kw = {"dtype": tdtype} if tdtype else {"dtype": "auto"}
+        model = cls.from_pretrained(path, **kw).eval()
+        if backend != "auto":
+            from .patch import sparse_layers
+
+            for m in sparse_layers(model).values():
+                m.set_backend(backend)
+        return model, dict(state, stage=state.get("stage", "sparsified"))
     meta = None
     if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
         try:
@@ -152,7 +166,10 @@ def load_model(args_model: str | None, tiny: str | None, dtype: str | None = Non
             delattr(config, "quantization_config")
         dtypes = {v["dtype"] for v in meta["sparse_layers"].values()}
         want = tdtype or (getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.float32)
-        model = cls._from_config(config, dtype=want) if hasattr(cls, "_from_config") else cls(config)
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():  # no weights: load_sparse puts the checkpoint's in place (nothing dense, no random init)
+            model = cls._from_config(config, dtype=want) if hasattr(cls, "_from_config") else cls(config)
         model = model.to(want).eval()
         try:
             load_sparse(model, path, backend=backend)
@@ -193,14 +210,25 @@ def save_model(model, out: Path, state: dict, tokenizer_from: Path | None = None
     _write_state(out, state)
 
 
+# what AutoTokenizer / AutoProcessor / generate() read besides the weights and config.json
+_MODEL_FILES = ("vocab.txt", "special_tokens_map.json", "merges.txt", "vocab.json", "added_tokens.json", "spiece.model",
+                "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "chat_template.json",
+                "chat_template.jinja", "generation_config.json")
+
+
 def _copy_tokenizer(src: Path | None, out: Path) -> None:
+    """Copy the tokenizer, processor, chat template and generation config files of the input
+    directory (those the output lacks), so that every stage's output is a complete model directory."""
     import shutil
 
     if src is None or not Path(src).is_dir():
         return
     for f in Path(src).iterdir():
-        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.txt", "special_tokens_map.json", "merges.txt", "vocab.json")):
+        if f.is_file() and (f.name.startswith("tokenizer") or f.name in _MODEL_FILES) and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
+    templates = Path(src) / "additional_chat_templates"
+    if templates.is_dir() and not (out / templates.name).exists():
+        shutil.copytree(templates, out / templates.name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,7 +475,15 @@ def cmd_sparsify(args) -> int:
     if not report.sparse:
         raise CLIError("no pruned layers to sparsify (no sparse_mask found); run 'sparselora prune' first")
     out = Path(args.out)
-    f = save_sparse(model, out, extra_config={"stage": info.get("stage"), "source": args.model or f"tiny:{args.tiny}"}, format=args.format)
+    if args.format == "transformers":  # config.json quantization_config + packed model.safetensors (hf_quantizer)
+        model.save_pretrained(out)
+        f = out / "model.safetensors" if (out / "model.safetensors").exists() else out / "model.safetensors.index.json"
+    else:
+        if args.format == "compressed-tensors":
+            from .compressed_tensors_interop import LEGACY_NOTE
+
+            print(f"note: {LEGACY_NOTE}", file=sys.stderr)
+        f = save_sparse(model, out, extra_config={"stage": info.get("stage"), "source": args.model or f"tiny:{args.tiny}"}, format=args.format)
     _write_state(out, dict(info, stage="sparsified", format=args.format))
     if args.model:
         _copy_tokenizer(Path(args.model), out)
@@ -583,8 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Swap pruned nn.Linear layers for SparseLinear (backend per layer) and save compressed.")
     model_args(sp)
     sp.add_argument("--backend", default="auto", help="auto or a backend name (see 'sparselora env')")
-    sp.add_argument("--format", default="sparselora", choices=["sparselora", "compressed-tensors"],
-                    help="checkpoint layout (default: sparselora; compressed-tensors = sparse-24-bitmask)")
+    sp.add_argument("--format", default="transformers", choices=["transformers", "sparselora", "compressed-tensors"],
+                    help="checkpoint layout (default: transformers = save_pretrained, loads with from_pretrained once sparselora "
+                         "is imported; sparselora = single-file sparselora-24; compressed-tensors = sparse-24-bitmask, legacy: "
+                         "today's compressed-tensors/transformers no longer load it)")
     sp.add_argument("--strategy", default="language", help="with --tiny: parts to prune by magnitude first (default: language)")
     sp.add_argument("--skip", nargs="*", help="module names to leave dense")
     sp.add_argument("--tokens", nargs="*", type=_positive_int, metavar="M",

@@ -39,7 +39,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .format import Packed24, SparsityError, check_packed
 from .modules import SparseLinear
 
-__all__ = ["QUANT_METHOD", "FORMAT_VERSION", "SparseLoraConfig", "SparseLoraHfQuantizer", "PackedSlot", "attach", "detach",
+__all__ = ["QUANT_METHOD", "FORMAT_VERSION", "SparseLoraConfig", "SparseLoraHfQuantizer", "PackedSlot", "attach", "detach", "is_packed_dir",
            "register"]
 
 logger = logging.getLogger(__name__)
@@ -261,6 +261,18 @@ def _verify_checksums(checkpoint_files) -> None:
             if isinstance(e, SparsityError):
                 raise
             raise SparsityError(f"sparselora checkpoint: {e}") from None
+
+
+def is_packed_dir(path) -> bool:
+    """Whether ``path`` is a directory this method wrote (its config.json names the method)."""
+    from pathlib import Path
+
+    cfg = Path(path) / "config.json"
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def attach(model: nn.Module, backend: str = "auto") -> bool:

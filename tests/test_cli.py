@@ -55,6 +55,7 @@ def test_prune_sparsify_load_flow(tmp_path, capsys):
     assert (pruned / "sparselora_masks.safetensors").exists()
     assert main(["sparsify", str(pruned), "--out", str(sparse)]) == 0
     assert main(["sparsify", str(pruned), "--format", "compressed-tensors", "--out", str(ct)]) == 0
+    assert main(["sparsify", str(pruned), "--format", "sparselora", "--out", str(tmp_path / "single")]) == 0
     out = capsys.readouterr().out
     assert "sparsified" in out and "model.safetensors" in out
 
@@ -66,7 +67,7 @@ def test_prune_sparsify_load_flow(tmp_path, capsys):
     inputs = example_inputs("llava", dense)
     with torch.no_grad():
         ref = dense(**inputs).logits
-    for d in (sparse, ct):
+    for d in (sparse, ct, tmp_path / "single"):
         model, _ = load_model(str(d), None)
         assert set(sparse_layers(model)) == set(masks)
         with torch.no_grad():

@@ -174,3 +174,31 @@ def test_loading_allocates_no_dense_weight(tmp_path, monkeypatch):
     with AllocatedBytes() as alloc_dense:
         build("llava")
     assert alloc_dense.total > dense_packed_layers
+
+
+def test_cli_stages_keep_a_complete_model_directory(tmp_path):
+    """prune -> sparsify of a user directory: processor, chat template, tokenizer and generation
+    config files travel along, and the sparsified output loads with from_pretrained, packed."""
+    from transformers import AutoModelForImageTextToText
+
+    from sparselora.cli import main
+
+    src, pruned, packed = tmp_path / "src", tmp_path / "pruned", tmp_path / "packed"
+    model = build("llava", seed=6)
+    model.save_pretrained(src)
+    extra = {"preprocessor_config.json": '{"image_processor_type": "CLIPImageProcessor", "crop_size": 32}',
+             "processor_config.json": '{"processor_class": "LlavaProcessor", "patch_size": 8}',
+             "chat_template.json": '{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}',
+             "tokenizer_config.json": '{"model_max_length": 256}', "generation_config.json": '{"max_new_tokens": 7}'}
+    for name, text in extra.items():
+        (src / name).write_text(text)
+    assert main(["prune", str(src), "--method", "magnitude", "-q", "--out", str(pruned)]) == 0
+    assert main(["sparsify", str(pruned), "--out", str(packed)]) == 0
+    for d in (pruned, packed):
+        for name, text in extra.items():
+            if name != "generation_config.json":
+                assert (d / name).read_text() == text, (d, name)
+        assert json.loads((d / "generation_config.json").read_text())["max_new_tokens"] == 7
+    assert json.loads((packed / "config.json").read_text())["quantization_config"]["quant_method"] == QUANT_METHOD
+    loaded = AutoModelForImageTextToText.from_pretrained(packed)
+    assert sparse_layers(loaded) and loaded.generation_config.max_new_tokens == 7
