@@ -1,5 +1,6 @@
 """save_sparse / load_sparse: identical outputs, smaller files, atomic writes, clear errors,
 compressed-tensors sparse-24-bitmask interop."""
+import copy
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,8 @@ from sparselora.format import nm_mask
 from sparselora.patch import sparse_layers, sparsify
 from sparselora.tiny_models import build, example_inputs
 
-from test_patch import _out, prune_24
+from helpers import REL_TOL, assert_linear
+from test_patch import _out, _to64, prune_24
 
 
 def _sparse_model(family="llava", seed=0, dtype=torch.float32):
@@ -338,10 +340,18 @@ def test_load_onto_cuda_model(tmp_path):
     load_sparse(fresh, path)
     for name, m in sparse_layers(fresh).items():
         assert m.values.device.type == "cuda" and torch.equal(m.values.cpu(), sparse_layers(model)[name].values)
+    for name, m in sparse_layers(fresh).items():  # each loaded layer, on CUDA, against float64
+        x = torch.randn(37, m.in_features, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert_linear(m(x), x, m.dense_weight(), m.bias, f"{name} ({m.backend.name})")
     inputs = example_inputs("llava", fresh)
-    inputs = {k: v.to("cuda") for k, v in inputs.items()}
-    with torch.no_grad():
-        assert torch.isfinite(fresh(**inputs).logits).all()
+    with torch.no_grad():  # the saved model's float64 evaluation (same bf16 weights)
+        ref64 = _out(copy.deepcopy(model).double()(**_to64(inputs)))
+        out = _out(fresh(**{k: v.to("cuda") for k, v in inputs.items()})).double().cpu()
+    # whole model in bf16: errors compound over layers, so 4x the one-layer bound (as in
+    # test_patch.test_cuda_llava_round_trip)
+    rel = ((out - ref64).norm() / ref64.norm()).item()
+    assert rel <= 4 * REL_TOL[torch.bfloat16], f"loaded model on CUDA vs float64: ‖err‖/‖ref‖ = {rel:.2e}"
 
 
 @pytest.mark.parametrize("family", ["llava", "paligemma"])

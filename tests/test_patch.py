@@ -13,7 +13,7 @@ from sparselora.format import SparsityError, nm_mask
 from sparselora.patch import SparsifyReport, sparse_layers, sparsify, unsparsify
 from sparselora.tiny_models import BUILDERS, build, example_inputs
 
-from helpers import TOL
+from helpers import REL_TOL, assert_close, assert_linear
 
 
 def prune_24(model, parts=("vision", "language", "projector")):
@@ -67,9 +67,7 @@ def test_round_trip_every_family(family, seed):
     with torch.no_grad():
         out = _out(model(**inputs))
     # the packed model is the masked dense model: compare with its float64 evaluation
-    err = (out.double() - ref64).abs().max().item()
-    assert torch.isfinite(out).all()
-    assert err <= 50 * TOL[torch.float32] * max(1.0, ref64.abs().max().item()), f"{family}: err {err:.3e}"
+    assert_close(out, ref64, f"{family}: packed model vs float64")
     torch.testing.assert_close(out, ref32, rtol=1e-5, atol=1e-5)
 
     if family not in ("clip", "siglip"):
@@ -247,15 +245,14 @@ def test_cuda_llava_round_trip(dtype, seed):
     assert report.sparse
     for n, m in sparse_layers(model).items():  # each packed layer against float64 on its own input
         x = torch.randn(37, m.in_features, device="cuda", dtype=dtype)
-        ref = x.double() @ m.dense_weight().double().T + (m.bias.double() if m.bias is not None else 0)
-        out = m(x)
-        err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-        assert err <= 4 * TOL[dtype], f"{n} ({m.backend.name}): rel err {err:.3e}"
+        assert_linear(m(x), x, m.dense_weight(), m.bias, f"{n} ({m.backend.name})", dtype=dtype)
     with torch.no_grad():
         out = _out(model(**cuda_inputs)).double().cpu()
     assert torch.isfinite(out).all()
-    # whole model in 16-bit vs float64: loose bound, errors compound over layers
-    assert (out - ref64).abs().max() <= 0.1 * max(1.0, ref64.abs().max().item())
+    # whole model in 16-bit (weights rounded too) vs float64: errors compound over layers, so 4x
+    # the one-layer bound (measured on CPU: ‖err‖/‖ref‖ ~7e-3 in bf16, ~9e-4 in fp16)
+    rel = ((out - ref64).norm() / ref64.norm()).item()
+    assert rel <= 4 * REL_TOL[dtype], f"whole model ({dtype}) vs float64: ‖err‖/‖ref‖ = {rel:.2e}"
     assert model.generate(**cuda_inputs, max_new_tokens=3, do_sample=False).shape[1] == cuda_inputs["input_ids"].shape[1] + 3
 
 

@@ -11,7 +11,7 @@ fails. GPU tests (skipped only without CUDA) run the same through ``SparseLinear
 import pytest
 import torch
 
-from helpers import assert_close_ref, poisoned, random_24, ref_linear
+from helpers import assert_close, assert_linear, assert_matmul, poisoned, random_24
 from sparselora.format import SparsityError, pack_24
 from sparselora.triton_kernels.sparse24_gemm import sparse24_linear_triton, sparse24_matmul_t_triton
 
@@ -32,7 +32,7 @@ def test_linear_matches_float64(seed, dtype, m, n, k, split_k):
     out = poisoned((m, n), dtype)
     y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=split_k, out=out)
     assert y.dtype == dtype and y.data_ptr() == out.data_ptr()
-    assert_close_ref(y, ref_linear(x, w, b), dtype, k)
+    assert_linear(y, x, w, b, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -44,7 +44,7 @@ def test_linear_bias_and_no_bias(seed, dtype, split_k):
     x = torch.randn(m, k, dtype=torch.float64).to(dtype)
     for bias in (b, None):
         y = sparse24_linear_triton(x, p.values, p.meta, bias, split_k=split_k, out=poisoned((m, n), dtype))
-        assert_close_ref(y, ref_linear(x, w, bias), dtype, k)
+        assert_linear(y, x, w, bias, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -61,7 +61,7 @@ def test_linear_noncontiguous_and_batched_inputs(seed, dtype):
         for split_k in (None, 1):
             y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=split_k)
             assert y.shape == (*x.shape[:-1], n)
-            assert_close_ref(y, ref_linear(x, w, b), dtype, k)
+            assert_linear(y, x, w, b, dtype=dtype)
 
 
 def test_split_path_is_really_split(seed):
@@ -71,10 +71,9 @@ def test_split_path_is_really_split(seed):
     w, _, b = random_24(n, k, torch.float32)
     p = pack_24(w)
     x = torch.randn(m, k)
-    ref = ref_linear(x, w, b)
     for s in (1, 2, 4, 64):
         y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=s, out=poisoned((m, n), torch.float32))
-        assert_close_ref(y, ref, torch.float32, k, what=f"split_k={s}")
+        assert_linear(y, x, w, b, f"split_k={s}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -86,7 +85,7 @@ def test_matmul_t_matches_float64(seed, dtype, m, n, k, split_k):
     dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
     dx = sparse24_matmul_t_triton(dy, p.values, p.meta, split_k=split_k, out=poisoned((m, k), dtype))
     assert dx.dtype == dtype
-    assert_close_ref(dx, dy.double() @ w.double(), dtype, n)
+    assert_matmul(dx, dy, w, dtype=dtype)
 
 
 def test_matmul_t_noncontiguous_batched(seed):
@@ -96,7 +95,7 @@ def test_matmul_t_noncontiguous_batched(seed):
     dy = torch.randn(2, n, 3, dtype=torch.float64).to(torch.float16).transpose(1, 2)
     dx = sparse24_matmul_t_triton(dy, p.values, p.meta)
     assert dx.shape == (2, 3, k)
-    assert_close_ref(dx, dy.double() @ w.double(), torch.float16, n)
+    assert_matmul(dx, dy, w, dtype=torch.float16)
 
 
 def test_empty_and_degenerate_inputs(seed):
@@ -162,15 +161,15 @@ def test_gpu_sparse_linear_uses_triton(seed, dtype, m, n, k):
     mod = SparseLinear.from_linear(lin, backend="triton")
     assert mod.backend.name == "triton", mod.backend_reason
     x = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype)
-    assert_close_ref(mod(x), ref_linear(x, w, b), dtype, k)
+    assert_linear(mod(x), x, w, b, dtype=dtype)
     for split_k in (1, 4):
         out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         y = sparse24_linear_triton(x, mod.values, mod.meta, mod.bias.detach(), split_k=split_k, out=out)
-        assert_close_ref(y, ref_linear(x, w, b), dtype, k, what=f"split_k={split_k}")
+        assert_linear(y, x, w, b, f"split_k={split_k}", dtype=dtype)
         dy = torch.randn(m, n, device="cuda", dtype=torch.float64).to(dtype)
         dx = sparse24_matmul_t_triton(dy, mod.values, mod.meta, split_k=split_k,
                                       out=torch.full((m, k), float("nan"), device="cuda", dtype=dtype))
-        assert_close_ref(dx, dy.double() @ w.double(), dtype, n, what=f"matmul_t split_k={split_k}")
+        assert_matmul(dx, dy, w, f"matmul_t split_k={split_k}", dtype=dtype)
 
 
 @pytest.mark.gpu
@@ -189,8 +188,8 @@ def test_gpu_autograd_input_gradient(seed, dtype):
         x = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype).requires_grad_()
         dy = torch.randn(m, n, device="cuda", dtype=torch.float64).to(dtype)
         mod(x).backward(dy)
-        assert_close_ref(x.grad, dy.double() @ w.double(), dtype, n, what="dx")
-        assert_close_ref(mod.bias.grad, dy.double().sum(0), dtype, m, what="dbias")
+        assert_matmul(x.grad, dy, w, "dx", dtype=dtype)
+        assert_close(mod.bias.grad, dy.double().sum(0), "dbias", dtype=dtype, mag=dy.double().abs().sum(0))
         mod.bias.grad = None
 
 
@@ -213,9 +212,8 @@ def test_gpu_torch_compile_matches_eager(seed):
         x = torch.randn(m, 512, device="cuda", dtype=dtype)
         ref = model(x)
         out = compiled(x)
-        assert torch.isfinite(out).all()
         # same kernels in both; only the split-K summation order may differ (fp32 atomics)
-        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+        assert_close(out, ref.double(), f"compiled vs eager, M={m}", dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +255,7 @@ def test_property_random_shapes(m, n, k4, dtype, split_k, has_bias, seed_):
     p = pack_24(w)
     x = torch.randn(m, k, dtype=torch.float64).to(dtype)
     y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=split_k, out=poisoned((m, n), dtype))
-    assert_close_ref(y, ref_linear(x, w, b), dtype, k)
+    assert_linear(y, x, w, b, dtype=dtype)
     dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
     dx = sparse24_matmul_t_triton(dy, p.values, p.meta, split_k=split_k, out=poisoned((m, k), dtype))
-    assert_close_ref(dx, dy.double() @ w.double(), dtype, n, what="dx")
+    assert_matmul(dx, dy, w, "dx", dtype=dtype)
