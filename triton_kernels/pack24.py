@@ -23,6 +23,7 @@ import triton.language as tl
 
 from sparselora.format import Packed24, SparsityError, check_packable, check_packed, unpack_24
 
+from .launch_guard import on_tensor_device
 from .sparse24_gemm import _expand_pairs, _load_pairs
 
 __all__ = ["pack_24_triton", "unpack_24_triton", "aot_specs"]
@@ -118,6 +119,7 @@ def _cfg():
     return _INTERP_CFG if _interpreting() else _GPU_CFG
 
 
+@on_tensor_device
 def pack_24_triton(w: torch.Tensor, mask: Optional[torch.Tensor] = None, name: Optional[str] = None) -> Packed24:
     """Triton :func:`sparselora.format.pack_24`: bit-identical values and meta."""
     check_packable(w, mask, name)  # the same checks and messages as format.pack_24
@@ -144,6 +146,7 @@ def pack_24_triton(w: torch.Tensor, mask: Optional[torch.Tensor] = None, name: O
     return Packed24(values, meta, (n, k))
 
 
+@on_tensor_device
 def unpack_24_triton(packed: Packed24) -> torch.Tensor:
     """Triton :func:`sparselora.format.unpack_24`: the bit-identical dense weight. Corrupt meta
     (a group whose indices are not ascending) raises like the reference."""

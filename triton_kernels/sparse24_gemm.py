@@ -28,6 +28,7 @@ arithmetic (the interpreter's bf16 dot/arithmetic is broken), and a single small
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from typing import Optional
@@ -38,6 +39,9 @@ import triton.language as tl
 
 from sparselora.format import SparsityError, check_packed
 from sparselora.ops import check_linear_inputs
+
+from . import launch_guard
+from .launch_guard import on_tensor_device
 
 __all__ = ["sparse24_linear_triton", "sparse24_matmul_t_triton", "KERNEL_DTYPES", "aot_specs"]
 
@@ -338,6 +342,33 @@ def _tuned(kind: str, split: bool, arch: int):
     )(fn)
 
 
+# Autotune keys that were tuned outside any CUDA-graph capture: (kind, split, device index,
+# M_KEY, N, K, dtype). Autotuning times configs with host syncs, which a capture forbids.
+_TUNED: set = set()
+_log = logging.getLogger("sparselora.triton")
+
+
+def _launch_tuned(kind: str, split: bool, device: torch.device, mnk: tuple, grid, *args, **kwargs) -> None:
+    """``_tuned(kind, split, arch)[grid](*args, **kwargs)``, safe inside a CUDA-graph capture.
+
+    A key first seen during a capture cannot be autotuned there: this capture gets the first
+    config that fits M, launched directly, and the autotuner's cache is left untouched, so the
+    first call outside a capture still tunes (a capture-time default is never remembered as the
+    tuned choice). Warm every M bucket up before capturing to capture the tuned config."""
+    tuner = _tuned(kind, split, _arch(device))
+    m, n, k = mnk
+    key = (kind, split, device.index, _m_key(m), n, k, args[0].dtype)
+    if key in _TUNED or not launch_guard.capturing():
+        tuner[grid](*args, **kwargs)
+        _TUNED.add(key)
+        return
+    cfg = _prune_by_m(tuner.configs, {"M": m})[0]
+    _log.warning("sparselora: Triton %s kernel: M=%d (N=%d, K=%d) first seen inside a CUDA-graph capture, where "
+                 "autotuning cannot run; this capture uses an untuned config. Run the layer once with this M "
+                 "before capturing.", kind, m, n, k)
+    tuner.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +471,7 @@ def _no_kernel_output(y: torch.Tensor, lead: tuple, k: int, bias: Optional[torch
     return None
 
 
+@on_tensor_device
 def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                            bias: Optional[torch.Tensor] = None, *, split_k: Optional[int] = None,
                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -473,7 +505,7 @@ def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
             tiles = triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"])
             return (tiles, _num_splits(tiles, triton.cdiv(k, meta_["BLOCK_K"]), split_k, sms))
 
-        _tuned("linear", True, _arch(x.device))[grid](
+        _launch_tuned("linear", True, x.device, (m, n, k), grid,
             x2, values, meta, dummy_bias, ws, m, n, k, _m_key(m),
             x2.stride(0), values.stride(0), meta.stride(0), ws.stride(0),
             HAS_BIAS=False, SPLIT_OUT=True, UPCAST=upcast, IEEE=ieee)
@@ -482,13 +514,14 @@ def sparse24_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), 1)
 
-        _tuned("linear", False, _arch(x.device))[grid](
+        _launch_tuned("linear", False, x.device, (m, n, k), grid,
             x2, values, meta, dummy_bias, y, m, n, k, _m_key(m),
             x2.stride(0), values.stride(0), meta.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, SPLIT_OUT=False, UPCAST=upcast, IEEE=ieee)
     return y.reshape(*lead, n)
 
 
+@on_tensor_device
 def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                              *, split_k: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dy @ W`` (``[..., N] -> [..., K]``): the gradient of a 2:4 linear w.r.t. its input.
@@ -526,7 +559,7 @@ def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch
         splits = _num_splits(tiles, triton.cdiv(n, meta_["BLOCK_N"]), split_k, sms) if split else 1
         return (tiles, splits)
 
-    _tuned("matmul_t", split, _arch(dy.device))[grid](
+    _launch_tuned("matmul_t", split, dy.device, (m, n, k), grid,
         g2, values, meta, acc, m, n, k, _m_key(m),
         g2.stride(0), values.stride(0), meta.stride(0), acc.stride(0),
         SPLIT_OUT=split, UPCAST=upcast, IEEE=ieee)

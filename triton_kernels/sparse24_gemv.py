@@ -45,6 +45,7 @@ import triton.language as tl
 
 # one definition of the shared launch helpers (input checks, output buffer rules, finalize
 # kernel): both kernel families must behave identically at their API boundary
+from sparselora.triton_kernels.launch_guard import on_tensor_device
 from sparselora.triton_kernels.sparse24_gemm import (
     KERNEL_DTYPES,
     _check_forward_inputs,
@@ -173,6 +174,7 @@ def _num_splits(programs: int, iters: int, requested: Optional[int], sms: int) -
     return -(-iters // per)
 
 
+@on_tensor_device
 def sparse24_gemv_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, *, split_k: Optional[int] = None,
                          out: Optional[torch.Tensor] = None, config: Optional[tuple] = None) -> torch.Tensor:

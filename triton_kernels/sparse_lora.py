@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
+from .launch_guard import on_tensor_device
 
 __all__ = [
     "sparse_lora_fwd",
@@ -239,7 +240,8 @@ def _dab_kernel(
 
     g = tl.zeros((BN, BK), dtype=tl.float32)
     for m0 in range(0, M, BM):
-        offs_m = m0 + tl.arange(0, BM)
+        # int64: row offsets m * stride reach 2**31 once M*N (dy) or M*K (xa) does
+        offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
         dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None],
                       mask=(offs_m[None, :] < M) & (offs_n[:, None] < N), other=0.0)
         xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_k[None, :],
@@ -364,6 +366,7 @@ def _check_operands(values, meta, a, b, dtype, device):
     return values, meta, a, b, n, k, r
 
 
+@on_tensor_device
 def sparse_lora_fwd(x: torch.Tensor, xa: Optional[torch.Tensor], values: torch.Tensor, meta: torch.Tensor,
                     a: torch.Tensor, b: torch.Tensor, scaling: float, bias: Optional[torch.Tensor] = None,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -389,6 +392,7 @@ def sparse_lora_fwd(x: torch.Tensor, xa: Optional[torch.Tensor], values: torch.T
     return y
 
 
+@on_tensor_device
 def sparse_lora_dx(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    scaling: float, use_w: bool = True, use_lora: bool = True,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -409,6 +413,7 @@ def sparse_lora_dx(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, a
     return dx
 
 
+@on_tensor_device
 def sparse_lora_dab(dy: torch.Tensor, xa: torch.Tensor, meta: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dA, dB)`` with ``G = s·((dyᵀ·xa) ⊙ M)``, ``dA = Bᵀ·G``, ``dB = G·Aᵀ`` (returned in A's dtype)."""
