@@ -344,3 +344,51 @@ def test_backward_through_the_raw_op_fails_clearly():
     x = torch.randn(8, k, device="cuda", dtype=dtype, requires_grad=True)
     with pytest.raises(RuntimeError, match="forward-only"):
         cb.cslt_linear(x, comp, n, k, b).float().sum().backward()
+
+
+def test_capture_time_default_plan_is_replaced_by_a_searched_one():
+    # A first-seen M inside a CUDA-graph capture: no search there (default algorithm, plan marked
+    # provisional); the first call outside a capture searches and builds the real plan.
+    cb.clear_cache(plans=True, tuning=True)
+    n, k, dtype = 512, 1024, torch.bfloat16
+    w, b = weight(n, k, dtype)
+    comp = cb.cslt_compress(w)
+    x = torch.randn(40, k, device="cuda", dtype=dtype)
+    s0 = cb.cache_stats()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(g):
+        y = cb.cslt_linear(x, comp, n, k, b)
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close_ref(y, reference(x, w, b), dtype, k)
+    s1 = cb.cache_stats()
+    assert s1["searches"] == s0["searches"] and s1["plan_misses"] == s0["plan_misses"] + 1
+    y2 = cb.cslt_linear(x, comp, n, k, b)  # outside: searches, replaces the provisional plan
+    s2 = cb.cache_stats()
+    assert s2["searches"] == s1["searches"] + 1 and s2["plan_misses"] == s1["plan_misses"] + 1
+    cb.cslt_linear(x, comp, n, k, b)
+    assert cb.cache_stats()["plan_hits"] == s2["plan_hits"] + 1
+    assert_close_ref(y2, reference(x, w, b), dtype, k)
+    g.replay()  # the graph still runs after its plan was retired
+    torch.cuda.synchronize()
+    assert_close_ref(y, reference(x, w, b), dtype, k)
+
+
+def test_misaligned_bias_builds_one_plan_not_one_per_call():
+    cb.clear_cache(plans=True, tuning=False)
+    n, k, dtype = 256, 512, torch.bfloat16
+    w, b = weight(n, k, dtype)
+    comp = cb.cslt_compress(w)
+    store = torch.empty(n + 1, device="cuda", dtype=dtype)
+    store[1:] = b
+    b_mis = store[1:]  # 2 bytes past an aligned address: the op copies it every call
+    x = torch.randn(16, k, device="cuda", dtype=dtype)
+    cb.cslt_linear(x, comp, n, k, b_mis)
+    s0 = cb.cache_stats()
+    for _ in range(20):
+        y = cb.cslt_linear(x, comp, n, k, b_mis)
+    s1 = cb.cache_stats()
+    assert s1["plan_misses"] == s0["plan_misses"] and s1["plans"] == s0["plans"]
+    assert_close_ref(y, reference(x, w, b), dtype, k)

@@ -217,3 +217,75 @@ def test_gpu_capture_of_a_first_seen_m_works_and_tunes_afterwards(seed):
     y2 = g.sparse24_linear_triton(x, p.values, p.meta)
     assert any(key[3:6] == (g._m_key(37), 1536, 1024) for key in g._TUNED)
     assert ((y2.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+# -- cuSPARSELt: capture and plan keys --------------------------------------------------------------
+def test_cusparselt_warns_for_a_first_seen_m_inside_a_capture(monkeypatch, caplog):
+    from sparselora.backends import cusparselt_backend as cb
+
+    calls = []
+    monkeypatch.setattr(cb, "cslt_linear", lambda x, c, n, k, bias=None: calls.append((x.shape, n, k)) or x.new_zeros(*x.shape[:-1], n))
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    backend = cb.CusparseLtBackend()
+    p = _packed(64, 128, torch.bfloat16, "cpu")
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="sparselora.cusparselt"):
+        backend.linear(x, p, {"cslt_compressed": torch.zeros(1, dtype=torch.uint8)}, None)
+        assert "first seen inside a CUDA-graph capture" in caplog.text and "M=5" in caplog.text
+        caplog.clear()
+        capturing[0] = False
+        backend.linear(x, p, {"cslt_compressed": torch.zeros(1, dtype=torch.uint8)}, None)  # the warm-up
+        capturing[0] = True
+        backend.linear(x[:3], p, {"cslt_compressed": torch.zeros(1, dtype=torch.uint8)}, None)  # same M bucket (8)
+        assert caplog.text == ""
+    assert len(calls) == 3
+    assert [cb._m_bucket(m) for m in (1, 8, 9, 16, 17, 4096, 4097)] == [8, 8, 16, 16, 32, 4096, 8192]
+
+
+PLAN_KEY_CHECK = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <unordered_set>
+#include <vector>
+#include "cusparselt/plan_key.h"
+using namespace sparselora::cslt;
+int main() {
+  std::unordered_set<PlanKey, PlanKeyHash> plans;
+  std::vector<char*> biases;
+  // 100 calls of one layer whose misaligned bias the op copies every call (a new pointer each time)
+  for (int i = 0; i < 100; ++i) {
+    char* tmp = static_cast<char*>(std::malloc(4096 + 64 * i));  // all alive: distinct addresses
+    biases.push_back(tmp);
+    plans.insert(make_plan_key(0, 15, 4096, 4096, 16, tmp + 2, /*temporary=*/true, /*in_key=*/true, 0));
+  }
+  if (plans.size() != 1) { std::printf("temporary biases built %zu plans\n", plans.size()); return 1; }
+  // two layers with their own (stable) biases: one plan each, however many calls
+  for (int i = 0; i < 50; ++i)
+    for (int l = 0; l < 2; ++l)
+      plans.insert(make_plan_key(0, 15, 4096, 4096, 16, biases[l], false, true, 0));
+  if (plans.size() != 3) { std::printf("stable biases: %zu plans, expected 3\n", plans.size()); return 1; }
+  if (bias_key(false, biases[0], false) != 0 || bias_key(true, nullptr, false) != 0) return 1;
+  // provisional (capture-time default) plans serve captures only
+  if (!reuse_cached_plan(false, false) || !reuse_cached_plan(false, true) || !reuse_cached_plan(true, true) ||
+      reuse_cached_plan(true, false)) { std::printf("reuse rule wrong\n"); return 1; }
+  for (char* b : biases) std::free(b);
+  std::printf("PLAN-KEY-OK\n");
+  return 0;
+}
+"""
+
+
+def test_cusparselt_plan_keys_one_plan_per_layer_not_per_call(tmp_path):
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (CI has one: nvcc needs it)")
+    src = tmp_path / "plan_key_check.cpp"
+    src.write_text(PLAN_KEY_CHECK)
+    exe = tmp_path / "plan_key_check"
+    p = subprocess.run([cxx, "-std=c++17", "-O0", "-I", str(ROOT / "csrc"), str(src), "-o", str(exe)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "PLAN-KEY-OK" in r.stdout, r.stdout + r.stderr

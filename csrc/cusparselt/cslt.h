@@ -80,6 +80,7 @@ struct Operands {
   const void* b = nullptr;     // x, padded to m rows
   void* d = nullptr;           // output [m, n] row-major == [n, m] column-major
   const void* bias = nullptr;  // nullptr when the problem has no bias
+  bool bias_temporary = false; // bias is a per-call copy (it was misaligned): keep it out of plan keys
 };
 
 // Runs D = A op(B) (+ bias) with the cached plan for `p`, creating and tuning it on first use.

@@ -109,9 +109,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& compressed, int64_t out
     x2 = x2.clone();  // e.g. a view starting mid-allocation
   }
   at::Tensor b;
+  bool bias_temporary = false;
   if (bias) {
     b = bias->contiguous();
-    if (!aligned(b.data_ptr())) b = b.clone();
+    // A misaligned bias is copied on every call; plan keys leave such a temporary out (one plan
+    // per shape and M, not one per call). SparseLinear owns an aligned bias, so never pays this.
+    bias_temporary = !b.is_same(*bias);
+    if (!aligned(b.data_ptr())) {
+      b = b.clone();
+      bias_temporary = true;
+    }
   }
   at::Tensor out = at::empty({m_pad, n}, x2.options());  // == column-major [n, m_pad]
 
@@ -127,6 +134,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& compressed, int64_t out
   ops.b = x2.data_ptr();
   ops.d = out.data_ptr();
   ops.bias = bias ? b.data_ptr() : nullptr;
+  ops.bias_temporary = bias_temporary;
   run_matmul(p, ops, c10::cuda::getCurrentCUDAStream(device).stream());
 
   // The first m rows of a row-major [m_pad, n] tensor are contiguous: no copy.

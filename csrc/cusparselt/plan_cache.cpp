@@ -12,6 +12,10 @@
 // Tuning per M bucket rather than per exact M keeps the number of searches bounded when the
 // token count varies from call to call (prefill); plans are still built per exact M.
 //
+// CUDA-graph capture: the search cannot run inside one. A plan first needed during a capture
+// runs cuSPARSELt's default algorithm and is marked provisional; the first call outside a capture
+// searches and replaces it (plan_key.h: reuse_cached_plan). Warm each M up before capturing.
+//
 // Thread safety: one global mutex for the maps (held only for lookups and inserts), one
 // mutex per tuning slot (so each key is searched exactly once, while other keys proceed), and
 // one mutex per plan (held while its bias pointer may be re-set and the matmul is enqueued).
@@ -33,6 +37,7 @@
 #include <unordered_map>
 
 #include "cslt.h"
+#include "plan_key.h"
 
 namespace sparselora::cslt {
 
@@ -46,6 +51,7 @@ struct PlanEntry {
   size_t workspace = 0;
   const void* bound_bias = nullptr;
   AlgConfig config;
+  bool provisional = false;  // built inside a capture without a tuned config: see reuse_cached_plan
   std::mutex mu;
 
   PlanEntry() = default;
@@ -66,19 +72,6 @@ namespace {
 // ---------------------------------------------------------------------------------------
 // keys
 
-struct PlanKey {
-  int device;
-  int dtype;
-  int64_t n, k, m;
-  bool bias;
-  uintptr_t bias_ptr;  // nonzero only in bias-in-key mode (see set_bias_in_key)
-  int layout;
-  bool operator==(const PlanKey& o) const {
-    return device == o.device && dtype == o.dtype && n == o.n && k == o.k && m == o.m &&
-           bias == o.bias && bias_ptr == o.bias_ptr && layout == o.layout;
-  }
-};
-
 struct TuneKey {
   std::string device_name;
   int dtype;
@@ -88,18 +81,6 @@ struct TuneKey {
   bool operator==(const TuneKey& o) const {
     return device_name == o.device_name && dtype == o.dtype && n == o.n && k == o.k &&
            m_bucket == o.m_bucket && bias == o.bias && layout == o.layout;
-  }
-};
-
-inline void hash_mix(size_t& h, size_t v) { h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); }
-
-struct PlanKeyHash {
-  size_t operator()(const PlanKey& k) const {
-    size_t h = 0;
-    for (size_t v : {size_t(k.device), size_t(k.dtype), size_t(k.n), size_t(k.k), size_t(k.m),
-                     size_t(k.bias), size_t(k.bias_ptr), size_t(k.layout)})
-      hash_mix(h, v);
-    return h;
   }
 };
 
@@ -145,6 +126,9 @@ struct Cache {
   std::atomic<bool> bias_in_key{env_int("SPARSELORA_CSLT_BIAS_IN_KEY", 1) != 0};
   int search_budget_ms = std::max(100, env_int("SPARSELORA_CSLT_SEARCH_BUDGET_MS", 3000));
   std::atomic<int64_t> hits{0}, misses{0}, searches{0}, rebinds{0};
+  // Provisional plans replaced after a capture: a captured graph may still hold launches made
+  // with them, so they are kept alive (few: at most one per shape and M captured untuned).
+  std::vector<std::shared_ptr<PlanEntry>> retired;
 };
 
 Cache& cache() {
@@ -419,16 +403,22 @@ std::optional<AlgConfig> choose_config(const cusparseLtHandle_t* h, const Proble
 std::shared_ptr<PlanEntry> get_plan(const cusparseLtHandle_t* h, const Problem& p, const Operands& ops,
                                     cudaStream_t stream) {
   Cache& c = cache();
-  const bool in_key = c.bias_in_key.load();
-  PlanKey key{p.device, static_cast<int>(p.dtype), p.n, p.k, p.m, p.has_bias,
-              in_key ? reinterpret_cast<uintptr_t>(ops.bias) : 0, p.layout};
+  const bool cap = capturing(stream);
+  const PlanKey key = make_plan_key(p.device, static_cast<int>(p.dtype), p.n, p.k, p.m, ops.bias,
+                                    ops.bias_temporary, c.bias_in_key.load(), p.layout);
   {
     std::lock_guard<std::mutex> g(c.mu);
     auto it = c.plans.find(key);
     if (it != c.plans.end()) {
-      c.lru.splice(c.lru.begin(), c.lru, it->second.second);
-      c.hits.fetch_add(1);
-      return it->second.first;
+      if (reuse_cached_plan(it->second.first->provisional, cap)) {
+        c.lru.splice(c.lru.begin(), c.lru, it->second.second);
+        c.hits.fetch_add(1);
+        return it->second.first;
+      }
+      // a capture-time default, now outside a capture: search and build the real one
+      c.retired.push_back(it->second.first);
+      c.lru.erase(it->second.second);
+      c.plans.erase(it);
     }
   }
   // Miss: tune (maybe) and build outside the map lock, so other shapes keep running.
@@ -443,13 +433,20 @@ std::shared_ptr<PlanEntry> get_plan(const cusparseLtHandle_t* h, const Problem& 
   }
   if (!built) built = make_plan(h, p, ops.bias, nullptr, /*allow_fail=*/false);
   if (cfg) built->config.time_ns = cfg->time_ns;
+  built->provisional = !cfg && cap && c.search.load();
   std::shared_ptr<PlanEntry> entry(std::move(built));
 
   std::lock_guard<std::mutex> g(c.mu);
   auto it = c.plans.find(key);
-  if (it != c.plans.end()) {  // another thread built the same plan meanwhile: use theirs
-    c.hits.fetch_add(1);
-    return it->second.first;
+  if (it != c.plans.end()) {
+    if (reuse_cached_plan(it->second.first->provisional, cap)) {
+      // another thread built the same plan meanwhile: use theirs
+      c.hits.fetch_add(1);
+      return it->second.first;
+    }
+    c.retired.push_back(it->second.first);  // theirs is a capture-time default: ours replaces it
+    c.lru.erase(it->second.second);
+    c.plans.erase(it);
   }
   c.lru.push_front(key);
   c.plans.emplace(key, std::make_pair(entry, c.lru.begin()));

@@ -24,6 +24,7 @@ meta (its state dict) and the compressed buffer (about the same size: 9/16 of de
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from typing import Optional
@@ -216,6 +217,39 @@ def _autoload_tuning(device: torch.device) -> None:
             warnings.warn(f"sparselora: ignoring shipped cuSPARSELt tuning {path}: {e}")
 
 
+# -- CUDA-graph capture ------------------------------------------------------------------------
+_log = logging.getLogger("sparselora.cusparselt")
+#: (device, dtype, N, K, M bucket, bias) run outside any capture: their algorithm is searched
+_WARM: set = set()
+
+
+def _m_bucket(m: int) -> int:
+    """The C++ plan cache's tuning bucket of ``m`` rows (padded to 8, then a power of two)."""
+    padded, bucket = -(-m // 8) * 8, 8
+    while bucket < padded:
+        bucket *= 2
+    return bucket
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _note_capture(x: torch.Tensor, n: int, k: int, has_bias: bool) -> None:
+    """Warn when a (shape, M bucket) is first seen inside a CUDA-graph capture: the algorithm
+    search cannot run there, so the capture records cuSPARSELt's default algorithm (the C++ cache
+    marks that plan provisional and searches on the first call outside a capture)."""
+    key = (x.device, x.dtype, n, k, _m_bucket(x.numel() // k if k else 0), has_bias)
+    if key in _WARM:
+        return
+    if not _capturing():
+        _WARM.add(key)
+        return
+    _log.warning("sparselora: cuSPARSELt GEMM [%d, %d] with M=%d first seen inside a CUDA-graph capture: the "
+                 "algorithm search cannot run there, this graph uses cuSPARSELt's default algorithm. Run the "
+                 "layer once with this M before capturing.", n, k, x.numel() // k if k else 0)
+
+
 # -- the backend -------------------------------------------------------------------------------
 def _needs_grad(x: torch.Tensor, packed: Packed24, bias: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and (
@@ -272,7 +306,8 @@ class CusparseLtBackend(Backend):
         if x.dtype != packed.dtype:
             raise SparsityError(f"cusparselt backend: input dtype {x.dtype} != weight dtype {packed.dtype}")
         n, k = packed.shape
-        return torch.ops.sparselora.cslt_linear(x, extra["cslt_compressed"], n, k, bias)
+        _note_capture(x, n, k, bias is not None)
+        return cslt_linear(x, extra["cslt_compressed"], n, k, bias)
 
 
 CUSPARSELT = register_backend(CusparseLtBackend())
