@@ -41,7 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LIMIT_S = 540
 OUTPUTS = ("build.log", "summary.md", "results.tgz")
 # the focused GPU test subset of `quick`: the kernels and backends, not inductor compiles
-QUICK_TESTS = ["tests/test_cusparselt.py", "tests/test_triton_gemm.py", "tests/test_triton_gemv.py"]
+# (cheapest first: a stage killed at its limit still reports the files it finished)
+QUICK_TESTS = ["tests/test_gpu_risks.py", "tests/test_cusparselt.py", "tests/test_triton_gemv.py",
+               "tests/test_triton_gemm.py"]
 
 
 @dataclass
@@ -339,6 +341,9 @@ def render_summary(command: str, status: dict, work: Path, py: str, env: dict, e
             lines += ["", f"## {name}" + (" (graph-timed: many calls over rotating weight copies; eager in the json)"
                                           if name in ("decode", "prefill", "gemm") else ""), "",
                       "| | |", "|---|---|"] + [f"| {k} | {_fmt(summ[k])} |" for k in keys]
+    for log in sorted(work.glob("pytest*.log")) + sorted(work.glob("sanitize*.log")):
+        tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-3:]
+        lines += ["", f"## {log.stem} (last lines of its log)", "", "```", *tail, "```"]
     for xml in sorted(work.glob("pytest*.xml")):
         head = xml.read_text()[:2000]
         counts = {k: re.search(fr'{k}="(\d+)"', head) for k in ("tests", "failures", "errors", "skipped")}
