@@ -17,7 +17,7 @@ every other tensor as is. The safetensors header metadata records:
 
 Writes are atomic: temp files in the destination directory (weights and ``config.json`` together)
 are written and fsynced, and only then ``os.replace``d over the targets, so a failing save leaves
-the previous files intact.
+the previous files intact. Files get the modes ``open`` gives (0644 under umask 022), not 0600.
 
 ``load_sparse(model, path)`` takes a model of the same architecture, dense or built without
 weights (meta device), validates every key, shape, dtype, the packed metadata and the checksum
@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
@@ -44,9 +43,10 @@ from .compressed_tensors_interop import CT_FORMAT, LEGACY_NOTE, check_ct_config,
 from .compressed_tensors_interop import packbits as _packbits, unpackbits as _unpackbits  # noqa: F401  (cli's masks)
 from .format import Packed24, SparsityError, check_packed, unpack_24
 from .modules import SparseLinear
+from .staging import new_file
 from .stream_io import CheckpointError, TensorInfo, iter_bytes, read_header, read_tensor
 
-__all__ = ["save_sparse", "load_sparse", "read_metadata", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION",
+__all__ = ["save_sparse", "load_sparse", "read_metadata", "sparse_claim", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION",
            "WEIGHTS_NAME", "CT_FORMAT"]
 
 logger = logging.getLogger(__name__)
@@ -100,10 +100,11 @@ def _atomic_write_all(files: list[tuple[Path, object]]) -> None:
         for path, write_fn in files:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
+            tmp = str(new_file(path.parent, prefix=f".{path.name}.", suffix=".tmp"))  # umask modes, unlike mkstemp's 0600
+            mode = os.stat(tmp).st_mode
             staged.append((tmp, path))
             write_fn(tmp)
+            os.chmod(tmp, mode)  # safetensors recreates the file 0600 whatever the umask: readable as the umask allows
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         for tmp, path in staged:
@@ -340,6 +341,56 @@ def _kind(src: _Source, directory: Optional[Path]) -> str:
         raise CheckpointError(f"{file}: a transformers-native sparselora directory: load it with from_pretrained "
                               "(sparselora imported), not load_sparse")
     raise CheckpointError(f"{file}: holds no sparse layers in a known format (no {FORMAT_NAME!r} metadata, no compressed-tensors bitmasks)")
+
+
+def sparse_claim(path) -> Optional[str]:
+    """Why the model directory ``path`` holds, or claims to hold, sparse layers in a format this
+    package reads (None for a plain dense transformers folder), from ``config.json`` and the
+    safetensors headers alone.
+
+    A loader that falls back to a plain ``from_pretrained`` must ask this first: a sparse checkpoint
+    that :func:`load_sparse` refuses (corrupt, unknown version) would otherwise load with every packed
+    layer initialised at random. A weights file whose header cannot be read, or which is shorter
+    than its header says, raises :class:`CheckpointError`: it is not loadable any other way either.
+    """
+    directory = Path(path)
+    cfg_file = directory / "config.json"
+    if cfg_file.exists():
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg_file}: cannot read config.json ({e})") from None
+        qc = (cfg.get("quantization_config") or cfg.get("compression_config") or {}) if isinstance(cfg, dict) else {}
+        method = str(qc.get("quant_method", "")) if isinstance(qc, dict) else ""
+        if method.startswith("sparselora"):
+            return f"{cfg_file} declares quant_method {method!r}"
+        if isinstance(qc, dict) and qc.get("sparsity_config"):
+            return f"{cfg_file} declares a compressed-tensors sparsity_config"
+    files = [directory / WEIGHTS_NAME] if (directory / WEIGHTS_NAME).exists() else []
+    index = directory / (WEIGHTS_NAME + ".index.json")
+    if not files and index.exists():
+        try:
+            files = [directory / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: corrupt index ({type(e).__name__}: {e})") from None
+    for file in files:
+        if not file.exists():
+            raise CheckpointError(f"{file}: listed in {index.name} but missing")
+        try:
+            meta, infos = read_header(file)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+        ours = sorted(k for k in ("format_version", "sparse_layers", "checksum", "sparselora_version", "sparselora_checksums")
+                      if k in meta)
+        if str(meta.get("format", "")).startswith("sparselora") or ours:
+            return f"{file} header says format {meta.get('format')!r}" + (f" with {', '.join(ours)}" if ours else "")
+        for k in infos:
+            owner, _, leaf = k.rpartition(".")
+            if leaf == "bitmask" or (leaf == "compressed" and f"{owner}.shape" in infos):
+                return f"{file} holds compressed-tensors sparse tensors ({k})"
+            if leaf == "values" and f"{owner}.meta" in infos:
+                return f"{file} holds packed 2:4 tensors ({k})"
+    return None
 
 
 def read_metadata(path) -> dict:

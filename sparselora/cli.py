@@ -24,6 +24,7 @@ instant and a command whose part is missing from the installation says so clearl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -63,6 +64,36 @@ def _positive_float(text: str) -> float:
     return v
 
 
+_STRATEGIES = ("language", "vision", "both")
+
+
+def _strategy(text: str):
+    """'language' / 'vision' / 'both', or a JSON object {part: ratio-or-pattern} (checked in full by the command)."""
+    import argparse
+
+    if text.lstrip().startswith("{"):
+        try:
+            v = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e})") from None
+        if not isinstance(v, dict):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object such as '{{\"vision\": 0.3, \"language\": \"2:4\"}}'")
+        return v
+    if text not in _STRATEGIES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(_STRATEGIES)}, or a JSON object "
+                                         "{part: ratio-or-pattern} with parts vision, projector, language, head")
+    return text
+
+
+def _device(text: str) -> str:
+    import argparse
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device this command runs on: use cpu, cuda or cuda:N")
+    return text
+
+
 class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
@@ -96,7 +127,15 @@ def _have(module: str) -> bool:
 # model directories
 def _read_state(path: Path) -> dict:
     f = path / STATE_FILE
-    return json.loads(f.read_text()) if f.exists() else {}
+    if not f.exists():
+        return {}
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CLIError(f"{f}: cannot read it ({e})") from None
+    if not isinstance(state, dict):
+        raise CLIError(f"{f}: corrupt (not a JSON object)")
+    return state
 
 
 def _write_state(path: Path, state: dict) -> None:
@@ -115,8 +154,21 @@ def _model_class(config):
     return transformers.AutoModel
 
 
-def load_model(args_model: str | None, tiny: str | None, dtype: str | None = None, backend: str = "auto"):
-    """(model, info) from ``--tiny FAMILY`` or a model directory (dense, pruned or sparsified)."""
+def _model_dir(arg: str, what: str) -> Path:
+    path = Path(arg)
+    if not path.exists():
+        raise CLIError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise CLIError(f"{what} {path} is not a model directory")
+    return path
+
+
+def load_model(args_model: str | None, tiny: str | None, dtype: str | None = None, backend: str = "auto", what: str = "model"):
+    """(model, info) from ``--tiny FAMILY`` or a model directory (dense, pruned or sparsified).
+
+    A directory whose files claim a sparse format this package reads (:func:`checkpoint.sparse_claim`)
+    is loaded by :func:`checkpoint.load_sparse` or not at all: its CheckpointError propagates, since
+    ``from_pretrained`` would initialise every packed layer at random."""
     import torch
 
     tdtype = getattr(torch, dtype) if dtype else None
@@ -130,37 +182,31 @@ def load_model(args_model: str | None, tiny: str | None, dtype: str | None = Non
         return model, {"tiny": tiny, "family": get_family(model).name, "stage": "dense"}
     if not args_model:
         raise CLIError("give a model directory or --tiny FAMILY")
-    path = Path(args_model)
-    if not path.is_dir():
-        raise CLIError(f"{path} is not a model directory")
+    path = _model_dir(args_model, what)
     state = _read_state(path)
     from transformers import AutoConfig
 
-    from .checkpoint import CheckpointError, load_sparse, read_metadata
+    from .checkpoint import load_sparse, read_metadata, sparse_claim
 
+    claim = sparse_claim(path)  # before AutoConfig: a sparse config must not be read as a plain one
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise CLIError(f"{path}: cannot read config.json ({e})") from None
+        raise CLIError(f"{path}: cannot read config.json ({_one_line(e)})") from None
     cls = _model_class(config)
     from .hf_quantizer import is_packed_dir
 
     if is_packed_dir(path):  # transformers-native packed directory: from_pretrained streams the packed tensors in
         kw = {"dtype": tdtype} if tdtype else {"dtype": "auto"}
-        model = cls.from_pretrained(path, **kw).eval()
+        model = _from_pretrained(cls, path, kw)
         if backend != "auto":
             from .patch import sparse_layers
 
             for m in sparse_layers(model).values():
                 m.set_backend(backend)
         return model, dict(state, stage=state.get("stage", "sparsified"))
-    meta = None
-    if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
-        try:
-            meta = read_metadata(path)
-        except CheckpointError:
-            meta = None  # a plain save_pretrained folder
-    if meta is not None:
+    if claim is not None:
+        meta = read_metadata(path)  # CheckpointError (naming the file) goes to the user, never to from_pretrained
         # a compressed checkpoint: build the architecture from the config, then load packed
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
@@ -171,30 +217,60 @@ def load_model(args_model: str | None, tiny: str | None, dtype: str | None = Non
         with init_empty_weights():  # no weights: load_sparse puts the checkpoint's in place (nothing dense, no random init)
             model = cls._from_config(config, dtype=want) if hasattr(cls, "_from_config") else cls(config)
         model = model.to(want).eval()
-        try:
-            load_sparse(model, path, backend=backend)
-        except CheckpointError as e:
-            raise CLIError(str(e)) from None
+        load_sparse(model, path, backend=backend)
         return model, dict(state, stage=state.get("stage", "sparsified"))
-    kw = {"dtype": tdtype} if tdtype else {}
-    model = cls.from_pretrained(path, **kw).eval()
-    masks = path / MASKS_FILE
-    if masks.exists():
-        from safetensors.torch import load_file
-
-        from .checkpoint import _unpackbits
-
-        for name, bits in load_file(masks).items():
-            lin = model.get_submodule(name)
-            mask = _unpackbits(bits, lin.in_features).to(lin.weight.device)
-            if mask.shape != lin.weight.shape:
-                raise CLIError(f"{masks}: mask of '{name}' is {tuple(mask.shape)}, layer is {tuple(lin.weight.shape)}")
-            lin.register_buffer("sparse_mask", mask, persistent=False)
+    model = _from_pretrained(cls, path, {"dtype": tdtype} if tdtype else {})
+    _load_masks(model, path / MASKS_FILE)
     return model, state
 
 
+def _from_pretrained(cls, path: Path, kw: dict):
+    from .checkpoint import CheckpointError
+    from .format import SparsityError
+
+    try:
+        return cls.from_pretrained(path, **kw).eval()
+    except (SparsityError, CheckpointError):
+        raise  # the package's own checks: their messages name the file/layer
+    except (OSError, ValueError, RuntimeError) as e:  # missing/corrupt weights, shape mismatches: about the files
+        raise CLIError(f"{path}: cannot load the model ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _load_masks(model, masks: Path) -> None:
+    if not masks.exists():
+        return
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointError, _unpackbits
+
+    try:
+        stored = load_file(masks)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{masks}: cannot read ({_one_line(e)}); the file is truncated or corrupt") from None
+    for name, bits in stored.items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, torch.nn.Linear):
+            raise CheckpointError(f"{masks}: mask of '{name}', which is not a Linear layer of {type(model).__name__}")
+        if bits.dtype != torch.uint8 or bits.dim() != 2 or bits.shape[1] != -(-lin.in_features // 8):
+            raise CheckpointError(f"{masks}: mask of '{name}' is {bits.dtype} {tuple(bits.shape)}, expected bit-packed uint8 "
+                                  f"{(lin.out_features, -(-lin.in_features // 8))}")
+        mask = _unpackbits(bits, lin.in_features).to(lin.weight.device)
+        if mask.shape != lin.weight.shape:
+            raise CheckpointError(f"{masks}: mask of '{name}' is {tuple(mask.shape)}, layer is {tuple(lin.weight.shape)}")
+        lin.register_buffer("sparse_mask", mask, persistent=False)
+
+
 def save_model(model, out: Path, state: dict, tokenizer_from: Path | None = None) -> None:
-    """save_pretrained + exact masks of the pruned layers + stage info."""
+    """save_pretrained + exact masks of the pruned layers + stage info (into a staged directory)."""
     import torch
     from safetensors.torch import save_file
 
@@ -313,14 +389,16 @@ def _output_fn(out):
 # ---------------------------------------------------------------------------------------
 # pruning (the pruning package when installed, else magnitude 2:4 via nm_mask)
 def _family_for(model, family: str | None):
-    from .families import custom_family, get_family
+    from .families import FAMILIES, custom_family, get_family
 
+    if family is not None and family not in FAMILIES:
+        raise CLIError(f"--family {family!r} is not a known family; known: {', '.join(sorted(FAMILIES))}")
     try:
         return get_family(model, family)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError) as e:
         if getattr(getattr(model, "config", None), "model_type", None) == "bert":
             return custom_family(language=["encoder"], name="bert")  # text encoder: every encoder Linear
-        raise
+        raise CLIError(f"{_one_line(e)}; give --family (known: {', '.join(sorted(FAMILIES))})") from None
 
 
 def _pattern(p: str):
@@ -331,23 +409,56 @@ def _pattern(p: str):
         return p
 
 
-def prune_model(model, method: str, pattern: str, strategy: str, family, calib, progress: bool = True):
+def _check_prune_options(pattern: str, strategy) -> None:
+    """--pattern and --strategy, checked before any model is loaded."""
+    if not _have("sparselora.pruning"):
+        if pattern != "2:4" or not isinstance(strategy, str):
+            raise CLIError(f"--pattern {pattern} / --strategy {strategy!r} need sparselora.pruning (the built-in fallback "
+                           f"does 2:4 magnitude on {', '.join(_STRATEGIES)} only)")
+        return
+    from .pruning.methods import parse_pattern
+    from .pruning.strategy import part_patterns
+
+    try:
+        parse_pattern(_pattern(pattern))
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--pattern {pattern!r}: {_one_line(e)}") from None
+    try:
+        part_patterns(strategy, _pattern(pattern))
+    except (ValueError, TypeError) as e:
+        shown = json.dumps(strategy) if isinstance(strategy, dict) else strategy
+        raise CLIError(f"--strategy {shown}: {_one_line(e)}") from None
+
+
+def _check_skip(model, skip) -> None:
+    """Every --skip name must match a Linear layer (exact, prefix or .suffix, as the library matches):
+    a typo would otherwise prune or pack the layer it meant to keep."""
+    import torch
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for s in skip or ():
+        if not any(n == s or n.startswith(s + ".") or n.endswith("." + s) for n in names):
+            raise CLIError(f"--skip {s!r} matches no Linear layer of {type(model).__name__} (give a module name, a prefix "
+                           f"or a .suffix, e.g. {names[0] if names else 'lm_head'!r})")
+
+
+def prune_model(model, method: str, pattern: str, strategy, family, calib, progress: bool = True, skip=()):
     """Returns (rows, method actually used, the pruning package's markdown report or None)."""
     pattern = _pattern(pattern) if isinstance(pattern, str) else pattern
     if _have("sparselora.pruning"):
         from .pruning import prune
 
         rep = prune(model, method=method, pattern=pattern, calib=calib if method != "magnitude" else None,
-                    strategy=strategy, family=family, progress=progress)
+                    strategy=strategy, family=family, progress=progress, skip=skip or ())
         return list(getattr(rep, "rows", [])), method, (rep.to_markdown() if hasattr(rep, "to_markdown") else None)
     if method != "magnitude":
         print(f"note: sparselora.pruning is not installed; using magnitude 2:4 instead of {method}", file=sys.stderr)
     if pattern != "2:4":
         raise CLIError(f"pattern {pattern} needs sparselora.pruning (the built-in fallback does 2:4 magnitude only)")
-    return magnitude_24(model, strategy, family), "magnitude", None
+    return magnitude_24(model, strategy, family, skip), "magnitude", None
 
 
-def magnitude_24(model, strategy: str, family) -> list[dict]:
+def magnitude_24(model, strategy: str, family, skip=()) -> list[dict]:
     import torch
 
     from .families import linear_layers
@@ -355,10 +466,10 @@ def magnitude_24(model, strategy: str, family) -> list[dict]:
 
     parts = {"language": ["language"], "vision": ["vision"], "both": ["vision", "language"]}.get(strategy)
     if parts is None:
-        raise CLIError(f"strategy {strategy!r}: the built-in fallback knows language / vision / both")
+        raise CLIError(f"--strategy {strategy!r}: the built-in magnitude pruning knows {', '.join(_STRATEGIES)}")
     rows = []
     for name, lin in linear_layers(model, parts, family=family).items():
-        if lin.in_features % 4:
+        if lin.in_features % 4 or any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip or ()):
             continue
         mask = nm_mask(lin.weight.detach().abs().float(), name=name)
         with torch.no_grad():
@@ -368,8 +479,47 @@ def magnitude_24(model, strategy: str, family) -> list[dict]:
     return rows
 
 
+def _check_backend(name: str) -> None:
+    """--backend: a registered name that can run here, or auto (before any model is loaded)."""
+    if name == "auto":
+        return
+    from .backends import list_backends
+
+    backends = {b.name: b for b in list_backends()}
+    usable = ["auto"] + [n for n, b in backends.items() if b.unavailable_reason() is None]
+    if name not in backends:
+        raise CLIError(f"--backend {name!r} is not a backend; choose from auto, {', '.join(sorted(backends))} "
+                       f"(usable here: {', '.join(usable)})")
+    why = backends[name].unavailable_reason()
+    if why:
+        raise CLIError(f"--backend {name!r} cannot run here ({why}); usable here: {', '.join(usable)}")
+
+
+def _check_device(device: str | None):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise CLIError(f"--device {device}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
 # ---------------------------------------------------------------------------------------
-# commands
+# commands: each writes its --out through staging.staged_output (a temporary sibling directory,
+# renamed into place only when the command succeeded: a failed or interrupted stage leaves the
+# previous output as it was)
+def _staged(out: str):
+    from .staging import staged_output
+
+    return staged_output(out, "--out")
+
+
 def cmd_env(args) -> int:
     from .env import report
 
@@ -378,19 +528,31 @@ def cmd_env(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    model, info = load_model(args.model, args.tiny, args.dtype)
-    fam = _family_for(model, info.get("family") if info.get("tiny") else args.family)
-    calib = None
-    if args.method != "magnitude":
-        calib = calibration_batches(model, info, args.model, args.calib_batches, args.batch)
-    t = time.time()
-    rows, used, md = prune_model(model, args.method, args.pattern, args.strategy, fam, calib, progress=not args.quiet)
-    state = dict(info, stage="pruned", method=used, pattern=args.pattern, strategy=args.strategy,
-                 source=args.model or f"tiny:{args.tiny}")
-    save_model(model, Path(args.out), state, tokenizer_from=Path(args.model) if args.model else None)
-    if md:
-        (Path(args.out) / "prune_report.md").write_text(md + "\n")
-    print(f"pruned {len(rows)} layers ({used}, {args.pattern}, strategy {args.strategy}) in {time.time() - t:.1f}s -> {args.out}")
+    _check_prune_options(args.pattern, args.strategy)
+    if args.family:
+        from .families import FAMILIES
+
+        if args.family not in FAMILIES:
+            raise CLIError(f"--family {args.family!r} is not a known family; known: {', '.join(sorted(FAMILIES))}")
+    with _staged(args.out) as tmp:
+        model, info = load_model(args.model, args.tiny, args.dtype)
+        fam = _family_for(model, info.get("family") if info.get("tiny") else args.family)
+        _check_skip(model, args.skip)
+        calib = None
+        if args.method != "magnitude":
+            calib = calibration_batches(model, info, args.model, args.calib_batches, args.batch)
+        t = time.time()
+        rows, used, md = prune_model(model, args.method, args.pattern, args.strategy, fam, calib, progress=not args.quiet,
+                                     skip=args.skip)
+        state = dict(info, stage="pruned", method=used, pattern=args.pattern, strategy=args.strategy,
+                     source=args.model or f"tiny:{args.tiny}")
+        if args.skip:
+            state["skip"] = list(args.skip)
+        save_model(model, tmp, state, tokenizer_from=Path(args.model) if args.model else None)
+        if md:
+            (tmp / "prune_report.md").write_text(md + "\n")
+    print(f"pruned {len(rows)} layers ({used}, {args.pattern}, strategy {json.dumps(args.strategy) if isinstance(args.strategy, dict) else args.strategy}) "
+          f"in {time.time() - t:.1f}s -> {args.out}")
     return 0
 
 
@@ -401,37 +563,45 @@ def _lora():
 def cmd_restore(args) -> int:
     import torch
 
+    if not args.model:
+        raise CLIError("give the pruned model directory (the output of 'sparselora prune')")
+    if bool(args.teacher) == bool(args.teacher_tiny):
+        raise CLIError("give the dense teacher: exactly one of --teacher DIR or --teacher-tiny FAMILY")
     lora, distill = _lora()
-    student, info = load_model(args.model, None, args.dtype)
-    teacher, _ = load_model(args.teacher, args.teacher_tiny, args.dtype)
-    teacher.eval()
-    if not any(isinstance(getattr(m, "sparse_mask", None), torch.Tensor) for m in student.modules()):
-        raise CLIError(f"{args.model} has no pruned layers (no {MASKS_FILE}); run 'sparselora prune' first")
-    batches = calibration_batches(teacher, dict(info, tiny=args.teacher_tiny or info.get("tiny")), args.teacher or args.model,
-                                  args.calib_batches, args.batch)
-    out = Path(args.out)
-    state = dict(info, stage="restored")
-    if not args.merge:
-        save_model(student, out, state, tokenizer_from=Path(args.model))  # the frozen pruned base, before adapters
-    names = lora.add_sparse_lora(student, r=args.rank, alpha=args.alpha)
-    stats = distill.distill(student, teacher, batches, steps=args.steps, lr=args.lr, loss=args.loss,
-                            output_fn=_output_fn, progress=not args.quiet)
-    state["lora"] = {"r": args.rank, "alpha": args.alpha, "names": list(names), "steps": args.steps, "loss": args.loss}
-    if args.merge:
-        lora.merge_sparse_lora(student)
-        save_model(student, out, dict(state, stage="merged"), tokenizer_from=Path(args.model))
-    else:
-        from safetensors.torch import save_file
+    with _staged(args.out) as tmp:
+        student, info = load_model(args.model, None, args.dtype)
+        teacher, _ = load_model(args.teacher, args.teacher_tiny, args.dtype, what="--teacher")
+        teacher.eval()
+        if not any(isinstance(getattr(m, "sparse_mask", None), torch.Tensor) for m in student.modules()):
+            raise CLIError(f"{args.model} has no pruned layers (no {MASKS_FILE}); run 'sparselora prune' first")
+        batches = calibration_batches(teacher, dict(info, tiny=args.teacher_tiny or info.get("tiny")), args.teacher or args.model,
+                                      args.calib_batches, args.batch)
+        state = dict(info, stage="restored")
+        if not args.merge:
+            save_model(student, tmp, state, tokenizer_from=Path(args.model))  # the frozen pruned base, before adapters
+        names = lora.add_sparse_lora(student, r=args.rank, alpha=args.alpha)
+        print(f"distilling {args.steps} steps into {len(names)} SparseLoRA layers ...", file=sys.stderr, flush=True)
+        try:
+            stats = distill.distill(student, teacher, batches, steps=args.steps, lr=args.lr, loss=args.loss,
+                                    output_fn=_output_fn, progress=not args.quiet)
+        except FloatingPointError as e:
+            raise CLIError(f"{e}; try a smaller --lr (now {args.lr})") from None
+        state["lora"] = {"r": args.rank, "alpha": args.alpha, "names": list(names), "steps": args.steps, "loss": args.loss}
+        if args.merge:
+            lora.merge_sparse_lora(student)
+            save_model(student, tmp, dict(state, stage="merged"), tokenizer_from=Path(args.model))
+        else:
+            from safetensors.torch import save_file
 
-        from .checkpoint import _atomic_write
+            from .checkpoint import _atomic_write
 
-        trained = {id(p) for p in lora.lora_parameters(student)}
-        adapters = {n: p.detach().cpu().contiguous() for n, p in student.named_parameters() if id(p) in trained}
-        if not adapters:
-            raise CLIError("add_sparse_lora attached no trainable adapters")
-        _atomic_write(out / ADAPTERS_FILE, lambda tmp: save_file(adapters, tmp))
-        _write_state(out, state)
-    print(f"restored with SparseLoRA r={args.rank} for {args.steps} steps: {_short(stats)} -> {out}")
+            trained = {id(p) for p in lora.lora_parameters(student)}
+            adapters = {n: p.detach().cpu().contiguous() for n, p in student.named_parameters() if id(p) in trained}
+            if not adapters:
+                raise CLIError("add_sparse_lora attached no trainable adapters")
+            _atomic_write(tmp / ADAPTERS_FILE, lambda f: save_file(adapters, f))
+            _write_state(tmp, state)
+    print(f"restored with SparseLoRA r={args.rank} for {args.steps} steps: {_short(stats)} -> {args.out}")
     return 0
 
 
@@ -441,25 +611,44 @@ def _short(stats) -> str:
     return str(stats)
 
 
+def _lora_state(path: Path, state: dict) -> dict:
+    cfg = state.get("lora")
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("r", "alpha", "names")):
+        raise CLIError(f"{path / STATE_FILE}: no complete 'lora' entry (r, alpha, names): not a finished 'sparselora restore' output")
+    return cfg
+
+
 def cmd_merge(args) -> int:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(args.model)
+    from .checkpoint import CheckpointError
+
+    if not args.model:
+        raise CLIError("give the directory written by 'sparselora restore'")
+    path = _model_dir(args.model, "model")
     state = _read_state(path)
     if state.get("stage") == "merged":
         raise CLIError(f"{path} is already merged")
     if state.get("stage") != "restored" or not (path / ADAPTERS_FILE).exists():
         raise CLIError(f"{path} is not a 'sparselora restore' output (stage {state.get('stage')!r}, no {ADAPTERS_FILE})")
+    cfg = _lora_state(path, state)
     lora, _ = _lora()
-    model, info = load_model(args.model, None, args.dtype)
-    cfg = state["lora"]
-    lora.add_sparse_lora(model, r=cfg["r"], alpha=cfg["alpha"], names=cfg["names"])
-    adapters = load_file(path / ADAPTERS_FILE)
-    result = model.load_state_dict(adapters, strict=False)
-    if result.unexpected_keys:
-        raise CLIError(f"{path / ADAPTERS_FILE}: adapters do not fit the model: {result.unexpected_keys[:5]}")
-    lora.merge_sparse_lora(model)
-    save_model(model, Path(args.out), dict(info, stage="merged"), tokenizer_from=path)
+    with _staged(args.out) as tmp:
+        model, info = load_model(args.model, None, args.dtype)
+        lora.add_sparse_lora(model, r=cfg["r"], alpha=cfg["alpha"], names=cfg["names"])
+        try:
+            adapters = load_file(path / ADAPTERS_FILE)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{path / ADAPTERS_FILE}: cannot read ({_one_line(e)}); the file is truncated or corrupt") from None
+        try:
+            result = model.load_state_dict(adapters, strict=False)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path / ADAPTERS_FILE}: adapters do not fit the model ({_one_line(e)[:300]})") from None
+        if result.unexpected_keys:
+            raise CheckpointError(f"{path / ADAPTERS_FILE}: adapters do not fit the model: {result.unexpected_keys[:5]}")
+        lora.merge_sparse_lora(model)
+        save_model(model, tmp, dict(info, stage="merged"), tokenizer_from=path)
     print(f"merged {len(cfg['names'])} SparseLoRA layers -> {args.out}")
     return 0
 
@@ -468,28 +657,34 @@ def cmd_sparsify(args) -> int:
     from .checkpoint import save_sparse
     from .patch import sparsify
 
-    model, info = load_model(args.model, args.tiny, args.dtype)
-    if args.tiny:  # a built-in model is dense: prune it by magnitude first so there is something to pack
-        magnitude_24(model, args.strategy, _family_for(model, None))
-    report = sparsify(model, backend=args.backend, skip=args.skip or (), tokens=args.tokens or None)
-    if not report.sparse:
-        raise CLIError("no pruned layers to sparsify (no sparse_mask found); run 'sparselora prune' first")
-    out = Path(args.out)
-    if args.format == "transformers":  # config.json quantization_config + packed model.safetensors (hf_quantizer)
-        model.save_pretrained(out)
-        f = out / "model.safetensors" if (out / "model.safetensors").exists() else out / "model.safetensors.index.json"
-    else:
-        if args.format == "compressed-tensors":
-            from .compressed_tensors_interop import LEGACY_NOTE
+    _check_backend(args.backend)
+    with _staged(args.out) as out:
+        model, info = load_model(args.model, args.tiny, args.dtype)
+        _check_skip(model, args.skip)
+        if args.tiny:  # a built-in model is dense: prune it by magnitude first so there is something to pack
+            magnitude_24(model, args.strategy, _family_for(model, None))
+        report = sparsify(model, backend=args.backend, skip=args.skip or (), tokens=args.tokens or None)
+        if not report.sparse:
+            why = [r.reason for r in report.rows if r.reason]
+            raise CLIError(f"no layer was sparsified ({len(why)} left dense, e.g. {why[0]})" if why else
+                           "no pruned layers to sparsify (no sparse_mask found); run 'sparselora prune' first")
+        if args.format == "transformers":  # config.json quantization_config + packed model.safetensors (hf_quantizer)
+            model.save_pretrained(out)
+            f = out / "model.safetensors" if (out / "model.safetensors").exists() else out / "model.safetensors.index.json"
+        else:
+            if args.format == "compressed-tensors":
+                from .compressed_tensors_interop import LEGACY_NOTE
 
-            print(f"note: {LEGACY_NOTE}", file=sys.stderr)
-        f = save_sparse(model, out, extra_config={"stage": info.get("stage"), "source": args.model or f"tiny:{args.tiny}"}, format=args.format)
-    _write_state(out, dict(info, stage="sparsified", format=args.format))
-    if args.model:
-        _copy_tokenizer(Path(args.model), out)
-    (out / "sparsify_report.md").write_text(report.to_markdown() + "\n")
+                print(f"note: {LEGACY_NOTE}", file=sys.stderr)
+            f = save_sparse(model, out, extra_config={"stage": info.get("stage"), "source": args.model or f"tiny:{args.tiny}"},
+                            format=args.format)
+        _write_state(out, dict(info, stage="sparsified", format=args.format))
+        if args.model:
+            _copy_tokenizer(Path(args.model), out)
+        (out / "sparsify_report.md").write_text(report.to_markdown() + "\n")
+        size = f.stat().st_size
     print(report.to_markdown() if args.verbose else report.summary())
-    print(f"wrote {f} ({f.stat().st_size / 2**20:.2f} MiB)")
+    print(f"wrote {Path(args.out) / f.name} ({size / 2**20:.2f} MiB)")
     return 0
 
 
@@ -525,11 +720,25 @@ def _progress(it, desc: str, enabled: bool):
     return tqdm(it, desc=desc, leave=False)
 
 
-def cmd_bench(args) -> int:
-    import torch
+def _check_json_out(arg: str | None) -> None:
+    if arg is None:
+        return
+    p = Path(arg)
+    if p.is_dir():
+        raise CLIError(f"--json {arg} is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise CLIError(f"--json {arg}: directory {p.parent} does not exist")
+    import os
 
+    if not os.access(p.parent, os.W_OK):
+        raise CLIError(f"--json {arg}: cannot write in {p.parent} (permission denied)")
+
+
+def cmd_bench(args) -> int:
     from .patch import sparse_layers, sparsify
 
+    dev = _check_device(args.device)
+    _check_json_out(args.json)
     model, info = load_model(args.model, args.tiny, args.dtype)
     if args.tiny:
         magnitude_24(model, "both", _family_for(model, None))
@@ -537,16 +746,22 @@ def cmd_bench(args) -> int:
         sparsify(model)
     if not sparse_layers(model):
         raise CLIError("no sparse layers to benchmark: give a pruned or sparsified model directory")
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    import torch
+
     model.to(dev)
     rows = layer_latency(model, args.tokens, args.iters, progress=not args.quiet)
-    label = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (reference backend: decompress + dense matmul; not the GPU kernels)"
+    label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (reference backend: decompress + dense matmul; not the GPU kernels)"
     print(f"layer latency on {label}, {args.tokens} tokens, median of {args.iters}")
     print("| layer shape | backend | dense ms | sparse ms | speedup |\n|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['shape']} | {r['backend']} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": label, "rows": rows}, indent=1))
+        from .checkpoint import _atomic_write_text
+
+        try:
+            _atomic_write_text(Path(args.json), json.dumps({"device": label, "rows": rows}, indent=1))
+        except OSError as e:
+            raise CLIError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
     if dev.type != "cuda":
         print("for GPU end-to-end numbers run: python benchmarks/bench_e2e.py (needs CUDA)")
     return 0
@@ -555,7 +770,13 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args)
+    with _staged(args.out) as tmp:
+        rc = run_demo(args, out=tmp)
+        if rc == 0:
+            _write_state(tmp, {"stage": "demo"})  # marks the folder as a sparselora output that a rerun may replace
+        else:
+            raise CLIError(f"the demo failed (status {rc}); {args.out} left as it was")
+    return rc
 
 
 # ---------------------------------------------------------------------------------------
@@ -570,6 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
                "'sparselora COMMAND --help' for the options of a command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of every error (also: SPARSELORA_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def model_args(sp, tiny=True):
@@ -587,7 +810,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.add_argument("--method", default="wanda", choices=["wanda", "magnitude", "sparsegpt"], help="pruning criterion (default: wanda)")
     sp.add_argument("--pattern", default="2:4", help="2:4, 4:8 or a ratio such as 0.5 (default: 2:4)")
-    sp.add_argument("--strategy", default="language", help="which parts: language, vision or both (default: language)")
+    sp.add_argument("--strategy", default="language", type=_strategy,
+                    help="which parts: language, vision, both, or a JSON object {part: ratio-or-pattern} with parts vision, "
+                         "projector, language, head, e.g. '{\"vision\": 0.3, \"language\": \"2:4\"}' (default: language)")
+    sp.add_argument("--skip", nargs="+", action="extend", metavar="NAME",
+                    help="layers to leave dense: a module name, a prefix or a .suffix (repeatable)")
     sp.add_argument("--family", help="model family for unknown model types (see sparselora.families)")
     sp.add_argument("--calib-batches", type=_positive_int, default=8, help="calibration batches for wanda/sparsegpt (default: 8)")
     sp.add_argument("--batch", type=_positive_int, default=4, help="calibration batch size (default: 4)")
@@ -623,8 +850,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint layout (default: transformers = save_pretrained, loads with from_pretrained once sparselora "
                          "is imported; sparselora = single-file sparselora-24; compressed-tensors = sparse-24-bitmask, legacy: "
                          "today's compressed-tensors/transformers no longer load it)")
-    sp.add_argument("--strategy", default="language", help="with --tiny: parts to prune by magnitude first (default: language)")
-    sp.add_argument("--skip", nargs="*", help="module names to leave dense")
+    sp.add_argument("--strategy", default="language", choices=_STRATEGIES,
+                    help="with --tiny: parts to prune by magnitude first (default: language)")
+    sp.add_argument("--skip", nargs="+", action="extend", metavar="NAME",
+                    help="layers to leave dense: a module name, a prefix or a .suffix (repeatable)")
     sp.add_argument("--tokens", nargs="*", type=_positive_int, metavar="M",
                     help="with --backend auto: tokens per call you will run (e.g. 1 8 for decode); layers whose tuned "
                          "table says dense is faster at any of them stay dense")
@@ -636,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.add_argument("--tokens", type=_positive_int, default=256, help="tokens per call (default: 256)")
     sp.add_argument("--iters", type=_positive_int, default=10)
-    sp.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    sp.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when present)")
     sp.add_argument("--json", help="also write the rows to this JSON file")
     sp.set_defaults(fn=cmd_bench)
 
@@ -656,27 +885,79 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _debug(args) -> bool:
+    import os
+
+    return bool(getattr(args, "debug", False)) or os.environ.get("SPARSELORA_DEBUG", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """-q also silences transformers' own progress bars (weight loading, saving)."""
+    if not quiet:
+        yield
+        return
+    import os
+
+    if "transformers" not in sys.modules:  # read at its import; a CLI process ends with the command
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv=None) -> int:
+    """Run a command. Errors about the input (options, files, models, checkpoints, the output path) are
+    one line on stderr, ``sparselora COMMAND: error: ...``, exit status 2, no traceback; an environment
+    failure (OSError: disk full, permission) is one line, status 1; Ctrl-C prints ``interrupted``,
+    status 130 (the previous --out, staged, is left as it was). Anything else is a bug: its traceback
+    is printed with a request to report it, status 1. ``--debug`` (or ``SPARSELORA_DEBUG=1``) shows the
+    traceback of every error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
+    from .staging import OutputError
+
+    expected: tuple = (CLIError, OutputError)
     try:
-        return args.fn(args) or 0
-    except CLIError as e:
-        print(f"sparselora {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        with _quiet_transformers(getattr(args, "quiet", False)):
+            return args.fn(args) or 0
+    except KeyboardInterrupt:
+        if _debug(args):
+            raise
+        print(f"sparselora {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         # bad input found by the library (not 2:4, corrupt checkpoint...): its message names the
         # layer or tensor, a traceback would only hide it
-        from .checkpoint import CheckpointError
-        from .format import SparsityError
-
-        if isinstance(e, (SparsityError, CheckpointError)):
+        # (their modules are imported only if a command got that far: no torch import for a usage error)
+        for mod, name in (("sparselora.checkpoint", "CheckpointError"), ("sparselora.format", "SparsityError")):
+            if mod in sys.modules:
+                expected += (getattr(sys.modules[mod], name),)
+        if _debug(args):
+            raise
+        if isinstance(e, expected):
             print(f"sparselora {args.command}: error: {e}", file=sys.stderr)
             return 2
-        raise
+        if isinstance(e, OSError):
+            print(f"sparselora {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        import traceback
+
+        traceback.print_exc()
+        print(f"sparselora {args.command}: internal error ({type(e).__name__}); this is a bug, please report it with the "
+              "traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -317,11 +317,14 @@ def _plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(args) -> int:
+def run_demo(args, out: Path | None = None) -> int:
+    """The demo; writes into ``out`` (default ``args.out``; the CLI passes a staged directory that
+    replaces ``args.out`` only when the demo succeeded)."""
     from .env import collect
 
     torch.manual_seed(0)
-    out = Path(args.out)
+    shown = Path(args.out)
+    out = Path(out) if out is not None else shown
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     info = collect()
@@ -343,5 +346,5 @@ def run_demo(args) -> int:
             print(f"note: no plot ({e}); pip install matplotlib for results.png")
     print()
     print(md)
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}" + (f", {out / 'results.png'}" if plotted else ""))
+    print(f"\nwrote {shown / 'results.md'}, {shown / 'results.json'}" + (f", {shown / 'results.png'}" if plotted else ""))
     return 0

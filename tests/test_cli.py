@@ -88,7 +88,7 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["sparsify", str(dense), "--out", str(tmp_path / "s")]) == 2
     assert "no pruned layers" in capsys.readouterr().err
     assert main(["sparsify", str(tmp_path / "nope"), "--out", str(tmp_path / "s")]) == 2
-    assert "not a model directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "p"), "--out", str(tmp_path / "m")]) == 2
     assert "not a 'sparselora restore' output" in capsys.readouterr().err
     try:

@@ -61,7 +61,7 @@ class Pattern:
         if self.is_nm and shape[-1] % self.m != 0:
             raise SparsityError(
                 f"layer {name or '?'} has in_features={shape[-1]}, not divisible by M={self.m}: "
-                f"the {self} pattern does not divide it; skip the layer (skip=[{name!r}]) or use an unstructured ratio"
+                f"the {self} pattern does not divide it; leave the layer dense (skip=[{name!r}]; on the command line --skip {name}) or use an unstructured ratio"
             )
 
 
