@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import sparselora.checkpoint
 import sparselora.cli as cli
@@ -84,7 +85,8 @@ INJECTIONS = [
     (["restore", "IN:p", "--merge"] + RESTORE, "r", (sparselora.lora, "merge_sparse_lora", "after")),
     (["merge", "IN:r"], "s", (sparselora.lora, "merge_sparse_lora", _boom)),
     (["merge", "IN:r"], "s", (cli, "save_model", "after")),
-    (["sparsify", "IN:p"], "r", (sparselora.checkpoint, "save_sparse", "after")),
+    (["sparsify", "IN:p", "--format", "sparselora"], "r", (sparselora.checkpoint, "save_sparse", "after")),
+    (["sparsify", "IN:p"], "r", (transformers.PreTrainedModel, "save_pretrained", "after")),
     (["sparsify", "IN:p"], "r", (cli, "_copy_tokenizer", _boom)),
 ]
 
@@ -375,8 +377,9 @@ def test_outputs_follow_the_umask(stages, tmp_path, umask):
     old = os.umask(umask)
     try:
         assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(tmp_path / "p")]) == 0
-        assert main(["sparsify", str(stages / "p"), "--format", "compressed-tensors", "-q", "--out", str(tmp_path / "s")]) == 0
-        assert main(["sparsify", str(stages / "p"), "-q", "--out", str(tmp_path / "n")]) == 0
+        # (from this test's pruned output: files copied from the input, such as generation_config.json, keep its modes)
+        assert main(["sparsify", str(tmp_path / "p"), "--format", "compressed-tensors", "-q", "--out", str(tmp_path / "s")]) == 0
+        assert main(["sparsify", str(tmp_path / "p"), "-q", "--out", str(tmp_path / "n")]) == 0
         sparselora.checkpoint._atomic_write_text(tmp_path / "f.txt", "x")
         sparselora.checkpoint.save_sparse(sparselora.cli.load_model(str(stages / "s"), None)[0], tmp_path / "w.safetensors")
     finally:
