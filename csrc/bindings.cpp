@@ -3,12 +3,14 @@
 // csrc/); adding a family means adding its schemas and registrations here.
 //
 // Ops live in the `sparselora` namespace next to the Python-defined ones (sparselora.ops),
-// as a library fragment. Fake (meta) kernels for the tensor ops are registered from Python
+// as a library fragment. mma_sp_linear's schema is defined in Python (so its CPU reference works
+// without this extension); only its CUDA kernel is registered here. Fake (meta) kernels for the tensor ops are registered from Python
 // (sparselora/backends/cusparselt_backend.py) so torch.compile can trace them.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cusparselt/cslt.h"
+#include "sparse_mma/ops.h"
 
 namespace cslt = sparselora::cslt;
 
@@ -54,6 +56,8 @@ TORCH_LIBRARY_FRAGMENT(sparselora, m) {
 TORCH_LIBRARY_IMPL(sparselora, CUDA, m) {
   m.impl("cslt_compress", &cslt::compress);
   m.impl("cslt_linear", &cslt::linear);
+  // schema, CPU reference and fake kernel: sparselora/backends/mma_sp_backend.py
+  m.impl("mma_sp_linear", &sparselora::sparse_mma::linear);
 }
 
 // `import sparselora._C` loads this library, which runs the registrations above. The module

@@ -1,0 +1,55 @@
+// The launcher of the mma.sp linear kernels: shape checks, config choice (generated table) and
+// dispatch to the per-config instantiations. Pure CUDA: no torch headers, so it compiles fast and
+// the binding (ops.cpp) stays the only file that knows tensors.
+#include <cstdio>
+
+#include "sparse_mma/launch.h"
+#include "sparse_mma/launch_template.cuh"
+
+namespace sparselora {
+namespace sparse_mma {
+
+#include "sparse_mma/dispatch.inc"
+
+int num_configs() { return kNumConfigs; }
+
+bool config_info(int id, ConfigInfo* out) {
+  if (id < 0 || id >= kNumConfigs) return false;
+  *out = kConfigs[id];
+  return true;
+}
+
+int launch_linear(const LinearParams& p, DType dtype, int config, int sm_major, int sm_minor, size_t smem_optin,
+                  cudaStream_t stream, char* err, size_t errlen, int* used_config) {
+  const char* dname = dtype == DType::kBF16 ? "bf16" : "f16";
+  auto fail = [&](const char* why) {
+    std::snprintf(err, errlen, "sparselora.mma_sp_linear (M=%d, N=%d, K=%d, %s, config %d): %s", p.M, p.N, p.K, dname,
+                  config, why);
+    return 1;
+  };
+  if (sm_major < 8) return fail("needs compute capability 8.0 or newer (mma.sp)");
+  if (p.K % 8 != 0) return fail("in_features must be a multiple of 8 (x is staged in 16-byte chunks)");
+  if (p.ldx % 8 != 0 || reinterpret_cast<size_t>(p.x) % 16 != 0) return fail("x rows must be 16-byte aligned");
+  if (reinterpret_cast<size_t>(p.values) % 16 != 0 || reinterpret_cast<size_t>(p.meta) % 16 != 0)
+    return fail("values and meta must be 16-byte aligned");
+  if (p.Mt != row_tiles(p.N) || p.KT != k_tiles(p.K) || p.KQ != k_blocks(p.K))
+    return fail("values/meta are not the GPU layout of an [N, K] weight (Mt, KT or KQ mismatch)");
+  if (p.M <= 0) return 0;
+  if (config < 0) config = choose_config(sm_major, sm_minor, p.M, p.N);
+  if (config >= kNumConfigs) return fail("no such config");
+  if (static_cast<size_t>(kConfigs[config].smem_bytes) > smem_optin)
+    return fail("the config needs more shared memory per block than this device offers");
+  const long long grid_y = (static_cast<long long>(p.M) + kConfigs[config].nt * kTileN - 1) / (kConfigs[config].nt * kTileN);
+  if (grid_y > 65535) return fail("too many tokens for one launch (grid.y > 65535)");
+  *used_config = config;
+  const cudaError_t e = dispatch(p, dtype, config, stream);
+  if (e != cudaSuccess) {
+    char why[160];
+    std::snprintf(why, sizeof(why), "launch failed: %s (%s)", cudaGetErrorName(e), cudaGetErrorString(e));
+    return fail(why);
+  }
+  return 0;
+}
+
+}  // namespace sparse_mma
+}  // namespace sparselora

@@ -1,0 +1,31 @@
+// Host API of the mma.sp linear kernels (no torch types: the launcher compiles as pure CUDA).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+namespace sparselora {
+namespace sparse_mma {
+
+struct LinearParams;
+
+enum class DType { kF16 = 0, kBF16 = 1 };
+
+struct ConfigInfo {
+  int id, mt, nt, wk, stages, smem_bytes, threads;
+};
+
+// Number of tile configs, and the description of config `id` (false if out of range).
+int num_configs();
+bool config_info(int id, ConfigInfo* out);
+// The config the generated table picks for (compute capability, tokens M, out_features N).
+int choose_config(int sm_major, int sm_minor, int m, int n);
+
+// Launch y = x W^T + b. `config` -1 picks with choose_config. Returns 0 on success; otherwise a
+// nonzero code and a message in `err` that names M, N, K, the dtype and the config.
+int launch_linear(const LinearParams& p, DType dtype, int config, int sm_major, int sm_minor, size_t smem_optin,
+                  cudaStream_t stream, char* err, size_t errlen, int* used_config);
+
+}  // namespace sparse_mma
+}  // namespace sparselora

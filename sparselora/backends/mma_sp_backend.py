@@ -1,0 +1,148 @@
+"""The ``mma-sp`` backend: hand-written 2:4 kernels on the sparse tensor cores (``csrc/sparse_mma/``).
+
+The weight is held in the GPU layout of ``csrc/sparse_mma/layout.h`` (:mod:`sparselora.gpu_layout`,
+a reversible reorder of the canonical layout), and ``y = x W^T + b`` runs as the op
+``sparselora::mma_sp_linear``:
+
+* schema, CPU reference and fake kernel are defined here, so the op works anywhere (the CPU kernel
+  reorders back to canonical and runs the reference) and ``torch.compile`` traces it;
+* the CUDA kernel comes from the extension ``sparselora._C`` (``csrc/bindings.cpp``), built on a
+  machine with CUDA torch and nvcc.
+
+``config`` (-1 = the generated table's choice, see :mod:`sparselora.mma_sp_configs`) forces a tile
+config, for tests. Decode-sized M (<= 16) is what the configs are built for; larger M is correct
+but re-reads the weight once per 16 tokens (no prefill config yet), which is why the backend's
+priority (25) sits above ``triton`` and below ``cusparselt``/``hybrid`` until a GPU measurement
+says otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..format import Packed24, SparsityError, unpack_24
+from ..gpu_layout import GpuPacked24, from_gpu_layout, gpu_layout_sizes, to_gpu_layout
+from ..mma_sp_configs import CONFIGS
+from ..ops import sparse24_linear
+from .base import Backend, register_backend
+
+DTYPES = (torch.float16, torch.bfloat16)
+SCHEMA = "mma_sp_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, int config=-1) -> Tensor"
+
+_LIB = torch.library.Library("sparselora", "FRAGMENT")
+_LIB.define(SCHEMA)
+
+
+def _load_extension() -> Optional[str]:
+    try:
+        from .. import _C  # noqa: F401  (registers the CUDA kernel of sparselora::mma_sp_linear)
+    except ImportError as e:
+        return (f"sparselora._C is not built or does not load ({e}); build it on a machine with a CUDA torch and "
+                f"nvcc: SPARSELORA_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("sparselora::mma_sp_linear", "CUDA"):
+        return "sparselora._C loads but has no CUDA kernel for sparselora::mma_sp_linear (an older build?)"
+    return None
+
+
+_EXT_ERROR = _load_extension()
+
+
+def check_args(x, values, meta, bias, out_features: int, config: int) -> tuple[int, int]:
+    """The checks the CUDA op makes (minus device-specific ones), with the same messages; returns (N, K)."""
+    op = "sparselora.mma_sp_linear"
+    if x.dtype not in DTYPES:
+        raise SparsityError(f"{op}: x must be float16 or bfloat16, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise SparsityError(f"{op}: values dtype {values.dtype} != x dtype {x.dtype}")
+    if meta.dtype != torch.int32:
+        raise SparsityError(f"{op}: meta must be int32, got {meta.dtype}")
+    n, k = int(out_features), int(x.shape[-1])
+    if n <= 0 or k <= 0:
+        raise SparsityError(f"{op}: out_features={n}, in_features={k} out of range")
+    if k % 8:
+        raise SparsityError(f"{op}: in_features={k} must be a multiple of 8 (x is staged in 16-byte chunks)")
+    mt, kt, kq = gpu_layout_sizes(n, k)
+    if tuple(values.shape) != (mt, kt, 32, 8):
+        raise SparsityError(f"{op}: values must be the GPU layout [{mt}, {kt}, 32, 8] of a [{n}, {k}] weight, "
+                            f"got {list(values.shape)}")
+    if tuple(meta.shape) != (mt, kq, 32, 4):
+        raise SparsityError(f"{op}: meta must be the GPU layout [{mt}, {kq}, 32, 4] of a [{n}, {k}] weight, "
+                            f"got {list(meta.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != x.dtype):
+        raise SparsityError(f"{op}: bias must be [{n}] {x.dtype}, got {list(bias.shape)} {bias.dtype}")
+    if not -1 <= config < len(CONFIGS):
+        raise SparsityError(f"{op}: config={config}; valid: -1 (auto) or 0..{len(CONFIGS) - 1}")
+    return n, k
+
+
+@torch.library.impl(_LIB, "mma_sp_linear", "CPU")
+def _mma_sp_linear_cpu(x, values, meta, bias, out_features, config=-1):
+    # the reference: back to canonical (exact), dense, fp32 matmul, cast (config only validated)
+    n, k = check_args(x, values, meta, bias, out_features, config)
+    w = unpack_24(from_gpu_layout(GpuPacked24(values, meta, (n, k))))
+    y = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+@torch.library.register_fake("sparselora::mma_sp_linear")
+def _mma_sp_linear_fake(x, values, meta, bias, out_features, config=-1):
+    check_args(x, values, meta, bias, out_features, config)
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def mma_sp_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
+                  out_features: int, config: int = -1) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` in the GPU layout (``values``, ``meta`` from :func:`to_gpu_layout`)."""
+    return torch.ops.sparselora.mma_sp_linear(x, values, meta, bias, out_features, config)
+
+
+def extension_error() -> Optional[str]:
+    return _EXT_ERROR
+
+
+class MmaSpBackend(Backend):
+    name = "mma-sp"
+    priority = 25
+    weight_copies = ("2 today (canonical values+meta in the module, plus the GPU-layout reorder of the same bytes); "
+                     "1 once the layer holds only the GPU layout (to_canonical is the exact inverse)")
+
+    def unavailable_reason(self) -> Optional[str]:
+        if _EXT_ERROR:
+            return _EXT_ERROR
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+
+    def unsupported_reason(self, device, dtype, out_features, in_features) -> Optional[str]:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return f"mma.sp kernels run on CUDA devices only, not {device}"
+        if dtype not in DTYPES:
+            return f"dtype {dtype} not supported ({self.name} takes float16, bfloat16)"
+        if in_features % 8:
+            return f"in_features={in_features} not a multiple of 8 (x is staged in 16-byte chunks)"
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                return f"compute capability {major}.{minor} < 8.0 (no sparse tensor cores)"
+        return None
+
+    def prepare(self, packed: Packed24) -> dict[str, torch.Tensor]:
+        gpu = to_gpu_layout(packed)
+        return {"mma_sp_values": gpu.values, "mma_sp_meta": gpu.meta}
+
+    def to_canonical(self, extra: dict[str, torch.Tensor], shape: tuple[int, int]) -> Packed24:
+        """The exact inverse of :meth:`prepare` (bit for bit)."""
+        return from_gpu_layout(GpuPacked24(extra["mma_sp_values"], extra["mma_sp_meta"], tuple(shape)))
+
+    def linear(self, x, packed, extra, bias, config: int = -1):
+        if torch.is_grad_enabled() and (x.requires_grad or packed.values.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return sparse24_linear(x, packed.values, packed.meta, bias)  # the op with autograd
+        if x.dtype != packed.dtype:
+            raise SparsityError(f"mma-sp backend: input dtype {x.dtype} != weight dtype {packed.dtype}")
+        return mma_sp_linear(x, extra["mma_sp_values"], extra["mma_sp_meta"], bias, packed.shape[0], config)
+
+
+MMA_SP = register_backend(MmaSpBackend())

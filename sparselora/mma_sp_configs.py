@@ -1,0 +1,81 @@
+"""Tile configurations of the mma.sp linear kernel, as data (the C++ dispatch is generated from it).
+
+A config is ``(MT, NT, WK, S)``: MT row tiles of 16 output features and NT token tiles of 8 per CTA,
+WK warps splitting K inside the CTA, S cp.async stages per warp. ``tools/gen_sparse_mma.py``
+writes one ``.cu`` per (config, dtype) under ``csrc/sparse_mma/instantiations/`` and the switch
+``csrc/sparse_mma/dispatch.inc``; ``tests/test_sparse_mma_configs.py`` checks they are up to date,
+that every config is instantiated and every entry of :data:`CHOICE` reachable.
+
+Shared memory per CTA: ``WK * S * (MT * 4608 + NT * 4096)`` bytes (values + meta of 8 k-tiles
+per row tile, x [8 NT tokens][256 columns] per stage). Limits: sm_80 163 KB, sm_86/89 99 KB,
+sm_90 227 KB (opt-in dynamic shared memory per block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TileConfig", "CONFIGS", "CHOICE", "SMEM_LIMIT", "smem_bytes", "choose_config", "arch_class"]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    id: int
+    mt: int
+    nt: int
+    wk: int
+    stages: int
+    why: str
+
+    @property
+    def name(self) -> str:
+        return f"mt{self.mt}_nt{self.nt}_wk{self.wk}_s{self.stages}"
+
+    @property
+    def tokens(self) -> int:
+        return 8 * self.nt
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.wk
+
+
+#: Every config the extension instantiates (ids are the C++ switch's cases: append, never renumber).
+CONFIGS: tuple[TileConfig, ...] = (
+    TileConfig(0, 1, 1, 4, 4, "decode M<=8, sm_80/90: 136 KB smem, 54 KB of weights in flight per CTA"),
+    TileConfig(1, 1, 2, 4, 3, "decode M<=16, sm_80/90: 150 KB smem, 36 KB of weights in flight per CTA"),
+    TileConfig(2, 1, 1, 2, 4, "decode M<=8, sm_86/89 (99 KB): 68 KB smem, 2 CTAs/SM on sm_80/90"),
+    TileConfig(3, 1, 2, 2, 3, "decode M<=16, sm_86/89: 75 KB smem"),
+    TileConfig(4, 2, 1, 4, 3, "decode M<=8 on N>=8192: x reused over 2 row tiles (half the L2 reads of x)"),
+    TileConfig(5, 2, 2, 4, 2, "M<=16 on N>=8192, sm_80/90: 136 KB smem, x reused over 2 row tiles"),
+)
+
+#: opt-in shared memory per block by arch class (bytes)
+SMEM_LIMIT = {"sm80": 166912, "sm86": 101376, "sm90": 232448}
+
+#: (arch class, token bucket, wide N) -> config id. Token buckets: 8, 16 (larger M runs the 16-token
+#: config over several token tiles: correct, but it re-reads the weight once per 16 tokens).
+CHOICE: dict[tuple[str, int, bool], int] = {
+    ("sm80", 8, False): 0, ("sm80", 16, False): 1, ("sm80", 8, True): 4, ("sm80", 16, True): 5,
+    ("sm86", 8, False): 2, ("sm86", 16, False): 3, ("sm86", 8, True): 2, ("sm86", 16, True): 3,
+    ("sm90", 8, False): 0, ("sm90", 16, False): 1, ("sm90", 8, True): 4, ("sm90", 16, True): 5,
+}
+WIDE_N = 8192
+
+
+def smem_bytes(cfg: TileConfig) -> int:
+    pipe = cfg.wk * cfg.stages * (cfg.mt * 4608 + cfg.nt * 4096)
+    reduce = cfg.wk * cfg.mt * cfg.nt * 32 * 16
+    return max(pipe, reduce)
+
+
+def arch_class(major: int, minor: int) -> str:
+    if major == 8 and minor in (6, 7, 9):
+        return "sm86"
+    if major >= 9:
+        return "sm90"
+    return "sm80"
+
+
+def choose_config(m: int, n: int, arch: str) -> TileConfig:
+    bucket = 8 if m <= 8 else 16
+    return CONFIGS[CHOICE[(arch, bucket, n >= WIDE_N)]]
