@@ -111,6 +111,13 @@ except RuntimeError as e:
 # host-side ops and their Python wrappers
 assert cb.cache_stats()["bias_rebinds"] == 6
 assert ops.cslt_tuning_import(["a", "b"], list(range(9))) == 209
+# mma_sp_linear: schema defined in Python, CUDA kernel registered by bindings.cpp (before the schema)
+from sparselora.backends import mma_sp_backend as mb
+assert mb.extension_error() is None, mb.extension_error()
+assert torch._C._dispatch_has_kernel_for_dispatch_key("sparselora::mma_sp_linear", "CUDA")
+xm = torch.empty(3, 64, device="meta", dtype=torch.float16)
+assert ops.mma_sp_linear(xm, torch.empty(2, 2, 32, 8, device="meta", dtype=torch.float16),
+                         torch.empty(2, 1, 32, 4, device="meta", dtype=torch.int32), None, 32).shape == (3, 32)
 print("STUB-OK")
 """
 

@@ -104,7 +104,7 @@ __device__ __forceinline__ void compute_stage(const LinearParams& p, const uint4
 }
 
 template <typename T, int MT, int NT, int WK, int S>
-__global__ void __launch_bounds__(WK * kWarp) mma_sp_linear_kernel(const LinearParams p) {
+__global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const LinearParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using C = TileConfig<MT, NT, WK, S>;
   extern __shared__ uint4 smem[];

@@ -17,3 +17,11 @@ int64_t import_tuning(const std::vector<std::string>& s, const std::vector<int64
 int64_t m_bucket(int64_t m) { return m; }
 int library_version(int) { return 1000; }
 }
+
+// Stand-in for the mma.sp op's CUDA kernel (csrc/sparse_mma/ops.cpp needs CUDA torch to link).
+#include "sparse_mma/ops.h"
+
+namespace sparselora::sparse_mma {
+at::Tensor linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                  int64_t) { TORCH_CHECK(false, "stub"); }
+}
