@@ -9,7 +9,7 @@ case tools/sanitize_sparse_mma.sh runs under compute-sanitizer.
 import pytest
 import torch
 
-from helpers import assert_close_ref, random_24, ref_linear
+from helpers import assert_linear, random_24
 from sparselora.backends import get_backend
 from sparselora.backends import mma_sp_backend as mb
 from sparselora.format import SparsityError, nm_mask, pack_24
@@ -32,7 +32,7 @@ def test_cpu_reference_matches_float64(seed, dtype, n, k, lead):
     x = torch.randn(*lead, k, dtype=torch.float64).to(dtype)
     y = mb.mma_sp_linear(x, g.values, g.meta, b, n)
     assert y.shape == (*lead, n) and y.dtype == dtype
-    assert_close_ref(y, ref_linear(x, w, b), dtype, k)
+    assert_linear(y, x, w, b)
 
 
 def test_cpu_op_checks_name_the_problem():
@@ -113,7 +113,7 @@ def test_cuda_matches_float64_every_config(dtype, n, k, config):
                 continue
             _poison_allocator()
             y = mb.mma_sp_linear(x, g.values, g.meta, bias, n, config)
-            assert_close_ref(y, ref_linear(x, w, bias), dtype, k, what=f"config {config}, M={m}, {n}x{k}")
+            assert_linear(y, x, w, bias, what=f"config {config}, M={m}, {n}x{k}")
 
 
 @pytest.mark.gpu
@@ -152,13 +152,13 @@ def test_cuda_graph_opcheck_and_misaligned_input():
         y = mb.mma_sp_linear(x, g.values, g.meta, b, n)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    assert_close_ref(y, ref_linear(x, w, b), torch.bfloat16, k, what="graph replay")
+    assert_linear(y, x, w, b, what="graph replay")
     assert not torch.equal(y, y0)
     flat = torch.randn(4 * k + 4, device="cuda").bfloat16()
     xm = flat[4:].view(4, k)  # 8-byte aligned start: the op copies it to an aligned buffer
-    assert_close_ref(mb.mma_sp_linear(xm, g.values, g.meta, b, n), ref_linear(xm, w, b), torch.bfloat16, k)
+    assert_linear(mb.mma_sp_linear(xm, g.values, g.meta, b, n), xm, w, b, what="misaligned x")
     wide = torch.randn(4, k + 8, device="cuda").bfloat16()[:, :k]  # row stride k + 8, used in place
-    assert_close_ref(mb.mma_sp_linear(wide, g.values, g.meta, b, n), ref_linear(wide, w, b), torch.bfloat16, k)
+    assert_linear(mb.mma_sp_linear(wide, g.values, g.meta, b, n), wide, w, b, what="strided x")
 
 
 @pytest.mark.gpu
@@ -174,5 +174,5 @@ def test_smoke_every_config():
         except RuntimeError as e:
             assert "more shared memory" in str(e)
             continue
-        assert_close_ref(y, ref_linear(x, w, b), torch.float16, 264, what=f"config {config}")
+        assert_linear(y, x, w, b, what=f"config {config}")
     torch.cuda.synchronize()
