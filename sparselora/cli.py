@@ -18,6 +18,10 @@ default, a transformers ``save_pretrained`` folder whose ``config.json`` carries
 :mod:`sparselora.hf_quantizer`), or with ``--format`` a :func:`sparselora.checkpoint.save_sparse`
 folder. Every output keeps the input's tokenizer, processor, chat template and generation config files.
 
+Every command writes its ``--out`` through :func:`sparselora.staging.staged_output`: built in a
+temporary sibling directory and renamed into place only when the command succeeded, so a failed or
+interrupted command leaves an earlier output as it was. Errors: see :func:`main`.
+
 Heavy imports (torch, transformers, pruning, lora) happen inside the commands, so ``--help`` is
 instant and a command whose part is missing from the installation says so clearly.
 """

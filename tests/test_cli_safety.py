@@ -391,3 +391,40 @@ def test_outputs_follow_the_umask(stages, tmp_path, umask):
         want = (0o777 if p.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(p.stat().st_mode) == want, f"{p}: {oct(stat.S_IMODE(p.stat().st_mode))}"
     assert {p.name for p in paths} >= {"model.safetensors", "config.json", "sparselora.json", "sparselora_masks.safetensors"}
+
+
+def test_a_real_failure_restoring_a_34_model_leaves_the_previous_output(stages, tmp_path, capsys):
+    """The issue's case: restore of a 3:4-pruned model fails (SparseLoRA needs 2:4) after loading;
+    the previous --out stays, the error is one line naming the layer."""
+    p34, out = tmp_path / "p34", tmp_path / "out"
+    assert main(["prune", "--tiny", "llava", "--method", "magnitude", "--pattern", "3:4", "-q", "--out", str(p34)]) == 0
+    shutil.copytree(stages / "r", out)
+    before = snapshot(out)
+    rc, err = run(["restore", str(p34)] + RESTORE + ["--out", str(out)], capsys)
+    assert rc == 2 and "Traceback" not in err and "2:4" in err, err
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_demo_output_is_staged(tmp_path, monkeypatch, capsys):
+    import sparselora.demo
+
+    out = tmp_path / "demo"
+
+    def fake_demo(args, out=None):
+        (out / "results.md").write_text(f"run {fake_demo.n}\n")
+        fake_demo.n += 1
+        if fake_demo.fail:
+            raise RuntimeError("injected failure")
+        return 0
+
+    fake_demo.n, fake_demo.fail = 0, False
+    monkeypatch.setattr(sparselora.demo, "run_demo", fake_demo)
+    assert main(["demo", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text() == "run 0\n" and (out / "sparselora.json").exists()
+    before = snapshot(out)
+    fake_demo.fail = True
+    rc, err = run(["demo", "--out", str(out)], capsys)
+    assert rc == 1 and snapshot(out) == before and leftovers(tmp_path) == []
+    fake_demo.fail = False
+    assert main(["demo", "--out", str(out)]) == 0  # a rerun replaces the earlier demo output
+    assert (out / "results.md").read_text() == "run 2\n"
