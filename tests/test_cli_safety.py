@@ -428,3 +428,18 @@ def test_demo_output_is_staged(tmp_path, monkeypatch, capsys):
     fake_demo.fail = False
     assert main(["demo", "--out", str(out)]) == 0  # a rerun replaces the earlier demo output
     assert (out / "results.md").read_text() == "run 2\n"
+
+
+def test_an_environment_failure_is_one_line(stages, tmp_path, monkeypatch, capsys):
+    """Disk full while saving: one line naming the problem, status 1, the previous output intact."""
+    out = tmp_path / "out"
+    shutil.copytree(stages / "s", out)
+    before = snapshot(out)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(out))
+
+    monkeypatch.setattr(cli, "save_model", full)
+    rc, err = run(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(out)], capsys)
+    assert rc == 1 and "No space left on device" in err and "Traceback" not in err, err
+    assert snapshot(out) == before and leftovers(tmp_path) == []

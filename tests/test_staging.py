@@ -146,3 +146,29 @@ def test_modes_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
     assert stat.S_IMODE(d.stat().st_mode) == dir_mode
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == dir_mode
     assert stat.S_IMODE((tmp_path / "out" / "private").stat().st_mode) == file_mode
+
+
+def test_ctrl_c_cannot_split_the_swap(tmp_path, monkeypatch):
+    """Ctrl-C arriving between 'old aside' and 'new in' is held back until the swap is done: the new
+    output is in place, the old one removed, and then the KeyboardInterrupt is raised."""
+    import signal
+
+    out = tmp_path / "out"
+    previous_output(out)
+    real = os.rename
+
+    def rename(src, dst):
+        real(src, dst)
+        if staging._OLD in str(dst):  # the old output was just moved aside
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # plenty of bytecodes for an unblocked handler to run here
+                pass
+
+    monkeypatch.setattr(staging.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(out) as tmp:
+            (tmp / MARKER).write_text("{}")
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "new.txt"])
+    assert leftovers(tmp_path) == []
