@@ -76,6 +76,7 @@ def test_fake_run_keeps_partial_results_of_a_killed_stage(tmp_path, monkeypatch)
     write = "import pathlib,sys,time; pathlib.Path(sys.argv[1]).write_text('partial'); sys.stdout.flush(); time.sleep(float(sys.argv[2]))"
     monkeypatch.setattr(g, "_versions", lambda py, env: {"device": "fake"})
     monkeypatch.setattr(g, "_probe_extension", lambda py, env: (False, "no such extension"))
+    monkeypatch.setattr(g.Run, "ensure_importable", lambda self: None)  # this venv has the package
     monkeypatch.setattr(g, "INSTALL", g.Stage("install", 5, [py, "-c", "print('installed')"], needs_ext=False))
     monkeypatch.setattr(g, "BUILD", g.Stage("build", 3, [py, "-c", "print('building')"], needs_ext=False))
     monkeypatch.setitem(g.COMMANDS, "fake", [

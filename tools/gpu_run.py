@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,14 @@ def _probe_extension(py: str, env: dict) -> tuple[bool, str]:
     return False, (p.stderr.strip().splitlines() or ["?"])[-1][:300]
 
 
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200].replace("|", "/") if lines else ""
+
+
 def _fill(argv: list[str], py: str, work: Path) -> list[str]:
     return [a.replace("{PY}", py).replace("{WORK}", str(work)) for a in argv]
 
@@ -167,6 +176,29 @@ class Run:
                         TRITON_CACHE_AUTOTUNING="1",  # stages are separate processes: keep autotune choices
                         MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 8)))
         self.env.pop("TRITON_INTERPRET", None)
+        if shutil.which("nvcc", path=self.env.get("PATH")) is None:  # setup.py and torch look nvcc up on PATH
+            for cand in ("/usr/local/cuda/bin", "/usr/local/cuda-13.0/bin", "/usr/local/cuda-12/bin"):
+                if os.path.isfile(os.path.join(cand, "nvcc")):
+                    self.env["PATH"] = self.env.get("PATH", "") + os.pathsep + cand
+                    break
+
+    def ensure_importable(self) -> None:
+        """After INSTALL: if ``sparselora.triton_kernels`` does not import (the editable install
+        failed, e.g. an old setuptools), fall back to the source tree on PYTHONPATH, with the
+        link that ``package_dir`` would have made (``sparselora/triton_kernels -> ../triton_kernels``)."""
+        probe = [self.py, "-c", "import sparselora.triton_kernels.sparse24_gemm"]
+        if subprocess.run(probe, cwd=self.work, env=self.env, capture_output=True, timeout=120).returncode == 0:
+            return
+        link = ROOT / "sparselora" / "triton_kernels"
+        if not link.exists():
+            link.symlink_to(Path("..") / "triton_kernels")
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH", "")) if p)
+        ok = subprocess.run(probe, cwd=self.work, env=self.env, capture_output=True, text=True, timeout=120)
+        note = "package imports from the source tree (PYTHONPATH fallback)" if ok.returncode == 0 else \
+            "sparselora does not import: " + (ok.stderr.strip().splitlines() or ["?"])[-1][:200]
+        self.status.setdefault("install", {}).setdefault("note", "")
+        self.status["install"]["note"] = (self.status["install"]["note"] + "; " + note).strip("; ")
+        self.log(note)
 
     def log(self, msg: str) -> None:
         line = f"[gpu_run {time.time() - self.t0:6.1f}s] {msg}"
@@ -240,7 +272,7 @@ class Run:
             try:
                 rc = proc.wait(s.budget_s)
                 status = "ok" if rc == 0 else "failed"
-                note = "" if rc == 0 else f"exit {rc}"
+                note = "" if rc == 0 else f"exit {rc}: {_last_line(self.work / f'{s.name}.log')}"
             except subprocess.TimeoutExpired:
                 _kill(proc)
                 status, note = "timeout", f"killed at its {s.budget_s} s budget (partial results kept)"
@@ -390,6 +422,7 @@ def main(argv=None) -> int:
     run = Run(args.command, out, work, py)
     run.log(f"command {args.command}: plan {budget(args.command)} s, out {out}, work {work}")
     run.stage(INSTALL)
+    run.ensure_importable()
     run.publish()
     run.start_build()
     try:
