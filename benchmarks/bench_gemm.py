@@ -116,7 +116,7 @@ def methods_for(w: torch.Tensor, packed) -> dict:
 MODES = ("_graph", "_eager")
 
 
-def bench_point(model: str, layer: str, n: int, k: int, m: int, w, packed, methods: dict) -> dict:
+def bench_point(model: str, layer: str, n: int, k: int, m: int, w, packed, methods: dict, cold: bool = False) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.float32).to(DTYPE)
     row = {"model": model, "layer": layer, "N": n, "K": k, "M": m}
     ref = F.linear(x, w)
@@ -130,9 +130,9 @@ def bench_point(model: str, layer: str, n: int, k: int, m: int, w, packed, metho
             del out
             if row[f"{name}_relerr"] > MAX_REL_ERR:
                 row[f"{name}_error"] = f"wrong result: rel err {row[f'{name}_relerr']:.3g}"
-            t = time_rotating(lambda: make(x))
+            t = time_rotating(lambda: make(x), cold=cold)
             row[f"{name}_copies"] = t["copies"]
-            for key in ("graph_us", "eager_us", "graph_error"):
+            for key in ("graph_us", "eager_us", "cold_us", "graph_error"):
                 if key in t:
                     row[f"{name}_{key}"] = t[key]
         except Exception as e:  # noqa: BLE001 - e.g. torch24 rejecting a shape: record, go on
@@ -152,7 +152,8 @@ def _print(*a):
     print(*a, flush=True)
 
 
-def run_grid(quick: bool = False, log=_print, shapes=None, tokens=None, name: str | None = None) -> tuple[list[dict], dict]:
+def run_grid(quick: bool = False, log=_print, shapes=None, tokens=None, name: str | None = None,
+             cold: bool = False) -> tuple[list[dict], dict]:
     """Time the grid; with ``name``, rewrite ``results/<name>.{json,md}`` after every point, so
     a run stopped by a time limit keeps what it measured."""
     _need_cuda()
@@ -165,7 +166,7 @@ def run_grid(quick: bool = False, log=_print, shapes=None, tokens=None, name: st
         methods = methods_for(w, packed)
         names = names + [m for m in methods if m not in names]
         for m in tokens:
-            row = bench_point(model, layer, n, k, m, w, packed, methods)
+            row = bench_point(model, layer, n, k, m, w, packed, methods, cold)
             rows.append(row)
             log(" ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}" for key, val in row.items()
                          if not key.endswith("relerr")))
@@ -252,6 +253,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, nargs="*", default=None, help="token counts M (default: the grid's)")
     ap.add_argument("--name", default=None, help="results file stem (default gemm, or gemm_quick)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--cold-check", action="store_true",
+                    help="also <method>_cold_us: one call after a read-only pass over 2x L2 (a cross-check of the graph figure)")
     return ap
 
 
@@ -263,7 +266,7 @@ def main(argv=None) -> int:
     if args.shapes and not shapes:
         raise SystemExit(f"--shapes {args.shapes}: no shape of {sorted({s[0] for s in SHAPES})} matches")
     name = args.name or ("gemm_quick" if args.quick else "gemm")
-    rows, summary = run_grid(args.quick, shapes=shapes, tokens=args.tokens, name=name)
+    rows, summary = run_grid(args.quick, shapes=shapes, tokens=args.tokens, name=name, cold=args.cold_check)
     jpath, mpath = write_results(name, rows, columns_for(rows), summary)
     png = None if args.no_plot else plot(rows, RESULTS / f"{name}.png")
     for key, val in summary.items():

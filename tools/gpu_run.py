@@ -84,7 +84,7 @@ COMMANDS: dict[str, list[Stage]] = {
               results=["pytest.xml"]),
     ],
     # later calls, one per command, each <= 9 minutes on paper (benchmarks/NOTES.md)
-    "gemm": [Stage("gemm", 330, _py("benchmarks/bench_gemm.py", "--name", "gemm"),
+    "gemm": [Stage("gemm", 330, _py("benchmarks/bench_gemm.py", "--name", "gemm", "--cold-check"),
                    results=["gemm.json", "gemm.md", "gemm.png"])],
     "lora_full": [Stage("lora_full", 330, _py("benchmarks/bench_sparse_lora.py", "--name", "sparse_lora"),
                         results=["sparse_lora.json", "sparse_lora.md"])],
