@@ -199,22 +199,29 @@ def test_first_seen_m_inside_a_capture_is_not_autotuned_nor_remembered(monkeypat
 
 @needs_cuda
 @pytest.mark.gpu
-def test_gpu_capture_of_a_first_seen_m_works_and_tunes_afterwards(seed):
-    from sparselora.triton_kernels import sparse24_gemm as g
+def test_gpu_capture_of_a_first_seen_m_works_and_tunes_afterwards(monkeypatch, seed):
+    from sparselora.triton_kernels import launch_guard, sparse24_gemm as g
 
     p = _packed(1536, 1024, torch.bfloat16)
     x = torch.randn(37, 1024, device="cuda", dtype=torch.bfloat16)
+    key = (g._m_key(37), 1536, 1024)
+    # Compile (and load) the untuned config first, as a "capture" that is not a real one: loading
+    # a new module is itself not allowed inside a global-mode capture, only the autotuning is ours.
+    monkeypatch.setattr(launch_guard, "capturing", lambda: True)
+    g.sparse24_linear_triton(x, p.values, p.meta)
+    monkeypatch.undo()
+    assert not any(k[3:6] == key for k in g._TUNED)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(s), torch.cuda.graph(graph):
+    with torch.cuda.stream(s), torch.cuda.graph(graph):  # a real capture: no autotuning in it
         y = g.sparse24_linear_triton(x, p.values, p.meta)
     graph.replay()
     torch.cuda.synchronize()
     assert_linear(y, x, p.to_dense())
-    assert not any(key[3:6] == (g._m_key(37), 1536, 1024) for key in g._TUNED)
-    y2 = g.sparse24_linear_triton(x, p.values, p.meta)
-    assert any(key[3:6] == (g._m_key(37), 1536, 1024) for key in g._TUNED)
+    assert not any(k[3:6] == key for k in g._TUNED)
+    y2 = g.sparse24_linear_triton(x, p.values, p.meta)  # outside: tunes now
+    assert any(k[3:6] == key for k in g._TUNED)
     assert_linear(y2, x, p.to_dense())
 
 
