@@ -1,6 +1,6 @@
 """GPU runs that fit a lease: each command finishes in <= 9 minutes and returns a handful of files.
 
-    bash tools/gpu_run.sh quick              # first contact (8.7 min worst case): see COMMANDS
+    bash tools/gpu_run.sh quick              # first contact (8.75 min worst case): see COMMANDS
     bash tools/gpu_run.sh quick --dry-run    # stages, time budgets and output names; runs nothing
     bash tools/gpu_run.sh list               # every command with its budget
 
@@ -68,7 +68,7 @@ INSTALL = Stage("install", 30, ["{PY}", "-m", "pip", "install", "-q", "--no-buil
 # background: an in-place build next to the editable install's sources (sparselora/_C*.so)
 BUILD = Stage("build", 150, ["{PY}", "setup.py", "-q", "build_ext", "--inplace"], needs_ext=False,
               env={"SPARSELORA_BUILD_CUDA": "1"})
-PACK_S = 10
+PACK_S = 15  # each publish (summary + archive), the version probe, the import probe
 
 COMMANDS: dict[str, list[Stage]] = {
     "quick": [
