@@ -195,7 +195,7 @@ def save_sparse(model: nn.Module, path, extra_config: Optional[dict] = None, for
         metadata = {"format": "pt"}
     else:
         tensors = state
-        sparse_meta = {n: {"shape": [m.out_features, m.in_features], "dtype": _dtype_name(m.values.dtype),
+        sparse_meta = {n: {"shape": [m.out_features, m.in_features], "dtype": _dtype_name(m.weight_dtype),
                            "pattern": "2:4", "bias": m.bias is not None} for n, m in layers.items()}
         import sparselora
 
@@ -506,7 +506,7 @@ def _fill_tied(model: nn.Module, state: dict) -> None:
 
 
 def load_sparse(model: nn.Module, path, backend: str = "auto", strict: bool = True, key_mapping: Optional[dict] = None,
-                device=None) -> nn.Module:
+                device=None, allow_extra_copy: bool = False) -> nn.Module:
     """Load a compressed checkpoint into ``model`` (a model of the same architecture), in place.
 
     The model may be dense with real weights, or built without them (``accelerate``'s
@@ -524,7 +524,8 @@ def load_sparse(model: nn.Module, path, backend: str = "auto", strict: bool = Tr
     ``sparse-24-bitmask`` ones; for the latter, checkpoint names that differ from the model's module
     names are mapped with ``key_mapping`` (``{regex: replacement}``, applied in order) or else with
     transformers' own checkpoint renamings, and tied weights dropped by ``save_pretrained`` are
-    filled in. Returns ``model``. (Directories written by ``save_pretrained`` of a sparsified model
+    filled in. ``allow_extra_copy`` lets ``auto`` pick a backend that holds a second copy of each
+    weight (see :func:`sparselora.sparsify`). Returns ``model``. (Directories written by ``save_pretrained`` of a sparsified model
     load with ``from_pretrained`` instead, see :mod:`sparselora.hf_quantizer`.)
     """
     src, directory = _source(path)
@@ -536,7 +537,7 @@ def load_sparse(model: nn.Module, path, backend: str = "auto", strict: bool = Tr
         state, layers = _fit_names(model, state, layers, key_mapping)
         _fill_tied(model, state)
     fallback = torch.device(device) if device is not None else torch.device("cpu")
-    new_modules = _plan(model, state, layers, where, backend, strict, fallback)
+    new_modules = _plan(model, state, layers, where, backend, strict, fallback, allow_extra_copy)
     _check_nothing_left_on_meta(model, state, new_modules, where)
     # validated: mutate (swap the sparse layers, then load everything else, one tensor at a time)
     for name, mod in new_modules.items():
@@ -602,7 +603,7 @@ def _load_rest(model: nn.Module, state, keys: list[str], device: torch.device) -
 
 
 def _plan(model: nn.Module, state, layers: dict[str, dict], where: str, backend: str, strict: bool,
-          fallback: torch.device = torch.device("cpu")) -> dict[str, SparseLinear]:
+          fallback: torch.device = torch.device("cpu"), allow_extra_copy: bool = False) -> dict[str, SparseLinear]:
     """Check ``state`` fits ``model`` with ``layers`` packed; return the SparseLinear modules to install
     (on the device of the layer they replace, ``fallback`` for a meta-device one)."""
     modules = dict(model.named_modules())
@@ -612,7 +613,7 @@ def _plan(model: nn.Module, state, layers: dict[str, dict], where: str, backend:
         if mod is None:
             raise CheckpointError(f"{where}: sparse layer '{name}' does not exist in {type(model).__name__}")
         if isinstance(mod, SparseLinear):
-            shape, dtype, device, has_bias = (mod.out_features, mod.in_features), mod.values.dtype, mod.values.device, mod.bias is not None
+            shape, dtype, device, has_bias = (mod.out_features, mod.in_features), mod.weight_dtype, mod.weight_device, mod.bias is not None
         elif isinstance(mod, nn.Linear):
             shape, dtype, device, has_bias = tuple(mod.weight.shape), mod.weight.dtype, mod.weight.device, mod.bias is not None
         else:
@@ -642,21 +643,26 @@ def _plan(model: nn.Module, state, layers: dict[str, dict], where: str, backend:
             raise CheckpointError(f"{where}: layer '{name}': {e}") from None
         bias = state.get(f"{name}.bias")
         try:
-            new[name] = SparseLinear(packed.to(device), bias.to(device) if bias is not None else None, backend=backend, name=name)
+            new[name] = SparseLinear(packed.to(device), bias.to(device) if bias is not None else None, backend=backend, name=name,
+                                     allow_extra_copy=allow_extra_copy)
         except (SparsityError, ValueError, KeyError) as e:
             raise CheckpointError(f"{where}: layer '{name}': no backend {backend!r} for it: {e}") from None
         new[name].train(mod.training)
 
     # expected keys after the swap: the model's, with weight -> values/meta for the sparse layers
+    # (shape, dtype) only: a SparseLinear whose backend keeps its own layout would rebuild the
+    # canonical tensors for a state_dict() call, a second copy of every weight at once
     expected = {}
     for k, t in model.state_dict().items():
         owner, _, leaf = k.rpartition(".")
         if owner in new:
             continue
-        expected[k] = t
+        expected[k] = (tuple(t.shape), t.dtype)
     for name, m in new.items():
-        for k, t in m.state_dict().items():
-            expected[f"{name}.{k}"] = t
+        expected[f"{name}.values"] = ((m.out_features, m.in_features // 2), m.weight_dtype)
+        expected[f"{name}.meta"] = ((m.out_features, -(-m.in_features // 32)), torch.int32)
+        if m.bias is not None:
+            expected[f"{name}.bias"] = (tuple(m.bias.shape), m.bias.dtype)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):
@@ -667,9 +673,9 @@ def _plan(model: nn.Module, state, layers: dict[str, dict], where: str, backend:
             parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         raise CheckpointError(f"{where}: checkpoint does not fit {type(model).__name__}: " + "; ".join(parts))
     for k in set(expected) & set(state):
-        e, (shape, dtype) = expected[k], _spec(state, k)
-        if tuple(e.shape) != tuple(shape):
-            raise CheckpointError(f"{where}: shape mismatch for '{k}': checkpoint {tuple(shape)}, model {tuple(e.shape)}")
-        if e.dtype != dtype:
-            raise CheckpointError(f"{where}: dtype mismatch for '{k}': checkpoint {_dtype_name(dtype)}, model {_dtype_name(e.dtype)}")
+        (e_shape, e_dtype), (shape, dtype) = expected[k], _spec(state, k)
+        if e_shape != tuple(shape):
+            raise CheckpointError(f"{where}: shape mismatch for '{k}': checkpoint {tuple(shape)}, model {e_shape}")
+        if e_dtype != dtype:
+            raise CheckpointError(f"{where}: dtype mismatch for '{k}': checkpoint {_dtype_name(dtype)}, model {_dtype_name(e_dtype)}")
     return new

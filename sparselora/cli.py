@@ -38,6 +38,8 @@ MASKS_FILE = "sparselora_masks.safetensors"
 ADAPTERS_FILE = "sparselora_adapters.safetensors"
 STATE_FILE = "sparselora.json"
 # the keys of sparselora.tiny_models.BUILDERS, spelled out so that `--help` does not import torch (a test keeps them equal)
+EXTRA_COPY_HELP = ("let auto pick backends that keep a second copy of each weight next to the canonical one "
+                   "(cusparselt, hybrid: ~1.125x the dense bytes instead of ~0.56x); off by default")
 TINY_FAMILIES = ("blip-2", "clip", "gemma3", "idefics3", "instructblip", "llava", "paligemma", "qwen2-vl", "qwen2.5-vl",
                  "siglip", "smolvlm")
 
@@ -167,7 +169,8 @@ def _model_dir(arg: str, what: str) -> Path:
     return path
 
 
-def load_model(args_model: str | None, tiny: str | None, dtype: str | None = None, backend: str = "auto", what: str = "model"):
+def load_model(args_model: str | None, tiny: str | None, dtype: str | None = None, backend: str = "auto", what: str = "model",
+               allow_extra_copy: bool = False):
     """(model, info) from ``--tiny FAMILY`` or a model directory (dense, pruned or sparsified).
 
     A directory whose files claim a sparse format this package reads (:func:`checkpoint.sparse_claim`)
@@ -203,11 +206,11 @@ def load_model(args_model: str | None, tiny: str | None, dtype: str | None = Non
     if is_packed_dir(path):  # transformers-native packed directory: from_pretrained streams the packed tensors in
         kw = {"dtype": tdtype} if tdtype else {"dtype": "auto"}
         model = _from_pretrained(cls, path, kw)
-        if backend != "auto":
+        if backend != "auto" or allow_extra_copy:
             from .patch import sparse_layers
 
             for m in sparse_layers(model).values():
-                m.set_backend(backend)
+                m.set_backend(backend, allow_extra_copy=allow_extra_copy)
         return model, dict(state, stage=state.get("stage", "sparsified"))
     if claim is not None:
         meta = read_metadata(path)  # CheckpointError (naming the file) goes to the user, never to from_pretrained
@@ -221,7 +224,7 @@ def load_model(args_model: str | None, tiny: str | None, dtype: str | None = Non
         with init_empty_weights():  # no weights: load_sparse puts the checkpoint's in place (nothing dense, no random init)
             model = cls._from_config(config, dtype=want) if hasattr(cls, "_from_config") else cls(config)
         model = model.to(want).eval()
-        load_sparse(model, path, backend=backend)
+        load_sparse(model, path, backend=backend, allow_extra_copy=allow_extra_copy)
         return model, dict(state, stage=state.get("stage", "sparsified"))
     model = _from_pretrained(cls, path, {"dtype": tdtype} if tdtype else {})
     _load_masks(model, path / MASKS_FILE)
@@ -667,7 +670,8 @@ def cmd_sparsify(args) -> int:
         _check_skip(model, args.skip)
         if args.tiny:  # a built-in model is dense: prune it by magnitude first so there is something to pack
             magnitude_24(model, args.strategy, _family_for(model, None))
-        report = sparsify(model, backend=args.backend, skip=args.skip or (), tokens=args.tokens or None)
+        report = sparsify(model, backend=args.backend, skip=args.skip or (), tokens=args.tokens or None,
+                          allow_extra_copy=args.allow_extra_copy)
         if not report.sparse:
             why = [r.reason for r in report.rows if r.reason]
             raise CLIError(f"no layer was sparsified ({len(why)} left dense, e.g. {why[0]})" if why else
@@ -693,27 +697,53 @@ def cmd_sparsify(args) -> int:
 
 
 def layer_latency(model, tokens: int, iters: int, progress: bool = True) -> list[dict]:
-    """Per distinct sparse layer shape: dense F.linear on the unpacked weight vs the SparseLinear."""
+    """Per distinct sparse layer shape: dense F.linear on the unpacked weight vs the SparseLinear,
+    and the bytes each holds (every resident byte of the SparseLinear, backend buffers included)."""
     import torch
     import torch.nn.functional as F
 
+    from .memory import dense_linear_bytes
     from .patch import sparse_layers
     from .timing import median_ms
 
     rows, seen = [], set()
     layers = [(n, m) for n, m in sparse_layers(model).items()]
     for name, m in _progress(layers, "timing layers", progress):
-        key = (m.out_features, m.in_features, m.values.dtype)
+        key = (m.out_features, m.in_features, m.weight_dtype)
         if key in seen:
             continue
         seen.add(key)
-        x = torch.randn(tokens, m.in_features, dtype=m.values.dtype, device=m.values.device)
+        x = torch.randn(tokens, m.in_features, dtype=m.weight_dtype, device=m.weight_device)
         w = m.dense_weight()
         dense = median_ms(lambda: F.linear(x, w, m.bias), iters, x.device, warmup=3)
         sparse = median_ms(lambda: m(x), iters, x.device, warmup=3)
         rows.append({"layer": name, "shape": f"{m.out_features}x{m.in_features}", "tokens": tokens, "backend": m.backend.name,
-                     "device": str(x.device), "dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse})
+                     "device": str(x.device), "dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse,
+                     "dense_bytes": dense_linear_bytes(m.out_features, m.in_features, m.weight_dtype, m.bias is not None),
+                     "resident_bytes": m.resident_bytes(), "weight_copies": m.weight_copies})
     return rows
+
+
+def model_memory(model) -> dict:
+    """Every resident byte of the sparse layers (backend buffers included) against their dense
+    parameters, and of the whole model. Layers moved since their backend was chosen choose it
+    again first, so the count is what they hold when they run."""
+    from .memory import dense_linear_bytes, resident_bytes
+    from .patch import sparse_layers
+
+    layers = sparse_layers(model)
+    for m in layers.values():
+        m.ensure_backend()
+    dense = sum(dense_linear_bytes(m.out_features, m.in_features, m.weight_dtype, m.bias is not None) for m in layers.values())
+    now = sum(m.resident_bytes() for m in layers.values())
+    two = sum(m.weight_copies > 1 for m in layers.values())
+    out = {"sparse_layers": len(layers), "sparse_layers_dense_bytes": dense, "sparse_layers_resident_bytes": now,
+           "ratio": now / dense if dense else float("nan"), "layers_with_2_copies": two, "model_resident_bytes": resident_bytes(model)}
+    out["line"] = (f"memory: {len(layers)} sparse layers hold {now / 2**20:.2f} MiB (every buffer, backend buffers included) vs "
+                   f"{dense / 2**20:.2f} MiB dense ({out['ratio']:.3f}x)"
+                   + (f"; {two} of them hold 2 copies of their weight" if two else "")
+                   + f"; whole model {out['model_resident_bytes'] / 2**20:.2f} MiB resident")
+    return out
 
 
 def _progress(it, desc: str, enabled: bool):
@@ -743,27 +773,29 @@ def cmd_bench(args) -> int:
 
     dev = _check_device(args.device)
     _check_json_out(args.json)
-    model, info = load_model(args.model, args.tiny, args.dtype)
+    model, info = load_model(args.model, args.tiny, args.dtype, allow_extra_copy=args.allow_extra_copy)
     if args.tiny:
         magnitude_24(model, "both", _family_for(model, None))
     if not sparse_layers(model):
-        sparsify(model)
+        sparsify(model, allow_extra_copy=args.allow_extra_copy)
     if not sparse_layers(model):
         raise CLIError("no sparse layers to benchmark: give a pruned or sparsified model directory")
     import torch
 
     model.to(dev)
+    memory = model_memory(model)
     rows = layer_latency(model, args.tokens, args.iters, progress=not args.quiet)
     label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (reference backend: decompress + dense matmul; not the GPU kernels)"
     print(f"layer latency on {label}, {args.tokens} tokens, median of {args.iters}")
     print("| layer shape | backend | dense ms | sparse ms | speedup |\n|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['shape']} | {r['backend']} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x |")
+    print(memory["line"])
     if args.json:
         from .checkpoint import _atomic_write_text
 
         try:
-            _atomic_write_text(Path(args.json), json.dumps({"device": label, "rows": rows}, indent=1))
+            _atomic_write_text(Path(args.json), json.dumps({"device": label, "rows": rows, "memory": memory}, indent=1))
         except OSError as e:
             raise CLIError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
     if dev.type != "cuda":
@@ -861,6 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokens", nargs="*", type=_positive_int, metavar="M",
                     help="with --backend auto: tokens per call you will run (e.g. 1 8 for decode); layers whose tuned "
                          "table says dense is faster at any of them stay dense")
+    sp.add_argument("--allow-extra-copy", action="store_true", help=EXTRA_COPY_HELP)
     sp.add_argument("-v", "--verbose", action="store_true", help="print the per-layer report")
     sp.add_argument("--out", required=True, help="output directory")
     sp.set_defaults(fn=cmd_sparsify)
@@ -870,6 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokens", type=_positive_int, default=256, help="tokens per call (default: 256)")
     sp.add_argument("--iters", type=_positive_int, default=10)
     sp.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when present)")
+    sp.add_argument("--allow-extra-copy", action="store_true", help=EXTRA_COPY_HELP)
     sp.add_argument("--json", help="also write the rows to this JSON file")
     sp.set_defaults(fn=cmd_bench)
 

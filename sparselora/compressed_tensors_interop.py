@@ -64,8 +64,8 @@ def to_compressed_tensors(state: dict[str, torch.Tensor], layers: dict[str, Spar
 
 def ct_config(layers: dict[str, SparseLinear], model: nn.Module) -> dict:
     total = sum(p.numel() for n, p in model.named_parameters())
-    total += sum(2 * m.values.numel() for m in layers.values())
-    pruned = sum(m.values.numel() for m in layers.values())
+    total += sum(m.out_features * m.in_features for m in layers.values())
+    pruned = sum(m.out_features * m.in_features // 2 for m in layers.values())
     sparsity = {"format": CT_FORMAT, "sparsity_structure": "2:4", "global_sparsity": pruned / total if total else 0.0,
                 "targets": sorted(layers), "ignore": [], "registry_requires_subclass": False}
     try:  # let the library itself shape the config when it is installed

@@ -77,7 +77,7 @@ def _verify_modules(model, reference, n_tokens: int = 16) -> float:
         x = torch.randn(n_tokens, m.in_features, generator=g, dtype=torch.float64)
         ref = x @ w.T + (lin.bias.detach().double() if lin.bias is not None else 0)
         with torch.no_grad():
-            out = m(x.to(m.values.dtype)).double()
+            out = m(x.to(m.weight_dtype)).double()
         err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
         if not err <= 1e-5:
             raise AssertionError(f"{name}: packed layer differs from the masked dense weight (relative error {err:.2e})")
@@ -89,9 +89,15 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def _weight_bytes(report) -> tuple[int, int]:
+def _bytes(report, dense_model, sparse_model, dense_dir: Path, sparse_file: Path) -> dict:
+    """Memory and file sizes: the sparsified layers (report: every resident byte, backend buffers
+    included) and the whole models (resident_bytes: parameters and all buffers)."""
+    from .memory import resident_bytes
+
     t = report.totals()
-    return t["dense_bytes"], t["packed_bytes"]
+    return {"linear_layers_dense": t["dense_bytes"], "linear_layers_resident": t["resident_bytes"],
+            "model_dense": resident_bytes(dense_model), "model_resident": resident_bytes(sparse_model),
+            "file_dense": _size(dense_dir), "file_sparse": sparse_file.stat().st_size}
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,8 +175,7 @@ def minilm(args, out: Path) -> dict:
         raise AssertionError("reloaded MiniLM differs from the saved one")
     stages.append({"stage": "reloaded from compressed checkpoint", **quality(fresh)})
     res["reload_identical"] = same
-    res["bytes"] = {"linear_weights_dense": _weight_bytes(report)[0], "linear_weights_packed": _weight_bytes(report)[1],
-                    "file_dense": _size(out / "minilm-dense"), "file_sparse": f.stat().st_size}
+    res["bytes"] = _bytes(report, teacher, student, out / "minilm-dense", f)
 
     _log("MiniLM: CPU latency (reference backend)")
     res["layer_latency"] = layer_latency(student, tokens=256, iters=args.iters, progress=not args.quiet)
@@ -244,8 +249,7 @@ def llava(args, out: Path) -> dict:
     if not same:
         raise AssertionError("reloaded LLaVA differs from the saved one")
     res["reload_identical"] = same
-    res["bytes"] = {"linear_weights_dense": _weight_bytes(report)[0], "linear_weights_packed": _weight_bytes(report)[1],
-                    "file_dense": _size(out / "llava-dense"), "file_sparse": f.stat().st_size}
+    res["bytes"] = _bytes(report, teacher, student, out / "llava-dense", f)
     res["stages"] = stages
     return res
 
@@ -262,8 +266,10 @@ def _markdown(results: dict) -> str:
             agree = f"{s['top1_agreement']:.3f}" if "top1_agreement" in s else "-"
             lines.append(f"| {s['stage']} | {s['cosine_mean']:.4f} | {s['cosine_min']:.4f} | {agree} |")
         b = r["bytes"]
-        lines += ["", f"- Linear weights: dense {b['linear_weights_dense'] / 2**20:.2f} MiB -> packed {b['linear_weights_packed'] / 2**20:.2f} MiB "
-                      f"({b['linear_weights_packed'] / b['linear_weights_dense']:.3f}x); files: dense {b['file_dense'] / 2**20:.2f} MiB, "
+        lines += ["", f"- Memory (every resident byte, backend buffers included): sparsified Linear layers {b['linear_layers_dense'] / 2**20:.2f} MiB "
+                      f"dense -> {b['linear_layers_resident'] / 2**20:.2f} MiB ({b['linear_layers_resident'] / b['linear_layers_dense']:.3f}x); "
+                      f"whole model {b['model_dense'] / 2**20:.2f} -> {b['model_resident'] / 2**20:.2f} MiB "
+                      f"({b['model_resident'] / b['model_dense']:.3f}x); files: dense {b['file_dense'] / 2**20:.2f} MiB, "
                       f"compressed {b['file_sparse'] / 2**20:.2f} MiB ({b['file_sparse'] / b['file_dense']:.3f}x)",
                   f"- packed modules vs masked dense weight (float64): max relative error {r['verify_max_rel_err_per_module']:.2e}; "
                   f"reloaded checkpoint identical: {r['reload_identical']}; weights exactly 2:4 within the pruning masks before packing: {r['exact_24_after_merge']} layers",

@@ -61,10 +61,12 @@ class SparseLoraConfig(QuantizationConfigMixin):
         pattern: ``"2:4"`` (the only pattern the format has).
         format_version: readers refuse versions they do not know.
         backend: backend for the loaded layers (``"auto"`` or a registered name).
+        allow_extra_copy: let ``auto`` pick a backend holding a second copy of each weight
+            (cuSPARSELt, hybrid; see :func:`sparselora.sparsify`). Off by default.
     """
 
     def __init__(self, sparse_layers: Optional[dict] = None, pattern: str = "2:4", format_version: int = FORMAT_VERSION,
-                 backend: str = "auto", quant_method: str = QUANT_METHOD, **kwargs):
+                 backend: str = "auto", quant_method: str = QUANT_METHOD, allow_extra_copy: bool = False, **kwargs):
         self.quant_method = QUANT_METHOD
         if quant_method != QUANT_METHOD:
             raise ValueError(f"SparseLoraConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
@@ -77,12 +79,16 @@ class SparseLoraConfig(QuantizationConfigMixin):
         self.pattern = pattern
         self.format_version = int(format_version)
         self.backend = backend
+        self.allow_extra_copy = bool(allow_extra_copy)
         if kwargs:
             logger.info("SparseLoraConfig: ignoring unknown keys %s", sorted(kwargs))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "pattern": self.pattern,
-                "backend": self.backend, "sparse_layers": dict(sorted(self.sparse_layers.items()))}
+        d = {"quant_method": QUANT_METHOD, "format_version": self.format_version, "pattern": self.pattern,
+             "backend": self.backend, "sparse_layers": dict(sorted(self.sparse_layers.items()))}
+        if self.allow_extra_copy:
+            d["allow_extra_copy"] = True
+        return d
 
 
 class PackedSlot(nn.Module):
@@ -102,7 +108,7 @@ class PackedSlot(nn.Module):
     def forward(self, x):  # only reachable if postprocessing was skipped
         raise RuntimeError("PackedSlot is a loading placeholder; from_pretrained turns it into SparseLinear")
 
-    def to_sparse_linear(self, name: str, backend: str) -> SparseLinear:
+    def to_sparse_linear(self, name: str, backend: str, allow_extra_copy: bool = False) -> SparseLinear:
         values, meta = self.weight, getattr(self, META_SUFFIX)
         for t, what in ((values, "weight"), (meta, META_SUFFIX)):
             if t.device.type == "meta":
@@ -115,7 +121,8 @@ class PackedSlot(nn.Module):
         if (n, k) != (self.out_features, self.in_features):
             raise SparsityError(f"packed layer '{name}': loaded tensors describe {n}x{k}, config says {self.out_features}x{self.in_features}")
         bias = self.bias.data if self.bias is not None else None
-        mod = SparseLinear(Packed24(values.data if isinstance(values, nn.Parameter) else values, meta, (n, k)), bias, backend=backend, name=name)
+        mod = SparseLinear(Packed24(values.data if isinstance(values, nn.Parameter) else values, meta, (n, k)), bias, backend=backend, name=name,
+                           allow_extra_copy=allow_extra_copy)
         mod.train(self.training)
         return mod
 
@@ -192,7 +199,8 @@ class SparseLoraHfQuantizer(HfQuantizer):
         for name in self._names:
             slot = model.get_submodule(name)
             if isinstance(slot, PackedSlot):
-                _set_module(model, name, slot.to_sparse_linear(name, self.quantization_config.backend))
+                cfg = self.quantization_config
+                _set_module(model, name, slot.to_sparse_linear(name, cfg.backend, getattr(cfg, "allow_extra_copy", False)))
         return model
 
     def update_dtype(self, dtype):

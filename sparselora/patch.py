@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from .backends import choose_backend
-from .format import SUPPORTED_DTYPES, SparsityError, check_nm, pack_24, packed_nbytes
+from .format import SUPPORTED_DTYPES, SparsityError, check_nm, pack_24
+from .memory import dense_linear_bytes, resident_bytes
 from .modules import SparseLinear
 
 __all__ = ["sparsify", "unsparsify", "SparsifyReport", "LayerReport", "sparse_layers"]
@@ -38,12 +39,13 @@ class LayerReport:
     action: str  # "sparse" (swapped), "dense" (left dense, see reason), "lora" (SparseLoRALinear kept as is)
     backend: str  # backend name, "" when dense
     reason: str
-    dense_bytes: int  # bytes of the dense weight
-    packed_bytes: int  # bytes of the weight as the model now holds it (dense_bytes when left dense)
+    dense_bytes: int  # the dense layer's parameters (weight + bias)
+    resident_bytes: int  # every byte the layer holds now: parameters and buffers, backend buffers included
+    weight_copies: int = 1  # copies of the weight the layer holds (2: canonical + a backend's own layout)
 
 
 class SparsifyReport:
-    """What :func:`sparsify` did, per layer."""
+    """What :func:`sparsify` did, per layer, and what each layer holds in memory."""
 
     def __init__(self, rows: list[LayerReport]):
         self.rows = rows
@@ -67,10 +69,11 @@ class SparsifyReport:
 
     def totals(self) -> dict:
         dense = sum(r.dense_bytes for r in self.rows)
-        now = sum(r.packed_bytes for r in self.rows)
+        now = sum(r.resident_bytes for r in self.rows)
         return {"layers": len(self.rows), "sparse": len(self.sparse), "left_dense": len(self.dense),
                 "lora": sum(r.action == "lora" for r in self.rows),
-                "dense_bytes": dense, "packed_bytes": now, "ratio": (now / dense) if dense else float("nan")}
+                "extra_copy": sum(r.action == "sparse" and r.weight_copies > 1 for r in self.rows),
+                "dense_bytes": dense, "resident_bytes": now, "ratio": (now / dense) if dense else float("nan")}
 
     def summary(self) -> str:
         t = self.totals()
@@ -80,7 +83,10 @@ class SparsifyReport:
                 backends[r.backend] = backends.get(r.backend, 0) + 1
         per = ", ".join(f"{k}: {v}" for k, v in sorted(backends.items())) or "none"
         s = (f"sparsified {t['sparse']}/{t['layers']} layers (backends: {per}); "
-             f"weights {_mib(t['dense_bytes'])} -> {_mib(t['packed_bytes'])} ({t['ratio']:.3f}x)")
+             f"resident {_mib(t['dense_bytes'])} dense -> {_mib(t['resident_bytes'])} ({t['ratio']:.3f}x, every buffer counted)")
+        if t["extra_copy"]:
+            s += (f"; {t['extra_copy']} layers hold 2 copies of their weight (canonical + backend layout: "
+                  f"the backend was named or allow_extra_copy=True)")
         if t["left_dense"]:
             s += f"; {t['left_dense']} left dense (see report)"
         if t["lora"]:
@@ -88,18 +94,30 @@ class SparsifyReport:
         return s
 
     def to_markdown(self) -> str:
-        lines = ["| layer | part | shape | dtype | action | backend | reason | dense bytes | now bytes |",
-                 "|---|---|---|---|---|---|---|---:|---:|"]
+        """The per-layer table; each distinct reason is written once, below it, and rows refer to it."""
+        notes: dict[str, int] = {}
+        lines = ["| layer | part | shape | dtype | action | backend | copies | reason | dense bytes | resident bytes |",
+                 "|---|---|---|---|---|---|---:|---|---:|---:|"]
         for r in self.rows:
+            ref = f"[{notes.setdefault(r.reason, len(notes) + 1)}]" if r.reason else "-"
+            copies = r.weight_copies if r.action == "sparse" else "-"
             lines.append(f"| {r.name} | {r.part} | {r.shape[0]}x{r.shape[1]} | {r.dtype} | {r.action} | {r.backend or '-'} | "
-                         f"{r.reason} | {r.dense_bytes} | {r.packed_bytes} |")
-        return "\n".join(lines + ["", self.summary()])
+                         f"{copies} | {ref} | {r.dense_bytes} | {r.resident_bytes} |")
+        lines += ["", self.summary()]
+        if notes:
+            lines += ["", "Reasons:", ""] + [f"[{i}] {reason}" for reason, i in notes.items()]
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"totals": self.totals(), "rows": [asdict(r) for r in self.rows]}
 
     def __repr__(self) -> str:
         return f"SparsifyReport({self.summary()})"
+
+
+def _param_bytes(lin: nn.Module) -> int:
+    """Bytes of a dense layer's own parameters (weight + bias)."""
+    return sum(p.numel() * p.element_size() for p in lin.parameters(recurse=False))
 
 
 def _mib(n: int) -> str:
@@ -219,7 +237,7 @@ def _layer_mask(name: str, lin: nn.Linear, explicit: bool) -> torch.Tensor:
 
 def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[str]] = None, parts: Optional[Iterable[str]] = None,
              family=None, skip: Iterable[str] = (), on_unsupported: str = "dense",
-             tokens: Optional[int | Iterable[int]] = None) -> SparsifyReport:
+             tokens: Optional[int | Iterable[int]] = None, allow_extra_copy: bool = False) -> SparsifyReport:
     """Replace the pruned ``nn.Linear`` layers of ``model`` by :class:`SparseLinear`, in place.
 
     Args:
@@ -239,6 +257,13 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
             never slower than dense"); ``None`` leaves dense only layers that lost at every
             measured M. Backends without measurements (CPU, or a GPU with no tuned table) are not
             second-guessed. An explicit backend is always honoured.
+        allow_extra_copy: let ``auto`` pick backends that hold a second copy of the weight next to
+            the canonical one (``Backend.copies == 2``: ``cusparselt``, ``hybrid``; about 1.125x the
+            dense bytes instead of 0.5625x for 16-bit weights). Off by default: memory is a reason
+            to prune. Naming such a backend in ``backend=`` is an opt-in too.
+
+    The report counts every byte each layer holds afterwards (parameters, buffers and backend
+    buffers, :func:`sparselora.memory.resident_bytes`) against its dense parameters.
 
     Layers that are already ``SparseLoRALinear`` (adapters attached) are kept and reported; merge them
     first (``merge_sparse_lora``) to get packed layers. Children of ``nn.MultiheadAttention`` are never
@@ -264,9 +289,8 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
 
     rows: list[LayerReport] = []
     for name, lin in in_mha.items():
-        nbytes = lin.weight.numel() * lin.weight.element_size()
         rows.append(LayerReport(name, classify(name), tuple(lin.weight.shape), str(lin.weight.dtype).replace("torch.", ""), "dense", "",
-                                "inside nn.MultiheadAttention, whose forward reads .weight directly", nbytes, nbytes))
+                                "inside nn.MultiheadAttention, whose forward reads .weight directly", _param_bytes(lin), resident_bytes(lin)))
     planned = []
     for name, lin in candidates.items():
         if lora_cls is not None and isinstance(lin, lora_cls):
@@ -274,8 +298,8 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
             continue
         w = lin.weight
         out_f, in_f = w.shape
-        dense_bytes = w.numel() * w.element_size()
-        row = LayerReport(name, classify(name), (out_f, in_f), str(w.dtype).replace("torch.", ""), "dense", "", "", dense_bytes, dense_bytes)
+        row = LayerReport(name, classify(name), (out_f, in_f), str(w.dtype).replace("torch.", ""), "dense", "", "",
+                          _param_bytes(lin), resident_bytes(lin))
         rows.append(row)
 
         def leave_dense(reason: str) -> None:
@@ -296,7 +320,7 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
             continue
         mask = _layer_mask(name, lin, explicit)
         try:
-            choice = choose_backend(w.device, w.dtype, out_f, in_f, backend)
+            choice = choose_backend(w.device, w.dtype, out_f, in_f, backend, allow_extra_copy=allow_extra_copy)
         except ValueError as e:  # explicit backend that cannot run this layer
             leave_dense(str(e))
             continue
@@ -313,13 +337,13 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
     # every layer validated: now build and swap (SparseLinear construction packs and prepares)
     built = []
     for name, lin, mask, row in planned:
-        new = SparseLinear.from_linear(lin, mask=mask, backend=backend, name=name)
+        new = SparseLinear.from_linear(lin, mask=mask, backend=backend, name=name, allow_extra_copy=allow_extra_copy)
         new.train(lin.training)
         built.append((name, new, row))
     for name, new, row in built:
         _set_module(model, name, new)
         row.action, row.backend, row.reason = "sparse", new.backend.name, new.backend_reason
-        row.packed_bytes = packed_nbytes(new.out_features, new.in_features, new.values.dtype)
+        row.resident_bytes, row.weight_copies = resident_bytes(new), new.weight_copies
     if built and "transformers" in sys.modules:  # a transformers model: save_pretrained writes the packed format
         from .hf_quantizer import attach
 
@@ -330,10 +354,11 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
 def _lora_row(name: str, mod: nn.Module, part: str) -> LayerReport:
     out_f = getattr(mod, "out_features", 0)
     in_f = getattr(mod, "in_features", 0)
-    w = getattr(mod, "weight", None)
+    w = getattr(mod, "values", getattr(mod, "weight", None))  # SparseLoRALinear holds the canonical values
     dtype = str(w.dtype).replace("torch.", "") if isinstance(w, torch.Tensor) else "?"
-    nbytes = int(w.numel() * w.element_size()) if isinstance(w, torch.Tensor) else 0
-    return LayerReport(name, part, (out_f, in_f), dtype, "lora", "", "SparseLoRALinear kept as is (merge_sparse_lora first to pack it)", nbytes, nbytes)
+    dense = dense_linear_bytes(out_f, in_f, w.dtype, getattr(mod, "bias", None) is not None) if isinstance(w, torch.Tensor) else 0
+    return LayerReport(name, part, (out_f, in_f), dtype, "lora", "", "SparseLoRALinear kept as is (merge_sparse_lora first to pack it)",
+                       dense, resident_bytes(mod))
 
 
 def unsparsify(model: nn.Module) -> list[str]:

@@ -6,7 +6,8 @@ benchmarks pick it up from the registry without edits elsewhere.
 """
 from __future__ import annotations
 
-from .base import Backend, BackendChoice, register_backend, get_backend, list_backends, choose_backend
+from .base import (Backend, BackendChoice, RESIDENT_CANONICAL, RESIDENT_OWN, register_backend, get_backend, list_backends,
+                   choose_backend)
 from . import reference  # noqa: F401  (registers "reference")
 
-__all__ = ["Backend", "BackendChoice", "register_backend", "get_backend", "list_backends", "choose_backend"]
+__all__ = ["Backend", "BackendChoice", "RESIDENT_CANONICAL", "RESIDENT_OWN", "register_backend", "get_backend", "list_backends", "choose_backend"]

@@ -8,17 +8,37 @@ import torch
 from ..format import Packed24
 
 
+#: ``Backend.resident`` values: where a layer's one copy of the weight lives.
+RESIDENT_CANONICAL = "canonical"
+RESIDENT_OWN = "own"
+
+
 class Backend:
     """One way of running ``y = x @ W.T + b`` for a 2:4 weight.
 
-    Subclasses set ``name``, ``priority`` (higher wins in ``auto`` when supported) and
-    ``weight_copies`` (how many copies of the weight a module holds with this backend), and
-    implement :meth:`unavailable_reason`, :meth:`unsupported_reason`, :meth:`prepare` and
-    :meth:`linear`.
+    Subclasses set ``name``, ``priority`` (higher wins in ``auto`` when supported),
+    ``resident``, ``copies`` and ``weight_copies``, and implement :meth:`unavailable_reason`,
+    :meth:`unsupported_reason`, :meth:`prepare` and :meth:`linear` (and :meth:`to_canonical`
+    when ``resident = "own"``).
+
+    Memory (a layer must never hold two copies of its weight silently):
+
+    * ``resident = "canonical"`` (default): the layer keeps the canonical ``values``/``meta``
+      buffers and :meth:`prepare` may add buffers next to them.
+    * ``resident = "own"``: the buffers :meth:`prepare` returns REPLACE ``values``/``meta``; the
+      layer holds only them (one copy) and rebuilds the canonical form with :meth:`to_canonical`
+      whenever it needs it (state dict, checkpoints, ``to_linear``, switching backends, moving to
+      a device this backend does not take). :meth:`linear` then gets ``packed=None``.
+    * ``copies``: how many copies of the weight a layer holds (2 for a backend that keeps a
+      second layout next to the canonical one, e.g. cuSPARSELt's buffer). ``auto`` never picks
+      a backend with ``copies > 1`` unless the caller passes ``allow_extra_copy=True``;
+      naming such a backend explicitly is an opt-in too.
     """
 
     name: str = ""
     priority: int = 0
+    resident: str = RESIDENT_CANONICAL
+    copies: int = 1
     weight_copies: str = "1 (canonical packed values + meta)"
 
     def unavailable_reason(self) -> Optional[str]:
@@ -30,10 +50,22 @@ class Backend:
         return None
 
     def prepare(self, packed: Packed24) -> dict[str, torch.Tensor]:
-        """Backend buffers built once from the canonical packed weight (default: none extra)."""
+        """Backend buffers built once from the canonical packed weight (default: none extra).
+
+        With ``resident = "own"`` they replace the canonical buffers and must hold the whole
+        weight: :meth:`to_canonical` of them gives ``packed`` back bit for bit. Floating-point
+        buffers should hold the weight values in the weight's dtype (``module.half()`` casts
+        them; the layer takes its dtype from them)."""
         return {}
 
-    def linear(self, x: torch.Tensor, packed: Packed24, extra: dict[str, torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def to_canonical(self, extra: dict[str, torch.Tensor]) -> Packed24:
+        """The exact inverse of :meth:`prepare` (``resident = "own"`` backends only). It is also
+        called on buffers that ``module.to(...)`` moved to another device or dtype."""
+        raise NotImplementedError(f"backend {self.name!r} keeps the canonical layout resident; it has no to_canonical")
+
+    def linear(self, x: torch.Tensor, packed: Optional[Packed24], extra: dict[str, torch.Tensor],
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The forward. ``packed`` is the canonical weight, or None for ``resident = "own"``."""
         raise NotImplementedError
 
     def dense_faster_reason(self, device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
@@ -56,6 +88,16 @@ _REGISTRY: dict[str, Backend] = {}
 def register_backend(backend: Backend) -> Backend:
     if not backend.name:
         raise ValueError("a backend needs a name")
+    if backend.resident not in (RESIDENT_CANONICAL, RESIDENT_OWN):
+        raise ValueError(f"backend {backend.name!r}: resident must be {RESIDENT_CANONICAL!r} or {RESIDENT_OWN!r}, "
+                         f"got {backend.resident!r}")
+    if not isinstance(backend.copies, int) or backend.copies < 1:
+        raise ValueError(f"backend {backend.name!r}: copies must be a positive int, got {backend.copies!r}")
+    if backend.resident == RESIDENT_OWN:
+        if type(backend).to_canonical is Backend.to_canonical:
+            raise ValueError(f"backend {backend.name!r}: resident='own' needs to_canonical(extra), the inverse of prepare")
+        if backend.copies != 1:
+            raise ValueError(f"backend {backend.name!r}: resident='own' replaces the canonical copy, so copies must be 1")
     _REGISTRY[backend.name] = backend
     return backend
 
@@ -92,9 +134,17 @@ class BackendChoice:
     reason: str
 
 
-def choose_backend(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int, requested: str = "auto") -> BackendChoice:
+def extra_copy_reason(backend: Backend) -> str:
+    return (f"holds {backend.copies} copies of the weight; allow_extra_copy=True (CLI: --allow-extra-copy) "
+            f"or naming it accepts that")
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int, requested: str = "auto",
+                   allow_extra_copy: bool = False) -> BackendChoice:
     """Pick a backend for one layer. An explicit name that cannot run raises with the reason;
-    ``auto`` takes the highest-priority backend that runs and supports the layer."""
+    ``auto`` takes the highest-priority backend that runs and supports the layer and holds one
+    copy of the weight (``copies == 1``), or any number of copies with ``allow_extra_copy``.
+    An explicit name is an opt-in: it is honoured whatever its ``copies``."""
     device = torch.device(device)
     if requested != "auto":
         b = get_backend(requested)
@@ -105,6 +155,8 @@ def choose_backend(device: torch.device, dtype: torch.dtype, out_features: int, 
     skipped = []
     for b in list_backends():
         why = b.unavailable_reason() or b.unsupported_reason(device, dtype, out_features, in_features)
+        if why is None and b.copies > 1 and not allow_extra_copy:
+            why = extra_copy_reason(b)
         if why is None:
             return BackendChoice(b, f"{b.name} (auto" + (f"; skipped {'; '.join(skipped)})" if skipped else ")"))
         skipped.append(f"{b.name}: {why}")

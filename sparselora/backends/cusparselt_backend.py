@@ -270,6 +270,7 @@ def shape_reason(dtype: torch.dtype, out_features: int, in_features: int) -> Opt
 class CusparseLtBackend(Backend):
     name = "cusparselt"
     priority = 30
+    copies = 2  # auto skips it unless allow_extra_copy=True
     weight_copies = ("2 (canonical values+meta, the module's state dict; plus the cuSPARSELt compressed buffer, "
                      "about the same size)")
 

@@ -166,6 +166,7 @@ def _device_name(index: int) -> str:
 class HybridBackend(Backend):
     name = "hybrid"
     priority = 40
+    copies = 2  # auto skips it unless allow_extra_copy=True
     weight_copies = ("2 (canonical values+meta: state dict and Triton's operand for small M; plus the cuSPARSELt "
                      "compressed buffer for large M)")
 
