@@ -5,6 +5,7 @@ from .backends import Backend, register_backend, get_backend, list_backends, cho
 from .modules import SparseLinear
 from .patch import sparsify, unsparsify, SparsifyReport
 from .checkpoint import save_sparse, load_sparse, CheckpointError
+from .memory import resident_bytes
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,6 @@ def __getattr__(name):
 __all__ = [
     "Packed24", "SparsityError", "nm_mask", "check_nm", "validate_24", "pack_24", "unpack_24",
     "Backend", "register_backend", "get_backend", "list_backends", "choose_backend", "SparseLinear",
-    "sparsify", "unsparsify", "SparsifyReport", "save_sparse", "load_sparse", "CheckpointError",
+    "sparsify", "unsparsify", "SparsifyReport", "save_sparse", "load_sparse", "CheckpointError", "resident_bytes",
     "SparseLoRALinear", "add_sparse_lora", "merge_sparse_lora", "lora_parameters", "distill",
 ]

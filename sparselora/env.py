@@ -33,7 +33,8 @@ def collect() -> dict:
         why = b.unavailable_reason()
         if why is None:
             why = b.unsupported_reason(dev, torch.bfloat16, 4096, 4096)
-        info["backends"][b.name] = {"available": why is None, "why_not": why, "weight_copies": b.weight_copies}
+        info["backends"][b.name] = {"available": why is None, "why_not": why, "weight_copies": b.weight_copies,
+                                   "copies": b.copies, "resident": b.resident}
     return info
 
 

@@ -14,6 +14,19 @@ SHAPES = [(64, 128), (96, 64), (128, 256)]  # (out_features, in_features): multi
 TOKENS = [(1,), (7,), (3, 11)]  # M = 1, odd M, and a 3-D input with 33 tokens
 
 
+def _check_memory_contract(backend, layer, packed, bias):
+    """A one-copy backend holds the packed bytes (an own layout may pad them by a few percent, no
+    more); an own layout gives the canonical one back bit for bit."""
+    if backend.copies == 1:
+        weight = layer.resident_bytes() - bias.numel() * bias.element_size()
+        assert packed.nbytes() <= weight <= 1.05 * packed.nbytes(), f"{backend.name}: {weight} bytes for {packed.nbytes()} packed"
+    if backend.resident == "own":
+        back = backend.to_canonical(backend.prepare(packed))
+        assert back.shape == packed.shape and torch.equal(back.values, packed.values) and torch.equal(back.meta, packed.meta), backend.name
+        sd = layer.state_dict()
+        assert torch.equal(sd["values"], packed.values) and torch.equal(sd["meta"], packed.meta), backend.name
+
+
 def _run_all(device, dtype):
     ran = []
     for backend in list_backends():
@@ -23,8 +36,10 @@ def _run_all(device, dtype):
             if backend.unsupported_reason(torch.device(device), dtype, n, k) is not None:
                 continue
             w, _, b = random_24(n, k, dtype, device=device)
-            layer = SparseLinear(pack_24(w), b, backend=backend.name)
+            packed = pack_24(w)
+            layer = SparseLinear(packed, b, backend=backend.name)
             assert layer.backend is backend
+            _check_memory_contract(backend, layer, packed, b)
             for lead in TOKENS:
                 x = torch.randn(*lead, k, dtype=torch.float64, device=device).to(dtype)
                 with torch.inference_mode():  # cuSPARSELt is forward-only

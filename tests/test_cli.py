@@ -57,7 +57,9 @@ def test_prune_sparsify_load_flow(tmp_path, capsys):
     assert main(["sparsify", str(pruned), "--format", "compressed-tensors", "--out", str(ct)]) == 0
     assert main(["sparsify", str(pruned), "--format", "sparselora", "--out", str(tmp_path / "single")]) == 0
     out = capsys.readouterr().out
-    assert "sparsified" in out and "model.safetensors" in out
+    assert "sparsified" in out and "model.safetensors" in out and "every buffer counted" in out
+    md = (sparse / "sparsify_report.md").read_text()  # the auto reason, shared by every layer, written once
+    assert md.count("reference (auto") == 1 and md.count("| [1] |") > 1
 
     dense, info = load_model(str(pruned), None)
     masks = {n: m.sparse_mask for n, m in dense.named_modules() if hasattr(m, "sparse_mask")}
@@ -76,8 +78,11 @@ def test_prune_sparsify_load_flow(tmp_path, capsys):
     assert json.loads((sparse / "sparselora.json").read_text())["stage"] == "sparsified"
 
     assert main(["bench", str(sparse), "--tokens", "8", "--iters", "1", "-q", "--json", str(tmp_path / "b.json")]) == 0
-    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert rows and all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
+    bench = json.loads((tmp_path / "b.json").read_text())
+    rows, mem = bench["rows"], bench["memory"]
+    assert rows and all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["resident_bytes"] < 0.6 * r["dense_bytes"] for r in rows)
+    assert mem["sparse_layers"] == len(masks) and 0.5 < mem["ratio"] < 0.6 and mem["layers_with_2_copies"] == 0
+    assert "memory:" in capsys.readouterr().out
 
 
 def test_clear_errors(tmp_path, capsys):
@@ -252,7 +257,7 @@ def test_bench_e2e_tiny_smoke(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--tiny", "--batches", "1", "2"]) == 0
     out = capsys.readouterr().out
-    assert "decode tok/s b2" in out and "packed_layer_max_rel_err" in out
+    assert "decode tok/s b2" in out and "packed_layer_max_rel_err" in out and "'lm_linear_ratio'" in out
     if not torch.cuda.is_available():
         assert bench.main([]) == 2  # the real benchmark refuses to run without a GPU, with a message
 

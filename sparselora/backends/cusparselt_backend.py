@@ -19,7 +19,9 @@ traces them, thin Python wrappers, the tuning-file I/O and the backend itself.
   ``torch.no_grad()`` to use cuSPARSELt.
 
 Memory: a ``SparseLinear`` on this backend holds 2 copies of the weight: the canonical values +
-meta (its state dict) and the compressed buffer (about the same size: 9/16 of dense bytes each).
+meta (its state dict) and the compressed buffer (about the same size: 9/16 of dense bytes each),
+about 1.125x the dense bytes. So ``auto`` never picks it unless ``allow_extra_copy=True``; naming
+it (``backend="cusparselt"``) is an opt-in too.
 """
 from __future__ import annotations
 
@@ -272,7 +274,7 @@ class CusparseLtBackend(Backend):
     priority = 30
     copies = 2  # auto skips it unless allow_extra_copy=True
     weight_copies = ("2 (canonical values+meta, the module's state dict; plus the cuSPARSELt compressed buffer, "
-                     "about the same size)")
+                     "about the same size); auto only with allow_extra_copy=True")
 
     def unavailable_reason(self):
         if _EXT_ERROR:

@@ -29,7 +29,8 @@ larger measured M (``null``: never). Lookup order for a weight shape on a device
 holds no dense copy, so a layer is either sparse at every M or dense at every M.
 
 Memory: 2 copies of the weight, the canonical values + meta (state dict, read by Triton) and the
-cuSPARSELt compressed buffer.
+cuSPARSELt compressed buffer (about 1.125x the dense bytes): ``auto`` only picks it with
+``allow_extra_copy=True``, or name it (``backend="hybrid"``).
 """
 from __future__ import annotations
 
@@ -168,7 +169,7 @@ class HybridBackend(Backend):
     priority = 40
     copies = 2  # auto skips it unless allow_extra_copy=True
     weight_copies = ("2 (canonical values+meta: state dict and Triton's operand for small M; plus the cuSPARSELt "
-                     "compressed buffer for large M)")
+                     "compressed buffer for large M; auto only with allow_extra_copy=True)")
 
     def _triton(self) -> Optional[Backend]:
         try:
