@@ -19,7 +19,8 @@ Measured:
   decode step is ~3 ms of GPU work against ~25 ms of Python in an eager ``generate``, so eager
   ratios say nothing about the kernels; the same step loop issued eagerly is reported separately
   (``decode_eager``: what an un-graphed caller gets, CPU-bound);
-* every resident byte of the language model (backend buffers included) and ``torch.cuda.max_memory_allocated`` of each phase.
+* every resident byte of the language model (backend buffers included) and
+  ``torch.cuda.max_memory_allocated`` of each phase.
 
 Targets (DESIGN.md): decode >= 1.5x, prefill >= 1.3x, language-model linears <= 0.57x of the dense
 bytes resident (every buffer counted).
