@@ -23,7 +23,7 @@ from sparselora.memory import dense_linear_bytes, resident_bytes, sparse_linear_
 from sparselora.ops import reference_sparse24_linear
 from sparselora.patch import sparse_layers, sparsify, unsparsify
 
-from helpers import random_24
+from helpers import assert_linear, random_24
 
 
 class PermutedOwn(Backend):
@@ -72,14 +72,6 @@ def fake_backends():
     backend_base._REGISTRY.pop(two.name, None)
 
 
-def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-def ref64(x, w, b):
-    return x.double() @ w.double().T + (b.double() if b is not None else 0)
-
-
 def pruned_mlp(dims=(128, 64, 32), dtype=torch.float32, bias=True):
     layers = []
     for i in range(len(dims) - 1):
@@ -114,8 +106,7 @@ def test_own_backend_holds_one_copy_and_rebuilds_canonical_exactly(fake_backends
     assert torch.equal(sd["values"], packed.values) and torch.equal(sd["meta"], packed.meta)
     assert torch.equal(layer.to_linear().weight, w) and torch.equal(layer.mask(), packed.mask())
     x = torch.randn(5, k, dtype=torch.float64).to(dtype)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
-    assert rel_err(layer(x), ref64(x, w, b)) < tol
+    assert_linear(layer(x), x, w, b, "own-layout layer")
 
 
 def test_set_backend_goes_through_canonical_and_keeps_one_copy(fake_backends, seed):
@@ -143,7 +134,7 @@ def test_own_layer_moves_and_casts_through_canonical(fake_backends, seed):
     layer.double()  # nn.Module casts the floating backend buffer; the layer follows it
     assert layer.weight_dtype == torch.float64 and layer.backend_values_t.dtype == torch.float64
     x = torch.randn(4, 64, dtype=torch.float64)
-    assert rel_err(layer(x), ref64(x, w, b)) < 1e-12
+    assert_linear(layer(x), x, w.double(), b.double(), "own-layout layer after .double()")
     assert torch.equal(layer.packed.values, w.double()[pack_24(w).mask()].reshape(32, 32))
     assert layer.resident_bytes() == sparse_linear_bytes(32, 64, torch.float64, bias=True)
 
@@ -182,7 +173,7 @@ def test_load_state_dict_into_own_layer_rebuilds_its_layout(fake_backends, seed)
     layer.load_state_dict(src.state_dict())
     assert layer.backend_values_t is buf  # loaded in place: same memory, no second copy
     x = torch.randn(3, 64)
-    assert rel_err(layer(x), ref64(x, w2, b2)) < 1e-6
+    assert_linear(layer(x), x, w2, b2, "own-layout layer after load_state_dict")
     assert torch.equal(layer.packed.meta, pack_24(w2).meta)
     # missing or misshapen canonical tensors: clear errors naming the layer
     with pytest.raises(RuntimeError, match="Missing key.*meta"):
@@ -190,7 +181,7 @@ def test_load_state_dict_into_own_layer_rebuilds_its_layout(fake_backends, seed)
     bad = SparseLinear(pack_24(random_24(32, 128)[0]), b2, backend="reference").state_dict()
     with pytest.raises(RuntimeError, match="lyr.*32x128.*32x64"):
         layer.load_state_dict(bad)
-    assert rel_err(layer(x), ref64(x, w2, b2)) < 1e-6  # a failed load changed nothing
+    assert_linear(layer(x), x, w2, b2, "after a failed load")  # a failed load changed nothing
 
 
 def test_unsparsify_an_own_layout_model(fake_backends, seed):
