@@ -92,7 +92,7 @@ class SparseLinear(nn.Module):
         shape = (self.out_features, self.in_features)
         if not self._own:
             return Packed24(self.values, self.meta, shape)
-        p = self.backend.to_canonical(self._extra)
+        p = self.backend.to_canonical(self._extra, shape)
         if tuple(p.shape) != shape:
             raise SparsityError(f"{self._label()}: backend {self.backend.name!r} rebuilt a {tuple(p.shape)} weight from its "
                                 f"layout, expected {shape}")
@@ -197,7 +197,9 @@ class SparseLinear(nn.Module):
         self.ensure_backend()
         if x.shape[-1] != self.in_features:
             raise SparsityError(f"{self.layer_name or 'SparseLinear'}: input has {x.shape[-1]} features, expected {self.in_features}")
-        return self.backend.linear(x, None if self._own else self.packed, self._extra, self.bias)
+        if self._own:
+            return self.backend.linear(x, None, self._extra, self.bias, shape=(self.out_features, self.in_features))
+        return self.backend.linear(x, self.packed, self._extra, self.bias)
 
     # -- state dict: always canonical ---------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):

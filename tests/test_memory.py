@@ -38,14 +38,14 @@ class PermutedOwn(Backend):
     def prepare(self, packed):
         return {"values_t": packed.values.flip(0).t().contiguous(), "meta_r": packed.meta.flip(0).contiguous()}
 
-    def to_canonical(self, extra):
+    def to_canonical(self, extra, shape):
         values = extra["values_t"].t().flip(0).contiguous()
         meta = extra["meta_r"].flip(0).contiguous()
-        return Packed24(values, meta, (values.shape[0], values.shape[1] * 2))
+        return Packed24(values, meta, tuple(shape))
 
-    def linear(self, x, packed, extra, bias):
-        assert packed is None, "an own-layout backend gets no canonical weight"
-        p = self.to_canonical(extra)
+    def linear(self, x, packed, extra, bias, shape=None):
+        assert packed is None and shape is not None, "an own-layout backend gets the shape, no canonical weight"
+        p = self.to_canonical(extra, shape)
         return reference_sparse24_linear(x, p.values, p.meta, bias)
 
 
@@ -64,12 +64,30 @@ class TwoCopies(Backend):
         return reference_sparse24_linear(x, extra["copy_values"], extra["copy_meta"], bias)
 
 
+def _mma_sp_anywhere():
+    """The real ``mma-sp`` backend (its GPU layout, to_canonical and the op's CPU kernel), allowed
+    on the CPU and the meta device for these tests: only its CUDA kernel needs a GPU."""
+    from sparselora.backends.mma_sp_backend import DTYPES, MmaSpBackend
+
+    class MmaSpAnywhere(MmaSpBackend):
+        name = "test-mma-sp-anywhere"
+        priority = 9_000  # below TwoCopies: auto must skip that one to land here
+
+        def unavailable_reason(self):
+            return None
+
+        def unsupported_reason(self, device, dtype, out_features, in_features):
+            return None if dtype in DTYPES and in_features % 8 == 0 else "16-bit weights with in_features % 8 == 0 only"
+
+    return MmaSpAnywhere()
+
+
 @pytest.fixture
 def fake_backends():
-    own, two = register_backend(PermutedOwn()), register_backend(TwoCopies())
-    yield own, two
-    backend_base._REGISTRY.pop(own.name, None)
-    backend_base._REGISTRY.pop(two.name, None)
+    own, two, mma = register_backend(PermutedOwn()), register_backend(TwoCopies()), register_backend(_mma_sp_anywhere())
+    yield own, two, mma
+    for b in (own, two, mma):
+        backend_base._REGISTRY.pop(b.name, None)
 
 
 def pruned_mlp(dims=(128, 64, 32), dtype=torch.float32, bias=True):
@@ -107,6 +125,33 @@ def test_own_backend_holds_one_copy_and_rebuilds_canonical_exactly(fake_backends
     assert torch.equal(layer.to_linear().weight, w) and torch.equal(layer.mask(), packed.mask())
     x = torch.randn(5, k, dtype=torch.float64).to(dtype)
     assert_linear(layer(x), x, w, b, "own-layout layer")
+
+
+@pytest.mark.parametrize("n,k", [(64, 256), (40, 136)])  # whole tiles; padded to whole tiles
+def test_mma_sp_gpu_layout_is_the_one_resident_copy(fake_backends, n, k, seed):
+    """The real mma.sp GPU layout as an own-layout backend: only it is resident, the canonical
+    layout comes back bit for bit, and the forward (the op's CPU kernel) is right."""
+    from sparselora.gpu_layout import to_gpu_layout
+
+    w, _, b = random_24(n, k, torch.bfloat16)
+    packed = pack_24(w)
+    layer = SparseLinear(packed, b, backend="test-mma-sp-anywhere")
+    assert sorted(n for n, _ in layer.named_buffers()) == ["backend_mma_sp_meta", "backend_mma_sp_values"]
+    gpu = to_gpu_layout(packed)
+    assert layer.resident_bytes() == gpu.nbytes() + b.numel() * b.element_size()
+    if (n, k) == (64, 256):
+        assert gpu.nbytes() == packed.nbytes()  # a pure permutation: exactly 9/16 of dense
+    p = layer.packed
+    assert torch.equal(p.values.view(torch.int16), packed.values.view(torch.int16)) and torch.equal(p.meta, packed.meta)
+    assert torch.equal(layer.state_dict()["meta"], packed.meta) and torch.equal(layer.to_linear().weight, w)
+    x = torch.randn(7, k, dtype=torch.float64).to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    assert_linear(y, x, w, b, f"mma-sp layout {n}x{k}")
+    layer.set_backend("reference")
+    assert torch.equal(layer.values.view(torch.int16), packed.values.view(torch.int16))
+    with torch.no_grad():
+        assert_linear(layer(x), x, w, b, "after switching to reference")
 
 
 def test_set_backend_goes_through_canonical_and_keeps_one_copy(fake_backends, seed):
@@ -284,7 +329,7 @@ def _llama(cfg_kw, device):
         return LlamaForCausalLM(LlamaConfig(**cfg_kw)).to(torch.bfloat16)
 
 
-def _pack_lm_linears(model, allow_extra_copy=False):
+def _pack_lm_linears(model, allow_extra_copy=False, backend="auto"):
     """Swap every decoder-layer Linear for a SparseLinear. On the meta device the packed tensors
     are shapes only (no pruning possible there); elsewhere the weights are pruned by magnitude."""
     for name, lin in list(model.model.layers.named_modules()):
@@ -294,9 +339,10 @@ def _pack_lm_linears(model, allow_extra_copy=False):
         if lin.weight.device.type == "meta":
             packed = Packed24(torch.empty(n, k // 2, dtype=lin.weight.dtype, device="meta"),
                               torch.empty(n, -(-k // 32), dtype=torch.int32, device="meta"), (n, k))
-            new = SparseLinear(packed, backend="auto", allow_extra_copy=allow_extra_copy)
+            new = SparseLinear(packed, backend=backend, allow_extra_copy=allow_extra_copy)
         else:
-            new = SparseLinear.from_linear(lin, mask=nm_mask(lin.weight.detach().abs()), allow_extra_copy=allow_extra_copy)
+            new = SparseLinear.from_linear(lin, mask=nm_mask(lin.weight.detach().abs()), backend=backend,
+                                           allow_extra_copy=allow_extra_copy)
         parent, _, child = name.rpartition(".")
         setattr(model.model.layers.get_submodule(parent), child, new)
 
@@ -323,7 +369,7 @@ def test_scaled_down_llama_counts_match_the_per_layer_formula(seed):
                  num_key_value_heads=4, vocab_size=512)
     model = _llama(small, "cpu")
     dense_all = resident_bytes(model)
-    _pack_lm_linears(model)
+    _pack_lm_linears(model, backend="reference")
     measured, count = _lm_linear_bytes(model)
     dense, predicted = _formula(small)
     assert count == 14 and measured == predicted and predicted / dense == 9 / 16
@@ -333,12 +379,14 @@ def test_scaled_down_llama_counts_match_the_per_layer_formula(seed):
 def test_llava_7b_language_model_holds_at_most_0_57x_dense(fake_backends):
     """The issue-11 memory target on the real architecture, built on the meta device (shapes only,
     nothing allocated): LLaVA-1.5-7B's Llama-7B language model, every decoder Linear packed, backend
-    chosen by auto with a two-copy backend on offer (the fake one runs on meta too)."""
+    chosen by auto with a two-copy backend on offer (the fake one, which runs on meta too) and the
+    real mma.sp GPU layout as the one-copy candidate (its prepare runs on meta)."""
     dense_model = _llama(LLAVA_7B_LM, "meta")
     dense_all, dense_lm = resident_bytes(dense_model), resident_bytes(dense_model.model)
     model = _llama(LLAVA_7B_LM, "meta")
     _pack_lm_linears(model)
-    assert all(m.weight_copies == 1 for m in sparse_layers(model).values())
+    assert {m.backend.name for m in sparse_layers(model).values()} == {"test-mma-sp-anywhere"}
+    assert all(m.weight_copies == 1 and not hasattr(m, "values") for m in sparse_layers(model).values())
     measured, count = _lm_linear_bytes(model)
     dense, predicted = _formula(LLAVA_7B_LM)
     assert count == 224 and measured == predicted

@@ -28,7 +28,8 @@ class Backend:
     * ``resident = "own"``: the buffers :meth:`prepare` returns REPLACE ``values``/``meta``; the
       layer holds only them (one copy) and rebuilds the canonical form with :meth:`to_canonical`
       whenever it needs it (state dict, checkpoints, ``to_linear``, switching backends, moving to
-      a device this backend does not take). :meth:`linear` then gets ``packed=None``.
+      a device this backend does not take). The layer calls
+      ``linear(x, None, extra, bias, shape=(N, K))`` (no canonical weight exists).
     * ``copies``: how many copies of the weight a layer holds (2 for a backend that keeps a
       second layout next to the canonical one, e.g. cuSPARSELt's buffer). ``auto`` never picks
       a backend with ``copies > 1`` unless the caller passes ``allow_extra_copy=True``;
@@ -58,14 +59,16 @@ class Backend:
         them; the layer takes its dtype from them)."""
         return {}
 
-    def to_canonical(self, extra: dict[str, torch.Tensor]) -> Packed24:
-        """The exact inverse of :meth:`prepare` (``resident = "own"`` backends only). It is also
-        called on buffers that ``module.to(...)`` moved to another device or dtype."""
+    def to_canonical(self, extra: dict[str, torch.Tensor], shape: tuple[int, int]) -> Packed24:
+        """The exact inverse of :meth:`prepare` for a dense ``shape`` (N, K) (``resident = "own"``
+        backends only). It is also called on buffers that ``module.to(...)`` moved or cast."""
         raise NotImplementedError(f"backend {self.name!r} keeps the canonical layout resident; it has no to_canonical")
 
     def linear(self, x: torch.Tensor, packed: Optional[Packed24], extra: dict[str, torch.Tensor],
                bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """The forward. ``packed`` is the canonical weight, or None for ``resident = "own"``."""
+        """The forward. ``packed`` is the canonical weight; a ``resident = "own"`` backend is called
+        by ``SparseLinear`` with ``packed=None`` and a keyword ``shape=(N, K)`` instead (benchmarks
+        that call it directly may still pass the canonical ``packed``)."""
         raise NotImplementedError
 
     def dense_faster_reason(self, device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,

@@ -2,7 +2,10 @@
 
 The weight is held in the GPU layout of ``csrc/sparse_mma/layout.h`` (:mod:`sparselora.gpu_layout`,
 a reversible reorder of the canonical layout), and ``y = x W^T + b`` runs as the op
-``sparselora::mma_sp_linear``:
+``sparselora::mma_sp_linear``. Memory: one copy. The backend is ``resident = "own"``: a
+``SparseLinear`` on it holds only the GPU layout (9/16 of the dense bytes for the VLM shapes; small
+shapes are padded to whole tiles) and rebuilds the canonical layout with ``to_canonical`` for its
+state dict, checkpoints and backend switches.
 
 * schema, CPU reference and fake kernel are defined here, so the op works anywhere (the CPU kernel
   reorders back to canonical and runs the reference) and ``torch.compile`` traces it;
@@ -13,7 +16,8 @@ a reversible reorder of the canonical layout), and ``y = x W^T + b`` runs as the
 config, for tests. Decode-sized M (<= 16) is what the configs are built for; larger M is correct
 but re-reads the weight once per 16 tokens (no prefill config yet), which is why the backend's
 priority (25) sits above ``triton`` and below ``cusparselt``/``hybrid`` until a GPU measurement
-says otherwise.
+says otherwise (those two hold a second weight copy, so ``auto`` takes them only with
+``allow_extra_copy=True``).
 """
 from __future__ import annotations
 
@@ -104,8 +108,8 @@ def extension_error() -> Optional[str]:
 class MmaSpBackend(Backend):
     name = "mma-sp"
     priority = 25
-    weight_copies = ("2 today (canonical values+meta in the module, plus the GPU-layout reorder of the same bytes); "
-                     "1 once the layer holds only the GPU layout (to_canonical is the exact inverse)")
+    resident = "own"  # the layer holds only the GPU layout; to_canonical rebuilds the canonical one bit for bit
+    weight_copies = "1 (the GPU layout only, replacing the canonical values+meta; 9/16 of dense bytes, small shapes padded)"
 
     def unavailable_reason(self) -> Optional[str]:
         if _EXT_ERROR:
@@ -136,13 +140,19 @@ class MmaSpBackend(Backend):
         """The exact inverse of :meth:`prepare` (bit for bit)."""
         return from_gpu_layout(GpuPacked24(extra["mma_sp_values"], extra["mma_sp_meta"], tuple(shape)))
 
-    def linear(self, x, packed, extra, bias, config: int = -1):
-        if torch.is_grad_enabled() and (x.requires_grad or packed.values.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return sparse24_linear(x, packed.values, packed.meta, bias)  # the op with autograd
-        if x.dtype != packed.dtype:
-            raise SparsityError(f"mma-sp backend: input dtype {x.dtype} != weight dtype {packed.dtype}")
-        return mma_sp_linear(x, extra["mma_sp_values"], extra["mma_sp_meta"], bias, packed.shape[0], config)
+    def linear(self, x, packed, extra, bias, config: int = -1, shape=None):
+        # SparseLinear passes packed=None and shape (it holds only the GPU layout); benchmarks may pass packed
+        shape = tuple(packed.shape) if packed is not None else shape
+        if shape is None:
+            raise SparsityError("mma-sp backend: linear needs the canonical packed weight or shape=(N, K)")
+        weight_grad = packed is not None and packed.values.requires_grad
+        if torch.is_grad_enabled() and (x.requires_grad or weight_grad or (bias is not None and bias.requires_grad)):
+            p = packed if packed is not None else self.to_canonical(extra, shape)
+            return sparse24_linear(x, p.values, p.meta, bias)  # the op with autograd
+        dtype = extra["mma_sp_values"].dtype
+        if x.dtype != dtype:
+            raise SparsityError(f"mma-sp backend: input dtype {x.dtype} != weight dtype {dtype}")
+        return mma_sp_linear(x, extra["mma_sp_values"], extra["mma_sp_meta"], bias, shape[0], config)
 
 
 MMA_SP = register_backend(MmaSpBackend())
