@@ -301,6 +301,17 @@ def _bad_options(tmp: Path, stages: Path):
         (["restore", p, "--teacher-tiny", "llava", "--alpha", "0"] + out, ["--alpha", "positive"]),
         (["restore", p, "--teacher-tiny", "llava", "--out", str(f)], ["--out", "existing file"]),
         (["restore", "--teacher-tiny", "llava"] + out, ["pruned model directory"]),
+        (["restore", p, "--teacher-tiny", "gpt5"] + out, ["--teacher-tiny", "invalid choice"]),
+        (["restore", p, "--teacher-tiny", "llava", "--calib-batches", "0"] + out, ["--calib-batches", "positive"]),
+        (["restore", p, "--teacher-tiny", "llava", "--batch", "-2"] + out, ["--batch", "positive"]),
+        (["merge", r, "--dtype", "int4"] + out, ["--dtype", "invalid choice"]),
+        (["sparsify", p, "--dtype", "int4"] + out, ["--dtype", "invalid choice"]),
+        (["bench", "--tiny", "gpt5"], ["--tiny", "invalid choice"]),
+        (["bench", str(tmp / "nope")], ["does not exist"]),
+        (["demo", "--eval-sentences", "0"], ["--eval-sentences", "positive"]),
+        (["demo", "--batch", "0"], ["--batch", "positive"]),
+        (["demo", "--iters", "0"], ["--iters", "positive"]),
+        (["demo", "--out", str(unrelated)], ["--out", "not a sparselora output"]),
         (["merge", str(tmp / "nonexistent")] + out, ["does not exist"]),
         (["merge", str(f)] + out, ["not a model directory"]),
         (["merge", r, "--out", str(f)], ["--out", "existing file"]),
@@ -443,3 +454,25 @@ def test_an_environment_failure_is_one_line(stages, tmp_path, monkeypatch, capsy
     rc, err = run(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(out)], capsys)
     assert rc == 1 and "No space left on device" in err and "Traceback" not in err, err
     assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_corrupt_masks_and_adapters_are_errors(stages, tmp_path, capsys):
+    p, r = tmp_path / "p", tmp_path / "r"
+    shutil.copytree(stages / "p", p)
+    shutil.copytree(stages / "r", r)
+    masks, adapters = p / "sparselora_masks.safetensors", r / "sparselora_adapters.safetensors"
+    masks.write_bytes(masks.read_bytes()[:-10])
+    adapters.write_bytes(adapters.read_bytes()[:-10])
+    for argv, file in ((["sparsify", str(p), "--out", str(tmp_path / "o")], masks),
+                       (["merge", str(r), "--out", str(tmp_path / "o")], adapters)):
+        rc, err = run(argv, capsys)
+        assert rc == 2 and str(file) in err and "Traceback" not in err, err
+    from safetensors.torch import load_file, save_file
+
+    shutil.copy2(stages / "p" / masks.name, masks)
+    bits = load_file(masks)
+    bits["model.no_such.layer"] = next(iter(bits.values())).clone()
+    save_file(bits, masks)
+    rc, err = run(["sparsify", str(p), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "model.no_such.layer" in err and "not a Linear layer" in err, err
+    assert not (tmp_path / "o").exists()
