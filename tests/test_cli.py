@@ -120,6 +120,8 @@ def test_demo_llava_part(tmp_path):
     assert res["reload_identical"] and res["generate_matches_masked_dense"]
     assert res["verify_max_rel_err_per_module"] < 1e-5
     assert res["bytes"]["file_sparse"] < res["bytes"]["file_dense"]
+    by = res["bytes"]  # every resident byte (fp32 tiny LLaVA: values 1/2 + meta 1/32 of the dense bytes, plus biases)
+    assert 0.5 < by["linear_layers_resident"] / by["linear_layers_dense"] < 0.6 and by["model_resident"] < by["model_dense"]
     assert res["stages"][0]["cosine_mean"] == pytest.approx(1.0)
 
 
