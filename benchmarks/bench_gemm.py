@@ -103,6 +103,9 @@ def methods_for(w: torch.Tensor, packed) -> dict:
         def make(x, b=b):
             pc = Packed24(packed.values.clone(), packed.meta.clone(), packed.shape)
             extra = b.prepare(pc)
+            if getattr(b, "resident", "canonical") == "own":  # its buffers ARE the weight: keep only them
+                del pc
+                return lambda: b.linear(x, None, extra, None, shape=(n, k))
             return lambda: b.linear(x, pc, extra, None)
 
         try:

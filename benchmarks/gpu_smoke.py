@@ -51,7 +51,10 @@ def methods(w: torch.Tensor, bias: torch.Tensor) -> dict:
             continue
         try:
             extra = b.prepare(packed)
-            out[b.name] = (lambda b, extra: lambda x: b.linear(x, packed, extra, bias))(b, extra)
+            if getattr(b, "resident", "canonical") == "own":  # called as SparseLinear calls it: no canonical copy
+                out[b.name] = (lambda b, extra: lambda x: b.linear(x, None, extra, bias, shape=(n, k)))(b, extra)
+            else:
+                out[b.name] = (lambda b, extra: lambda x: b.linear(x, packed, extra, bias))(b, extra)
         except Exception as e:  # noqa: BLE001
             out[b.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
     return out
