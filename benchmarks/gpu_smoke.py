@@ -25,8 +25,9 @@ from benchmarks.common import SHAPES, write_results  # noqa: E402
 
 DTYPE = torch.bfloat16
 TOKENS = [1, 16, 4096, 37]  # 37: odd, not a multiple of any tile or of cuSPARSELt's 8
-#: bf16 output rounding alone is ~2e-3 norm-wise; fp32 accumulation over K <= 11008 adds little
-TOL = 1e-2
+#: the test oracle's bf16 bound (tests/helpers.py REL_TOL): one bf16 rounding of an fp32-accumulated
+#: result is ~2e-3 norm-wise; a dropped bias is ~1.3e-2 at K = 11008 (random bias against sqrt(K/2))
+TOL = 8e-3
 
 
 def methods(w: torch.Tensor, bias: torch.Tensor) -> dict:
@@ -65,7 +66,8 @@ def check(fn, x, w, bias) -> dict:
     try:
         with torch.no_grad():
             out = fn(x)
-        torch.cuda.synchronize()
+        if out.is_cuda:
+            torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - a failing method is a result, not a crash of the smoke
         return {"ok": False, "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
     if tuple(out.shape) != tuple(ref.shape):

@@ -105,3 +105,24 @@ def test_fake_run_keeps_partial_results_of_a_killed_stage(tmp_path, monkeypatch)
         status = json.loads(tar.extractfile("fake/gpu_run.json").read())["status"]
     assert status["slow"]["status"] == "timeout" and status["slow"]["seconds"] < 15
     assert status["build"]["status"] == "failed" and "does not load" in status["build"]["note"]
+
+
+def test_smoke_verdict_rejects_wrong_answers():
+    # benchmarks/gpu_smoke.py's check() decides what the first GPU run calls correct: it must
+    # pass a right answer and fail a dropped bias, a NaN, a wrong shape and an exception.
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "benchmarks" / "gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    k, n = 4096, 256
+    w = torch.randn(n, k).to(torch.bfloat16)
+    b = torch.randn(n).to(torch.bfloat16)
+    x = torch.randn(37, k).to(torch.bfloat16)
+    assert smoke.check(lambda x: F.linear(x, w, b), x, w, b)["ok"] is True
+    assert smoke.check(lambda x: F.linear(x, w), x, w, b)["ok"] is False  # bias dropped
+    assert smoke.check(lambda x: F.linear(x, w, b).index_fill(0, torch.tensor([3]), float("nan")), x, w, b)["ok"] is False
+    assert smoke.check(lambda x: F.linear(x, w, b)[:-1], x, w, b)["ok"] is False
+    bad = smoke.check(lambda x: 1 / 0, x, w, b)
+    assert bad["ok"] is False and "ZeroDivisionError" in bad["error"]
