@@ -9,6 +9,7 @@
 namespace sparselora {
 namespace sparse_mma {
 
+#ifndef SPARSELORA_SPARSE_MMA_HOST_SIM  // the host simulation defines its own CPU launch
 template <typename T, int MT, int NT, int WK, int S>
 cudaError_t launch_linear_cfg(const LinearParams& p, cudaStream_t stream) {
   using C = TileConfig<MT, NT, WK, S>;
@@ -28,6 +29,7 @@ cudaError_t launch_linear_cfg(const LinearParams& p, cudaStream_t stream) {
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
+#endif
 
 #define SPARSELORA_INSTANTIATE_LINEAR(T, MT, NT, WK, S) \
   template cudaError_t launch_linear_cfg<T, MT, NT, WK, S>(const LinearParams&, cudaStream_t);

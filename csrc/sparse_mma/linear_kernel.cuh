@@ -66,7 +66,7 @@ __device__ __forceinline__ void load_stage(const LinearParams& p, uint4* st, int
 }
 
 template <typename T, int MT, int NT, int WK, int S>
-__device__ __forceinline__ void compute_stage(const LinearParams& p, const uint4* st, int kq, int lane,
+__device__ __forceinline__ void compute_stage(const LinearParams& p, const uint4* st, int kq, int mt0, int lane,
                                               float (&acc)[MT][NT][4]) {
   using C = TileConfig<MT, NT, WK, S>;
   const uint4* sv = st;
@@ -90,6 +90,9 @@ __device__ __forceinline__ void compute_stage(const LinearParams& p, const uint4
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
+          // a row tile past N (last CTA, MT > 1) has zero-filled metadata, which mma.sp calls
+          // undefined: skip it (uniform over the CTA)
+          if (mt0 + mt >= p.Mt) continue;
           const uint4 a = sv[(mt * kStageKTiles + j) * kWarp + lane];
           const uint32_t e = pr == 0 ? mw[mt].x : pr == 1 ? mw[mt].y : pr == 2 ? mw[mt].z : mw[mt].w;
 #pragma unroll
@@ -105,7 +108,7 @@ __device__ __forceinline__ void compute_stage(const LinearParams& p, const uint4
 
 template <typename T, int MT, int NT, int WK, int S>
 __global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const LinearParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SPARSELORA_SPARSE_MMA_HOST_SIM)
   using C = TileConfig<MT, NT, WK, S>;
   extern __shared__ uint4 smem[];
   const int lane = threadIdx.x % kWarp;
@@ -134,7 +137,7 @@ __global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const Line
     const int nxt = it + S - 1;
     if (nxt < count) load_stage<T, MT, NT, WK, S>(p, ws + (nxt % S) * C::kStageChunks, warp + nxt * WK, mt0, n0, lane);
     cp_async_commit();
-    compute_stage<T, MT, NT, WK, S>(p, ws + (it % S) * C::kStageChunks, warp + it * WK, lane, acc);
+    compute_stage<T, MT, NT, WK, S>(p, ws + (it % S) * C::kStageChunks, warp + it * WK, mt0, lane, acc);
   }
   cp_async_wait<0>();
   __syncthreads();  // every warp done with its pipeline: reuse shared memory for the reduction

@@ -13,6 +13,17 @@ template <typename T> struct MmaType;
 template <> struct MmaType<__half> { static constexpr const char* name = "f16"; };
 template <> struct MmaType<__nv_bfloat16> { static constexpr const char* name = "bf16"; };
 
+#ifdef SPARSELORA_SPARSE_MMA_HOST_SIM
+// Host simulation (tests/data/sparse_mma_host_sim.cpp, one CPU thread per lane): the same kernel
+// source runs with these defined on the CPU, from the PTX ISA's description of each instruction.
+void cp_async16(void* smem, const void* gmem, bool valid);
+void cp_async_commit();
+template <int N>
+void cp_async_wait();
+void ldmatrix_x4(uint32_t (&r)[4], const void* smem);
+template <typename T, int SEL>
+void mma_sp_m16n8k32(float (&d)[4], const uint4& a, const uint32_t (&b)[4], uint32_t e);
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -64,6 +75,7 @@ __device__ __forceinline__ void mma_sp_m16n8k32(float (&d)[4], const uint4& a, c
 SPARSELORA_MMA_SP(__half, "f16")
 SPARSELORA_MMA_SP(__nv_bfloat16, "bf16")
 #undef SPARSELORA_MMA_SP
+#endif  // SPARSELORA_SPARSE_MMA_HOST_SIM
 
 }  // namespace sparse_mma
 }  // namespace sparselora

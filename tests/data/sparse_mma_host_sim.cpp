@@ -1,0 +1,210 @@
+// CPU simulation of the mma.sp linear kernel, for tests/test_sparse_mma_host_sim.py: the real kernel
+// source (csrc/sparse_mma/linear_kernel.cuh) and launcher (launch.cu, generated dispatch.inc and
+// instantiations) compiled by the host compiler, one std::thread per CUDA thread of a CTA, with the
+// few CUDA primitives it uses implemented here from the PTX ISA's description:
+//   cp.async      : copies queued per thread, performed at cp.async.wait_group (so reading a stage
+//                   before its wait sees stale shared memory, as on the GPU);
+//   ldmatrix.x4   : lane l gets 32 bits at (address of lane 8q + l/4) + 4 (l % 4) for matrix q;
+//   mma.sp m16n8k32 ordered_metadata: A rebuilt from the lanes' kept values and the metadata of the
+//                   lanes the selector names, undefined/unordered nibbles abort, fp32 accumulate;
+//   __syncwarp / __syncthreads: barriers. Shared memory is filled with 0xFF (NaN) before each CTA.
+// Never part of the extension. Usage: sim <in.bin> <out.bin>  (format: see the test).
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <thread>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <vector_types.h>
+
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+
+namespace simrt {
+constexpr int kMaxThreads = 256;
+struct WarpExchange {
+  const void* addr[32];
+  uint32_t a[32][4], b[32][4], e[32];
+  float c[32][4], d[32][4];
+};
+std::barrier<>* cta_barrier = nullptr;
+std::barrier<>* warp_barrier[kMaxThreads / 32];
+WarpExchange exchange[kMaxThreads / 32];
+struct Copy { void* dst; const void* src; bool valid; };
+thread_local std::deque<std::vector<Copy>> groups;
+thread_local std::vector<Copy> open_group;
+inline int lane() { return threadIdx.x % 32; }
+inline int warp() { return threadIdx.x / 32; }
+[[noreturn]] void die(const char* what) { std::fprintf(stderr, "host sim: %s\n", what); std::exit(3); }
+}  // namespace simrt
+
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+inline int min(int a, int b) { return a < b ? a : b; }
+void __syncwarp(unsigned = 0xffffffffu) { simrt::warp_barrier[simrt::warp()]->arrive_and_wait(); }
+void __syncthreads() { simrt::cta_barrier->arrive_and_wait(); }
+
+#include "sparse_mma/launch.h"
+#include "sparse_mma/params.h"
+
+namespace sparselora {
+namespace sparse_mma {
+alignas(16) uint4 smem[1 << 15];  // 512 KB: the kernel's `extern __shared__ uint4 smem[]`
+
+void cp_async16(void* dst, const void* src, bool valid) { simrt::open_group.push_back({dst, src, valid}); }
+void cp_async_commit() { simrt::groups.push_back(simrt::open_group); simrt::open_group.clear(); }
+template <int N>
+void cp_async_wait() {
+  while (static_cast<int>(simrt::groups.size()) > N) {
+    for (const auto& c : simrt::groups.front()) {
+      if (c.valid) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
+    }
+    simrt::groups.pop_front();
+  }
+}
+void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  auto& x = simrt::exchange[simrt::warp()];
+  const int l = simrt::lane();
+  x.addr[l] = p;
+  __syncwarp();
+  for (int q = 0; q < 4; ++q) std::memcpy(&r[q], static_cast<const char*>(x.addr[8 * q + l / 4]) + 4 * (l % 4), 4);
+  __syncwarp();
+}
+
+template <typename T>
+float half_of(uint32_t reg, int h) {
+  uint16_t bits = static_cast<uint16_t>(h ? reg >> 16 : reg & 0xFFFF);
+  T v;
+  std::memcpy(&v, &bits, 2);
+  return static_cast<float>(v);
+}
+
+template <typename T, int SEL>
+void mma_sp_m16n8k32(float (&d)[4], const uint4& a, const uint32_t (&b)[4], uint32_t e) {
+  auto& x = simrt::exchange[simrt::warp()];
+  const int l = simrt::lane();
+  x.a[l][0] = a.x; x.a[l][1] = a.y; x.a[l][2] = a.z; x.a[l][3] = a.w;
+  for (int i = 0; i < 4; ++i) { x.b[l][i] = b[i]; x.c[l][i] = d[i]; }
+  x.e[l] = e;
+  __syncwarp();
+  if (l == 0) {
+    float comp[16][16], A[16][32] = {}, B[32][8], D[16][8];
+    for (int ln = 0; ln < 32; ++ln) {
+      const int g = ln >> 2, t = ln & 3;
+      for (int i = 0; i < 8; ++i) {
+        // PTX: A row g (+8 for a2,a3,a6,a7), kept col 2t + (i & 1) (+8 for i >= 4)
+        comp[g + 8 * ((i >> 1) & 1)][2 * t + (i & 1) + 8 * (i >> 2)] = half_of<T>(x.a[ln][i >> 1], i & 1);
+        // PTX: B row (k) 2t + (i & 1) + 8 (i >> 1), col (token) g
+        B[2 * t + (i & 1) + 8 * (i >> 1)][g] = half_of<T>(x.b[ln][i >> 1], i & 1);
+      }
+      for (int i = 0; i < 4; ++i) D[g + 8 * (i >> 1)][2 * t + (i & 1)] = x.c[ln][i];
+    }
+    for (int r = 0; r < 16; ++r) {
+      for (int q = 0; q < 8; ++q) {
+        // metadata of row r, group q: lane 4 (r % 8) + 2 SEL + q / 4, bits 16 (r / 8) + 4 (q % 4)
+        const int src = 4 * (r % 8) + 2 * SEL + q / 4;
+        const int nib = (x.e[src] >> (16 * (r / 8) + 4 * (q % 4))) & 0xF;
+        const int i0 = nib & 3, i1 = nib >> 2;
+        if (i0 >= i1) {
+          char msg[160];
+          std::snprintf(msg, sizeof(msg), "metadata nibble %#x (row %d, group %d, from lane %d, selector %d) is undefined or unordered",
+                        nib, r, q, src, SEL);
+          simrt::die(msg);
+        }
+        A[r][4 * q + i0] = comp[r][2 * q];
+        A[r][4 * q + i1] = comp[r][2 * q + 1];
+      }
+    }
+    for (int r = 0; r < 16; ++r)
+      for (int n = 0; n < 8; ++n) {
+        float acc = D[r][n];
+        for (int k = 0; k < 32; ++k) acc += A[r][k] * B[k][n];
+        D[r][n] = acc;
+      }
+    for (int ln = 0; ln < 32; ++ln)
+      for (int i = 0; i < 4; ++i) x.d[ln][i] = D[(ln >> 2) + 8 * (i >> 1)][2 * (ln & 3) + (i & 1)];
+  }
+  __syncwarp();
+  for (int i = 0; i < 4; ++i) d[i] = x.d[l][i];
+  __syncwarp();
+}
+
+}  // namespace sparse_mma
+}  // namespace sparselora
+
+#include "sparse_mma/linear_kernel.cuh"
+
+namespace sparselora {
+namespace sparse_mma {
+// The CPU launch: the same grid as launch_template.cuh, CTAs one after another, a thread per CUDA thread.
+template <typename T, int MT, int NT, int WK, int S>
+cudaError_t launch_linear_cfg(const LinearParams& p, cudaStream_t) {
+  using C = TileConfig<MT, NT, WK, S>;
+  static_assert(C::kThreads <= simrt::kMaxThreads, "too many threads for the simulation");
+  if (C::kSmemBytes > static_cast<int>(sizeof(smem))) simrt::die("shared memory larger than the simulation's");
+  const int gx = (p.Mt + MT - 1) / MT, gy = (p.M + NT * kTileN - 1) / (NT * kTileN);
+  for (int by = 0; by < gy; ++by)
+    for (int bx = 0; bx < gx; ++bx) {
+      std::memset(smem, 0xFF, C::kSmemBytes);
+      std::barrier<> cta(C::kThreads);
+      std::vector<std::barrier<>*> wb;
+      for (int w = 0; w < WK; ++w) wb.push_back(new std::barrier<>(32));
+      simrt::cta_barrier = &cta;
+      for (int w = 0; w < WK; ++w) simrt::warp_barrier[w] = wb[w];
+      std::vector<std::thread> threads;
+      for (int t = 0; t < C::kThreads; ++t)
+        threads.emplace_back([&, t] {
+          threadIdx = {static_cast<unsigned>(t), 0, 0};
+          blockIdx = {static_cast<unsigned>(bx), static_cast<unsigned>(by), 0};
+          mma_sp_linear_kernel<T, MT, NT, WK, S>(p);
+          if (!simrt::groups.empty() || !simrt::open_group.empty()) simrt::die("cp.async groups left at kernel exit");
+        });
+      for (auto& th : threads) th.join();
+      for (auto* b : wb) delete b;
+    }
+  return cudaSuccess;
+}
+}  // namespace sparse_mma
+}  // namespace sparselora
+
+#include "sparse_mma/launch.cu"
+#include "sim_instances.inc"  // written by the test: every csrc/sparse_mma/instantiations/*.cu
+
+int main(int argc, char** argv) {
+  using namespace sparselora::sparse_mma;
+  if (argc != 3) simrt::die("usage: sim <in.bin> <out.bin>");
+  FILE* f = std::fopen(argv[1], "rb");
+  if (!f) simrt::die("cannot open input");
+  int64_t hdr[10];  // M N K Mt KT KQ has_bias dtype config ldx
+  if (std::fread(hdr, sizeof(hdr), 1, f) != 1) simrt::die("short header");
+  const int M = hdr[0], N = hdr[1], K = hdr[2], Mt = hdr[3], KT = hdr[4], KQ = hdr[5];
+  auto read = [&](size_t bytes) {
+    std::vector<uint4> v((bytes + 15) / 16 + 1);
+    if (bytes && std::fread(v.data(), bytes, 1, f) != 1) simrt::die("short input");
+    return v;
+  };
+  std::vector<uint4> x = read(static_cast<size_t>(M) * hdr[9] * 2), values = read(static_cast<size_t>(Mt) * KT * 512),
+                     meta = read(static_cast<size_t>(Mt) * KQ * 512), bias = read(hdr[6] ? N * 2 : 0);
+  std::fclose(f);
+  std::vector<uint16_t> y(static_cast<size_t>(M) * N, 0x7E00);  // NaN-poisoned output
+  LinearParams p{};
+  p.x = x.data(); p.values = values.data(); p.meta = meta.data(); p.bias = hdr[6] ? bias.data() : nullptr;
+  p.y = y.data(); p.ldx = hdr[9]; p.ldy = N; p.M = M; p.N = N; p.K = K; p.Mt = Mt; p.KT = KT; p.KQ = KQ;
+  char err[512] = {0};
+  int used = -1;
+  const int rc = launch_linear(p, hdr[7] ? DType::kBF16 : DType::kF16, static_cast<int>(hdr[8]), 9, 0, 232448,
+                               nullptr, err, sizeof(err), &used);
+  if (rc) { std::printf("LAUNCH-ERROR %s\n", err); return 4; }
+  FILE* o = std::fopen(argv[2], "wb");
+  std::fwrite(y.data(), 2, y.size(), o);
+  std::fclose(o);
+  std::printf("OK config %d\n", used);
+  return 0;
+}
