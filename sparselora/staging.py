@@ -1,11 +1,11 @@
 """Output directories that appear whole or not at all, and files created with the user's umask.
 
 Every CLI stage writes its ``--out`` through :func:`staged_output`: the stage builds its output in
-a temporary sibling directory (``.<name>.sparselora-tmp-<pid>-<rand>``, same filesystem, so the
+a temporary sibling directory (``.<name>.sparselora-tmp-<host>-<pid>-<rand>``, same filesystem, so the
 final step is a rename) and only a stage that succeeded replaces the target:
 
 1. every file of the new output is fsynced;
-2. an existing previous output is renamed aside (``.<name>.sparselora-old-<pid>-<rand>``);
+2. an existing previous output is renamed aside (``.<name>.sparselora-old-<host>-<pid>-<rand>``);
 3. the new directory is renamed to the target;
 4. the old one is removed.
 
@@ -14,8 +14,8 @@ byte-identical. Ctrl-C is held back during steps 2-3 (POSIX main thread) so it c
 Only a hard kill or power loss between steps 2 and 3 leaves the target missing; the next stage
 given the same ``--out`` then puts the previous output (the ``-old-`` directory) back before it
 starts, and removes leftovers of dead processes (a killed stage's temporary directory, an old
-output a crash left behind after step 3). Directories of a process that is still running are
-never touched.
+output a crash left behind after step 3). Directories of a process that is still running, or of
+another host (a shared filesystem), are never touched.
 
 An existing target is replaced only when it is empty or a previous sparselora output (it holds
 ``sparselora.json``): a typo in ``--out`` must not delete an unrelated directory.
@@ -44,6 +44,19 @@ log = logging.getLogger(__name__)
 
 MARKER = "sparselora.json"  # a directory holding this is a sparselora output, which a stage may replace
 _TMP, _OLD = "sparselora-tmp", "sparselora-old"
+
+
+def _host() -> str:
+    # in the names of staged directories: a pid means something only on its own host (shared
+    # filesystems, containers), so leftovers of other hosts are never judged dead and removed
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _prefix(target: Path, kind: str, pid: int | None = None) -> str:
+    return f".{target.name}.{kind}-{_host()}-{os.getpid() if pid is None else pid}-"
 
 
 class OutputError(Exception):
@@ -124,23 +137,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _leftovers(target: Path, kind: str) -> list[Path]:
-    """Dead processes' ``kind`` siblings of ``target``, newest first."""
-    prefix = f".{target.name}.{kind}-"
+    """This host's dead processes' ``kind`` siblings of ``target``, newest first."""
+    base = f".{target.name}.{kind}-{_host()}-"
     out = []
     try:
         entries = list(target.parent.iterdir())
     except OSError:
         return []
     for p in entries:
-        if not p.name.startswith(prefix):
+        if not p.name.startswith(base):
             continue
         try:
-            pid = int(p.name[len(prefix):].split("-", 1)[0])
+            pid = int(p.name[len(base):].split("-", 1)[0])
         except ValueError:
             continue
         if not _pid_alive(pid):
             out.append(p)
-    return sorted(out, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    return sorted(out, key=mtime, reverse=True)
 
 
 def _recover(target: Path) -> None:
@@ -188,7 +208,7 @@ def _commit(tmp: Path, target: Path) -> None:
     try:
         with _sigint_held():
             if os.path.lexists(target):
-                old = new_dir(target.parent, f".{target.name}.{_OLD}-{os.getpid()}-")
+                old = new_dir(target.parent, _prefix(target, _OLD))
                 os.rename(target, old)  # onto the empty placeholder new_dir made: rename may replace an empty directory
             try:
                 os.rename(tmp, target)
@@ -221,7 +241,7 @@ def staged_output(out, option: str = "--out"):
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _recover(target)
-        tmp = new_dir(target.parent, f".{target.name}.{_TMP}-{os.getpid()}-")
+        tmp = new_dir(target.parent, _prefix(target, _TMP))
     except OSError as e:
         raise OutputError(f"{option} {shown}: cannot create the output next to it in {target.parent} ({e.strerror or e})") from None
     try:

@@ -86,20 +86,23 @@ def test_a_killed_swap_is_undone_by_the_next_stage(tmp_path):
     out = tmp_path / "out"
     before = previous_output(out)
     pid = _dead_pid()
-    os.rename(out, tmp_path / f".out.{staging._OLD}-{pid}-0123abcd")
-    (tmp_path / f".out.{staging._TMP}-{pid}-4567ef01").mkdir()
-    (tmp_path / f".other.{staging._TMP}-{pid}-4567ef01").mkdir()  # another output's: not ours to touch
+    os.rename(out, tmp_path / f"{staging._prefix(out, staging._OLD, pid)}0123abcd")
+    (tmp_path / f"{staging._prefix(out, staging._TMP, pid)}4567ef01").mkdir()
+    other = tmp_path / f"{staging._prefix(tmp_path / 'other', staging._TMP, pid)}4567ef01"
+    other.mkdir()  # another output's: not ours to touch
+    elsewhere = tmp_path / f".out.{staging._TMP}-otherhost-{pid}-89abcdef"
+    elsewhere.mkdir()  # a process on another host sharing the filesystem: its pid means nothing here
     with pytest.raises(RuntimeError):
         with staged_output(out):
             raise RuntimeError("injected")
     assert snapshot(out) == before
-    assert leftovers(tmp_path) == [f".other.{staging._TMP}-{pid}-4567ef01"]
+    assert leftovers(tmp_path) == sorted([other.name, elsewhere.name])
 
 
 def test_a_running_stage_is_left_alone(tmp_path):
     out = tmp_path / "out"
     previous_output(out)
-    mine = tmp_path / f".out.{staging._TMP}-{os.getpid()}-0123abcd"  # this process is alive
+    mine = tmp_path / f"{staging._prefix(out, staging._TMP)}0123abcd"  # this process is alive
     mine.mkdir()
     with staged_output(out) as tmp:
         (tmp / MARKER).write_text("{}")
