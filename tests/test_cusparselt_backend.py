@@ -154,6 +154,44 @@ def test_derive_thresholds_without_triton_compares_with_dense():
     assert all(r["hybrid_path"] == "cusparselt" for r in rows)
 
 
+def test_nearest_breaks_a_log_scale_tie_toward_the_larger_m():
+    # 16 is exactly one octave from 8 and from 32: the larger measured M is taken, whatever the
+    # order of the list (the GEMM at 16 tokens already fills 16-row tiles, like at 32)
+    assert hb._nearest([8, 32], 16) == 32
+    assert hb._nearest([32, 8], 16) == 32
+    assert hb._nearest([1, 4], 2) == 4
+    # no tie: the nearer one, on either side
+    assert hb._nearest([8, 32], 15) == 8 and hb._nearest([8, 32], 17) == 32
+
+
+def test_dense_faster_at_follows_the_tie_rule(tmp_path):
+    _write_table(tmp_path, {"4096x4096": {"cusparselt_min_m": None, "slower_than_dense_m": [8], "measured_m": [8, 32]},
+                            "1024x1024": {"cusparselt_min_m": None, "slower_than_dense_m": [32], "measured_m": [8, 32]}})
+    assert hb.dense_faster_at(DEV, 4096, 4096, [16], tmp_path) is None  # nearest: 32, which won
+    assert "M=[16]" in hb.dense_faster_at(DEV, 1024, 1024, [16], tmp_path)  # nearest: 32, which lost
+    hb._load_table_cached.cache_clear()
+
+
+def test_derive_thresholds_counts_a_tie_as_a_cusparselt_win():
+    # "at least as fast": equal times at M = 64 make 64 the threshold, not 1024
+    rows = _rows({1: (5.0, 4.0, 9.0), 64: (10.0, 8.0, 8.0), 1024: (50.0, 40.0, 30.0)})
+    min_m, slower = hb.derive_thresholds(rows)
+    assert min_m == 64 and slower == []
+    assert [r["hybrid_path"] for r in rows] == ["triton", "cusparselt", "cusparselt"]
+    # a tie everywhere but one smaller M: still a win from there on
+    assert hb.derive_thresholds(_rows({16: (9.0, 3.0, 3.0), 64: (10.0, 8.0, 7.0)}))[0] == 16
+
+
+def test_derive_thresholds_does_not_count_a_tie_with_dense_as_slower():
+    # the hybrid is "slower than dense" only when strictly slower: equal time is not a loss
+    rows = _rows({1: (4.0, 4.0, 9.0), 64: (10.0, 8.0, 7.0), 256: (20.0, 30.0, 20.0)})
+    assert hb.derive_thresholds(rows) == (64, [])
+    rows = _rows({1: (4.0, None, 4.0), 64: (10.0, None, 7.0)})  # without Triton: cuSPARSELt vs dense
+    assert hb.derive_thresholds(rows) == (1, [])
+    rows = _rows({1: (4.0, 4.5, 9.0), 64: (10.0, 8.0, 7.0)})  # strictly slower at M = 1: a loss
+    assert hb.derive_thresholds(rows) == (64, [1])
+
+
 def test_dense_faster_at_reads_measured_points(tmp_path):
     _write_table(tmp_path, {
         # lost to dense at small M only

@@ -173,6 +173,34 @@ def test_gemv_backend_routes_by_rows_and_autograd(monkeypatch):
         assert calls == [want], (shape, grad, calls)
 
 
+def test_gemv_backend_linear_runs_the_real_kernel_with_bias(seed):
+    # TritonGemvBackend.linear itself, no stand-ins: the GEMV launcher (interpreter on CPU) for
+    # <= 16 rows without autograd, the op otherwise; every path must add the (nonzero) bias
+    import sparselora.backends.triton_gemv_backend as gb
+
+    n, k = 20, 72
+    w, _, b = random_24(n, k, torch.float16)
+    b = b + 2.0  # far from zero: a path that drops or misplaces it is off by ~2 per element
+    p = pack_24(w)
+    backend = gb.TritonGemvBackend()
+    calls = []
+    real = gb.sparse24_gemv_triton
+
+    def spy(*args, **kw):
+        calls.append("gemv")
+        return real(*args, **kw)
+
+    for lead, grad, want in [((1,), False, ["gemv"]), ((16,), False, ["gemv"]), ((2, 3), False, ["gemv"]),
+                             ((17,), False, []), ((4,), True, [])]:
+        calls.clear()
+        x = torch.randn(*lead, k, dtype=torch.float64).to(torch.float16)
+        with torch.set_grad_enabled(grad), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gb, "sparse24_gemv_triton", spy)
+            y = backend.linear(x.requires_grad_(grad), p, {}, b)
+        assert calls == want, (lead, grad, calls)
+        assert_linear(y, x.detach(), w, b, f"triton-gemv linear, x {tuple(x.shape)}, grad={grad}")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: through SparseLinear at LLaVA-1.5-7B decode shapes (attn q/k/v/o, mlp up/gate, mlp down)
 # ---------------------------------------------------------------------------------------------
