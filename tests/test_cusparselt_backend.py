@@ -57,6 +57,49 @@ def test_auto_on_cpu_skips_cuda_backends_with_reasons():
     assert "cusparselt" in choice.reason
 
 
+def test_auto_takes_the_highest_priority_backend_that_runs():
+    from sparselora.backends import Backend, register_backend
+    from sparselora.backends import base
+
+    class _Cpu(Backend):
+        def unsupported_reason(self, device, dtype, out_features, in_features):
+            return None
+
+    low, high = _Cpu(), _Cpu()
+    low.name, low.priority, high.name, high.priority = "test-cpu-low", 1000, "test-cpu-high", 1001
+    for b in (low, high):
+        register_backend(b)
+    try:
+        choice = choose_backend("cpu", torch.float32, 64, 64)
+        assert choice.backend is high, choice.reason
+        assert [b.name for b in sparselora.list_backends()][:2] == ["test-cpu-high", "test-cpu-low"]
+    finally:
+        for b in (low, high):
+            base._REGISTRY.pop(b.name, None)
+
+
+def test_cusparselt_routes_autograd_to_the_op(monkeypatch):
+    # cuSPARSELt is forward-only: whenever x, the values or the bias need a gradient (and grad mode
+    # is on), linear() must take the op, which has a backward. Checked on CPU with a stand-in op.
+    w, mask, b = random_24(32, 64, torch.bfloat16)
+    p = pack_24(w, mask)
+    calls = []
+    monkeypatch.setattr(cb, "sparse24_linear", lambda *a: calls.append("op") or a[0])
+    backend = cb.CusparseLtBackend()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for which in ("x", "values", "bias"):
+        xx = x.clone().requires_grad_(which == "x")
+        vals = p.values.clone().requires_grad_(which == "values")
+        bias = b.clone().requires_grad_(which == "bias")
+        calls.clear()
+        backend.linear(xx, type(p)(vals, p.meta, p.shape), {}, bias)
+        assert calls == ["op"], which
+        assert cb._needs_grad(xx, type(p)(vals, p.meta, p.shape), bias)
+        with torch.no_grad():
+            assert not cb._needs_grad(xx, type(p)(vals, p.meta, p.shape), bias)
+    assert not cb._needs_grad(x, p, b)
+
+
 def test_explicit_cusparselt_on_cpu_raises_with_reason():
     w, mask, b = random_24(32, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="cusparselt"):

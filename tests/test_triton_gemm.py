@@ -231,6 +231,23 @@ def test_triton_backend_registered_with_reasons():
     assert b.unsupported_reason(torch.device("cuda"), torch.float16, 64, 40) is None
 
 
+def test_cuda_kernels_of_the_ops_on_cpu(seed):
+    # the functions triton_backend registers as the ops' CUDA kernels, called directly on CPU
+    # tensors (the launchers run under the interpreter): 16-bit inputs go to the Triton launchers,
+    # with the bias; fp32 to the reference
+    import sparselora.backends.triton_backend as tb
+
+    n, k, m = 24, 40, 3
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        w, _, b = random_24(n, k, dtype)
+        p = pack_24(w)
+        x = torch.randn(m, k, dtype=torch.float64).to(dtype)
+        assert_linear(tb._sparse24_linear_cuda(x, p.values, p.meta, b), x, w, b, f"linear kernel {dtype}")
+        assert_linear(tb._sparse24_linear_cuda(x, p.values, p.meta, None), x, w, None, f"linear kernel {dtype}, no bias")
+        dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
+        assert_matmul(tb._sparse24_matmul_t_cuda(dy, p.values, p.meta), dy, w, f"matmul_t kernel {dtype}")
+
+
 def test_ops_have_triton_cuda_kernels():
     import sparselora.backends.triton_backend  # noqa: F401  (registers the kernels)
 

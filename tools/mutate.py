@@ -1,0 +1,315 @@
+"""Mutation harness: plant known bugs, one at a time, in a copy of the project and check that the
+tests catch every one.
+
+    python tools/mutate.py                  # every mutant (CPU: a few minutes)
+    python tools/mutate.py gemv-fused-bias nearest-tie    # some, by id
+    python tools/mutate.py --list           # ids, areas and what each plants
+    python tools/mutate.py --check-anchors  # only check every anchor still matches (instant)
+
+Each mutant replaces one exact string (its anchor) in one file of a temporary copy of the tree.
+The anchor must occur exactly once, or the harness stops: code that moved must move its mutant
+too, so the harness cannot quietly test nothing. The copy is what the tests import: PYTHONPATH
+points at it, ``sparselora/triton_kernels`` is linked to its ``triton_kernels/`` (setup.py maps
+that package there), and the harness checks where the modules come from before it starts.
+
+First the selected tests run once on the unmutated copy (they must pass), then once per mutant
+with ``-x``: the mutant is *killed* when they fail, *survives* when they pass. Anything else
+(a collection error, a timeout) is reported as an error. Exit status 0 only if every mutant is
+killed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    area: str
+    what: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+GEMM, GEMV, LORA = "triton_kernels/sparse24_gemm.py", "triton_kernels/sparse24_gemv.py", "triton_kernels/sparse_lora.py"
+HYBRID = "sparselora/backends/hybrid_backend.py"
+T_GEMM, T_GEMV, T_LORA = "tests/test_triton_gemm.py", "tests/test_triton_gemv.py", "tests/test_sparse_lora.py"
+T_CSLT = "tests/test_cusparselt_backend.py"
+
+MUTANTS = [
+    # -- the canonical format ------------------------------------------------------------------
+    Mutant("pack-index-order", "format", "pack_24 writes the 16 indices of a meta word in reverse order",
+           "sparselora/format.py",
+           "shifts = 2 * torch.arange(_IDX_PER_WORD, device=idx.device, dtype=torch.int64)",
+           "shifts = 2 * torch.arange(_IDX_PER_WORD, device=idx.device, dtype=torch.int64).flip(0)",
+           ("tests/test_format.py",)),
+    Mutant("unpack-swap-i0-i1", "format", "unpack_24 puts the first kept value at i1 and the second at i0",
+           "sparselora/format.py",
+           "dense.scatter_(-1, idx, packed.values.reshape(rows, cols // 4, 2))",
+           "dense.scatter_(-1, idx.flip(-1), packed.values.reshape(rows, cols // 4, 2))",
+           ("tests/test_format.py",)),
+    Mutant("nm-mask-keeps-smallest", "pruning", "nm_mask keeps the lowest-scoring N of each group",
+           "sparselora/format.py",
+           "order = torch.sort(groups, dim=-1, descending=True, stable=True)",
+           "order = torch.sort(groups, dim=-1, descending=False, stable=True)",
+           ("tests/test_format.py",)),
+    # -- Triton GEMM launcher and masks --------------------------------------------------------
+    Mutant("gemm-k-mask", "triton gemm", "the forward kernel masks off the last group of 4 K-columns of x",
+           GEMM, "mask=m_mask[:, None] & (offs_k[None, :] < K), other=0)",
+           "mask=m_mask[:, None] & (offs_k[None, :] < K - 4), other=0)",
+           (f"{T_GEMM}::test_linear_bias_and_no_bias",)),
+    Mutant("gemm-meta-word-mask", "triton gemm", "the partial last meta word (K % 32 != 0) is not loaded",
+           GEMM, "mask=row_mask[:, None] & (wcol[None, :] < (K + 31) // 32), other=0)",
+           "mask=row_mask[:, None] & (wcol[None, :] < K // 32), other=0)",
+           (f"{T_GEMM}::test_linear_bias_and_no_bias",)),
+    Mutant("gemm-split-bias", "triton gemm", "the split-K path finalizes without the bias",
+           GEMM, "        _finalize(ws, bias, y)\n", "        _finalize(ws, None, y)\n",
+           (f"{T_GEMM}::test_split_path_is_really_split",)),
+    Mutant("gemm-t-n-mask", "triton gemm", "dx = dy @ W skips the last row of W",
+           GEMM, "        n_mask = offs_n < N\n        w = _dense_tile(",
+           "        n_mask = offs_n < N - 1\n        w = _dense_tile(",
+           (f"{T_GEMM}::test_matmul_t_matches_float64",)),
+    # -- Triton GEMV launcher and masks --------------------------------------------------------
+    Mutant("gemv-fused-bias", "triton gemv", "the fused (no split) GEMV launch drops the bias",
+           GEMV, "HAS_BIAS=bias is not None, SPLIT_OUT=False,", "HAS_BIAS=False, SPLIT_OUT=False,",
+           (f"{T_GEMV}::test_gemv_bias_and_no_bias",)),
+    Mutant("gemv-token-mask", "triton gemv", "the GEMV never writes the last row of x's output",
+           GEMV, "out_mask = n_mask[:, None] & (tok[None, :] < M)", "out_mask = n_mask[:, None] & (tok[None, :] < M - 1)",
+           (f"{T_GEMV}::test_gemv_bias_and_no_bias",)),
+    Mutant("gemv-meta-word-mask", "triton gemv", "the GEMV does not load the last meta word of a row",
+           GEMV, "mask=n_mask[:, None] & (wcol[None, :] < n_words), other=0)",
+           "mask=n_mask[:, None] & (wcol[None, :] < n_words - 1), other=0)",
+           (f"{T_GEMV}::test_gemv_bias_and_no_bias",)),
+    # -- SparseLoRA kernels and merge ----------------------------------------------------------
+    Mutant("lora-fused-mask", "sparselora kernel", "the fused forward adds the LoRA update outside the 2:4 mask",
+           LORA, "weff = tl.where(keep, w + ba, 0.0)", "weff = w + ba",
+           (f"{T_LORA}::test_fwd_kernel_vs_float64",)),
+    Mutant("lora-dropout-mask", "sparselora kernel", "the dropout-input forward leaks the LoRA update outside the mask",
+           LORA, "lora = tl.where(keep, ba, 0.0)", "lora = ba",
+           (f"{T_LORA}::test_fwd_kernel_vs_float64",)),
+    Mutant("lora-dab-scale", "sparselora kernel", "dA / dB are computed without the scaling s",
+           LORA, "g = tl.where(keep, g * scaling, 0.0)", "g = tl.where(keep, g, 0.0)",
+           (f"{T_LORA}::test_dab_kernel_vs_float64",)),
+    Mutant("lora-merge-scale", "sparselora merge", "merge() folds B·A into W without the scaling",
+           "sparselora/lora.py",
+           "upd = (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc)) * self.scaling",
+           "upd = (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))",
+           (f"{T_LORA}::test_module_forward_merge_unmerge",)),
+    # -- backends ------------------------------------------------------------------------------
+    Mutant("reference-bias", "backend reference", "the reference backend drops the bias",
+           "sparselora/backends/reference.py",
+           "return sparse24_linear(x, packed.values, packed.meta, bias)",
+           "return sparse24_linear(x, packed.values, packed.meta, None)",
+           ("tests/test_backend_conformance.py",)),
+    Mutant("triton-cuda-kernel-bias", "backend triton", "the op's CUDA kernel (the Triton launcher) drops the bias",
+           "sparselora/backends/triton_backend.py",
+           "return sparse24_linear_triton(x, values, meta, bias)",
+           "return sparse24_linear_triton(x, values, meta, None)",
+           (f"{T_GEMM}::test_cuda_kernels_of_the_ops_on_cpu",)),
+    Mutant("triton-gemv-bias", "backend triton-gemv", "TritonGemvBackend.linear drops the bias on the GEMV path",
+           "sparselora/backends/triton_gemv_backend.py",
+           "return sparse24_gemv_triton(x, packed.values, packed.meta, bias)",
+           "return sparse24_gemv_triton(x, packed.values, packed.meta, None)",
+           (f"{T_GEMV}::test_gemv_backend_linear_runs_the_real_kernel_with_bias",)),
+    Mutant("cusparselt-grad-route", "backend cusparselt", "the cuSPARSELt layer ignores that x needs a gradient",
+           "sparselora/backends/cusparselt_backend.py",
+           "x.requires_grad or packed.values.requires_grad or", "packed.values.requires_grad or",
+           (f"{T_CSLT}::test_cusparselt_routes_autograd_to_the_op",)),
+    Mutant("cusparselt-align", "backend cusparselt", "cuSPARSELt's 16-alignment rule checks multiples of 8",
+           "sparselora/backends/cusparselt_backend.py",
+           'if v % WEIGHT_ALIGN]', 'if v % 8]',
+           (f"{T_CSLT}::test_unsupported_reasons",)),
+    # -- dispatch policy -----------------------------------------------------------------------
+    Mutant("auto-priority", "dispatch", "auto tries the lowest-priority backend first",
+           "sparselora/backends/base.py",
+           "return sorted(_REGISTRY.values(), key=lambda b: -b.priority)",
+           "return sorted(_REGISTRY.values(), key=lambda b: b.priority)",
+           (f"{T_CSLT}::test_auto_takes_the_highest_priority_backend_that_runs",)),
+    Mutant("hybrid-threshold", "dispatch", "the hybrid switches to cuSPARSELt only above the threshold M",
+           HYBRID, 'return "cusparselt" if m >= cusparselt_min_m(', 'return "cusparselt" if m > cusparselt_min_m(',
+           (f"{T_CSLT}::test_policy_without_table_uses_the_heuristic",)),
+    Mutant("nearest-tie", "dispatch", "_nearest breaks a log-scale tie toward the smaller measured M",
+           HYBRID, "math.log2(max(m, 1))), -v))", "math.log2(max(m, 1))), v))",
+           (f"{T_CSLT}::test_nearest_breaks_a_log_scale_tie_toward_the_larger_m",)),
+    Mutant("derive-tie-win", "dispatch", "derive_thresholds counts a tie with Triton as a loss",
+           HYBRID, 'wins = [r["cusparselt_us"] <= r[rival] for r in rows]', 'wins = [r["cusparselt_us"] < r[rival] for r in rows]',
+           (f"{T_CSLT}::test_derive_thresholds_counts_a_tie_as_a_cusparselt_win",)),
+    Mutant("derive-tie-dense", "dispatch", "derive_thresholds counts a tie with dense as slower",
+           HYBRID, 'if r["hybrid_us"] > r["dense_us"]:', 'if r["hybrid_us"] >= r["dense_us"]:',
+           (f"{T_CSLT}::test_derive_thresholds_does_not_count_a_tie_with_dense_as_slower",)),
+    # -- pruning -------------------------------------------------------------------------------
+    Mutant("wanda-no-norm", "pruning", "Wanda scores |W| without the activation norm",
+           "sparselora/pruning/methods.py",
+           "s = w.detach().abs().to(torch.float64) * sq_norm.to(torch.float64).sqrt().unsqueeze(0)",
+           "s = w.detach().abs().to(torch.float64)",
+           ("tests/test_pruning_methods.py::test_wanda_hand_checked", "tests/test_pruning_methods.py::test_wanda_matches_formula_random")),
+    Mutant("sparsegpt-no-damp", "pruning", "SparseGPT inverts the Hessian without dampening",
+           "sparselora/pruning/methods.py",
+           "H += damp * torch.eye(cols, dtype=cdt, device=H.device)", "H += 0 * damp * torch.eye(cols, dtype=cdt, device=H.device)",
+           ("tests/test_pruning_methods.py::test_sparsegpt_matches_plain_obs_reference",)),
+    # -- checkpoints ---------------------------------------------------------------------------
+    Mutant("checkpoint-checksum", "checkpoint", "load_sparse skips the checksum comparison",
+           "sparselora/checkpoint.py", "    if got != want:\n", "    if False:\n",
+           ("tests/test_checkpoint.py::test_truncated_and_corrupt_files",)),
+    Mutant("checkpoint-shape", "checkpoint", "load_sparse accepts a packed layer of another shape than the model's",
+           "sparselora/checkpoint.py", "        if (n, k) != shape:\n", "        if False:\n",
+           ("tests/test_checkpoint.py::test_mismatched_model_and_dtype",)),
+    # -- the patcher ---------------------------------------------------------------------------
+    Mutant("from-linear-bias", "patcher", "SparseLinear.from_linear drops the layer's bias",
+           "sparselora/modules.py",
+           "bias = linear.bias.detach() if linear.bias is not None else None", "bias = None",
+           ("tests/test_ops.py::test_sparse_linear_from_pruned_linear",)),
+    Mutant("patch-tied", "patcher", "sparsify packs a weight tied to another parameter (unties it)",
+           "sparselora/patch.py", "        if others:\n", "        if False:\n",
+           ("tests/test_patch.py::test_tied_weight_left_dense",)),
+]
+
+
+def _ignore(dirpath, names):
+    skip = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "build", "dist"}
+    return [n for n in names if n in skip or n.endswith(".egg-info")]
+
+
+def make_copy(dest: Path) -> Path:
+    tree = dest / "tree"
+    shutil.copytree(ROOT, tree, ignore=_ignore, symlinks=True)
+    link = tree / "sparselora" / "triton_kernels"
+    if not link.exists():
+        link.symlink_to(Path("..") / "triton_kernels", target_is_directory=True)
+    return tree
+
+
+def env_for(tree: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), str(tree / "tests")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # a restored file of the same size and second must not reuse the mutant's .pyc
+    env.setdefault("TRITON_INTERPRET", "0" if _has_cuda() else "1")
+    return env
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def check_imports(tree: Path, env: dict) -> None:
+    """Fail unless the copy's modules (not an installed sparselora) are the ones imported."""
+    code = ("import sparselora, sparselora.backends.hybrid_backend as h, sparselora.triton_kernels.sparse24_gemm as g;"
+            "print(sparselora.__file__); print(h.__file__); print(g.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"mutate: the copy does not import:\n{out.stderr}")
+    for f in out.stdout.split():
+        if not Path(f).absolute().is_relative_to(tree):
+            raise SystemExit(f"mutate: {f} is imported instead of the copy under {tree} (an installed sparselora shadows it)")
+
+
+def check_anchors(tree: Path, mutants) -> list[str]:
+    problems = []
+    for m in mutants:
+        path = tree / m.file
+        if not path.is_file():
+            problems.append(f"{m.id}: {m.file} does not exist")
+            continue
+        n = path.read_text().count(m.old)
+        if n != 1:
+            problems.append(f"{m.id}: anchor occurs {n} times in {m.file} (must be exactly once): {m.old!r}")
+        if m.old == m.new:
+            problems.append(f"{m.id}: replacement equals the anchor")
+        for t in m.tests:
+            if not (tree / t.split("::")[0]).is_file():
+                problems.append(f"{m.id}: test file {t.split('::')[0]} does not exist")
+    return problems
+
+
+def run_tests(tree: Path, env: dict, tests, timeout: float, stop_first: bool) -> tuple[int, str, float]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header", "-rN"]
+    cmd += ["-x"] if stop_first else []
+    cmd += list(tests)
+    t0 = time.time()
+    try:
+        out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, "timeout", time.time() - t0
+    tail = (out.stdout + out.stderr).strip().splitlines()
+    return out.returncode, tail[-1] if tail else "", time.time() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ids", nargs="*", help="mutant ids (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--check-anchors", action="store_true", help="only check that every anchor matches exactly once")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per pytest run (default 600)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    args = ap.parse_args(argv)
+
+    by_id = {m.id: m for m in MUTANTS}
+    unknown = [i for i in args.ids if i not in by_id]
+    if unknown:
+        ap.error(f"unknown mutant ids {unknown}; see --list")
+    mutants = [by_id[i] for i in args.ids] if args.ids else MUTANTS
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:26s} {m.area:20s} {m.what}")
+        return 0
+    problems = check_anchors(ROOT, mutants)
+    if problems:
+        print("mutate: stale mutants (fix the anchor in tools/mutate.py):\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    if args.check_anchors:
+        print(f"mutate: all {len(mutants)} anchors match exactly once")
+        return 0
+
+    tmp = Path(tempfile.mkdtemp(prefix="sparselora-mutate-"))
+    try:
+        tree = make_copy(tmp)
+        env = env_for(tree)
+        check_imports(tree, env)
+        tests = sorted({t for m in mutants for t in m.tests})
+        rc, last, secs = run_tests(tree, env, tests, args.timeout, stop_first=False)
+        print(f"baseline (unmutated copy, {len(tests)} test selections): {last} [{secs:.0f} s]", flush=True)
+        if rc != 0:
+            print("mutate: the selected tests fail without any mutant; fix that first", file=sys.stderr)
+            return 2
+        results = []
+        for m in mutants:
+            path = tree / m.file
+            original = path.read_text()
+            path.write_text(original.replace(m.old, m.new, 1))
+            try:
+                rc, last, secs = run_tests(tree, env, m.tests, args.timeout, stop_first=True)
+            finally:
+                path.write_text(original)
+            verdict = {0: "SURVIVED", 1: "killed"}.get(rc, f"ERROR (pytest exit {rc}: {last})")
+            results.append((m, verdict))
+            print(f"{m.id:26s} {m.area:20s} {verdict:10s} [{secs:4.0f} s]  {m.what}", flush=True)
+        killed = sum(v == "killed" for _, v in results)
+        survived = [m.id for m, v in results if v == "SURVIVED"]
+        errors = [m.id for m, v in results if v not in ("killed", "SURVIVED")]
+        print(f"\n{killed} of {len(results)} mutants killed; survived: {survived or 'none'}; errors: {errors or 'none'}")
+        return 0 if killed == len(results) else 1
+    finally:
+        if args.keep:
+            print(f"copy kept at {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
