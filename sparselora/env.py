@@ -45,7 +45,8 @@ def report() -> str:
     lines.append(f"backends (bf16 4096x4096 on {dev}):")
     for name, b in info["backends"].items():
         state = "yes" if b["available"] else f"no ({b['why_not']})"
-        lines.append(f"  {name:<12} {state}")
+        copies = f"{b['copies']} weight copies, auto only with allow_extra_copy" if b["copies"] > 1 else "1 weight copy"
+        lines.append(f"  {name:<12} [{copies}] {state}")
     return "\n".join(lines)
 
 

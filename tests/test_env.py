@@ -11,6 +11,8 @@ def test_env_report_lists_backends():
     assert info["backends"]["reference"]["available"] is True
     text = sparselora.env.report()
     assert "reference" in text and "torch" in text
+    # memory is part of what a backend is: the report says which ones hold a second weight copy
+    assert "reference    [1 weight copy]" in text and "cusparselt   [2 weight copies, auto only with allow_extra_copy]" in text
 
 
 def test_imports_beside_public_triton_kernels(tmp_path):

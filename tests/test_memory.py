@@ -147,7 +147,9 @@ def test_mma_sp_gpu_layout_is_the_one_resident_copy(fake_backends, n, k, seed):
     x = torch.randn(7, k, dtype=torch.float64).to(torch.bfloat16)
     with torch.no_grad():
         y = layer(x)
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)(x)  # the own-layout forward traces
     assert_linear(y, x, w, b, f"mma-sp layout {n}x{k}")
+    assert torch.equal(compiled, y)
     layer.set_backend("reference")
     assert torch.equal(layer.values.view(torch.int16), packed.values.view(torch.int16))
     with torch.no_grad():
