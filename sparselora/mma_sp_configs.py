@@ -47,18 +47,25 @@ CONFIGS: tuple[TileConfig, ...] = (
                               "78 KB smem, 2 CTAs/SM on sm_80/90, 36 KB in flight per CTA"),
     TileConfig(3, 2, 2, 2, 2, "M<=16, N>=2048 on sm_86/89 (99 KB): 68 KB smem, double-buffered"),
     TileConfig(4, 2, 2, 2, 3, "M<=16, N>=2048 on sm_80/90: 102 KB smem, 36 KB in flight per CTA"),
+    TileConfig(5, 2, 4, 2, 2, "M<=32 (and larger M, 32 tokens per CTA row) on sm_80/90: 102 KB smem; "
+                              "half the weight re-reads of the 16-token configs"),
+    TileConfig(6, 2, 4, 1, 3, "M<=32 on sm_86/89 (99 KB) and N<2048: one warp per CTA (no split-K), 75 KB smem "
+                              "(32 rows x 16 rows of x staging keep the loop above 18.4 B/clk/SM; 16 rows did not)"),
 )
 
 #: opt-in shared memory per block by arch class (bytes)
 SMEM_LIMIT = {"sm80": 166912, "sm86": 101376, "sm90": 232448}
 
-#: (arch class, token bucket, wide N) -> config id. Token buckets: 8, 16 (larger M runs the 16-token
-#: config over several token tiles: correct, but it re-reads the weight once per 16 tokens).
+#: (arch class, token bucket, wide N) -> config id. Token buckets: 8, 16, 32 (larger M runs the 32-token
+#: config over several token tiles: correct, but it re-reads the weight once per 32 tokens).
 #: Chosen from the static model (benchmarks/NOTES.md, "mma.sp kernels"), not measured yet.
 CHOICE: dict[tuple[str, int, bool], int] = {
     ("sm80", 8, False): 0, ("sm80", 16, False): 1, ("sm80", 8, True): 2, ("sm80", 16, True): 4,
     ("sm86", 8, False): 0, ("sm86", 16, False): 1, ("sm86", 8, True): 2, ("sm86", 16, True): 3,
     ("sm90", 8, False): 0, ("sm90", 16, False): 1, ("sm90", 8, True): 2, ("sm90", 16, True): 4,
+    ("sm80", 32, False): 6, ("sm80", 32, True): 5,
+    ("sm86", 32, False): 6, ("sm86", 32, True): 6,
+    ("sm90", 32, False): 6, ("sm90", 32, True): 5,
 }
 WIDE_N = 2048
 
@@ -78,5 +85,5 @@ def arch_class(major: int, minor: int) -> str:
 
 
 def choose_config(m: int, n: int, arch: str) -> TileConfig:
-    bucket = 8 if m <= 8 else 16
+    bucket = 8 if m <= 8 else 16 if m <= 16 else 32
     return CONFIGS[CHOICE[(arch, bucket, n >= WIDE_N)]]

@@ -134,7 +134,7 @@ def emulate_linear(x: torch.Tensor, gpu: "L.GpuPacked24", bias: Optional[torch.T
     """``x @ W.T + bias`` computed through :func:`mma_sp_m16n8k32` with the kernel's data movement.
 
     x: [M, K]; returns [M, N] in ``acc_dtype``. ``warps_k``: warps of a CTA splitting K (warp w
-    takes k-blocks w, w + warps_k, ...); ``tokens_per_cta``: 8 or 16 (n-tiles per CTA).
+    takes k-blocks w, w + warps_k, ...); ``tokens_per_cta``: 8 NT (NT token tiles per CTA).
     ``flip_selector`` deliberately breaks the kernel's selector choice (for the tests)."""
     n, k = gpu.shape
     m = x.shape[0]
@@ -144,8 +144,8 @@ def emulate_linear(x: torch.Tensor, gpu: "L.GpuPacked24", bias: Optional[torch.T
     values, meta = gpu.values, gpu.meta
     if k % 8:
         raise ValueError(f"mma.sp linear stages x in 16-byte chunks: in_features={k} must be a multiple of 8")
-    if tokens_per_cta not in (8, 16):
-        raise ValueError(f"tokens_per_cta must be 8 or 16, got {tokens_per_cta}")
+    if tokens_per_cta % 8 or not 8 <= tokens_per_cta <= 64:
+        raise ValueError(f"tokens_per_cta must be a multiple of 8 in 8..64, got {tokens_per_cta}")
     out = torch.empty(m, n, dtype=acc_dtype)
     # x zero-filled past M and K, as the kernel's cp.async with src-size 0 does
     xp = torch.zeros(n_ctas * tokens_per_cta, KQ * 256, dtype=x.dtype)

@@ -21,7 +21,7 @@ def _weight(n, k, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,k,m,tokens,warps", [(16, 64, 1, 8, 4), (33, 328, 13, 16, 4), (20, 520, 9, 8, 2),
-                                                  (48, 256, 17, 16, 1)])
+                                                  (48, 256, 17, 16, 1), (40, 136, 37, 32, 1)])
 def test_gemm_through_the_kernel_index_math_is_exact(seed, dtype, n, k, m, tokens, warps):
     w = _weight(n, k, dtype)
     x, b = _small_int((m, k), dtype), _small_int((n,), dtype)

@@ -72,7 +72,7 @@ def run_sim(exe: Path, tmp: Path, x, g, bias, config: int):
 
 # (N, K, M): odd N (row-tile guards), K with a partial last stage and K % 64 != 0 (padded k-tiles),
 # M across token tiles (grid.y > 1) and below one tile
-CASES = [(40, 136, 1), (33, 520, 13), (72, 264, 17), (48, 768, 8)]
+CASES = [(40, 136, 1), (33, 520, 13), (72, 264, 17), (48, 768, 8), (24, 264, 37)]
 
 
 @pytest.mark.parametrize("config", [c.id for c in CONFIGS])

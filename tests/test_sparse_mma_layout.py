@@ -127,7 +127,7 @@ def test_every_config_instantiated_and_every_choice_reachable():
         assert C.smem_bytes(C.CONFIGS[cid]) <= C.SMEM_LIMIT[arch], (arch, bucket, wide)
         assert C.CONFIGS[cid].tokens == bucket, (arch, bucket, wide)
     for arch in C.SMEM_LIMIT:
-        for m, tokens in ((1, 8), (8, 8), (9, 16), (16, 16), (4096, 16)):
+        for m, tokens in ((1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (4096, 32)):
             assert C.choose_config(m, 4096, arch).tokens == tokens
     dispatch = (ROOT / "csrc" / "sparse_mma" / "dispatch.inc").read_text()
     for cfg in C.CONFIGS:

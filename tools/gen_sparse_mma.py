@@ -62,7 +62,7 @@ def generate() -> dict[Path, str]:
                      f"{m.smem_bytes(cfg)}, \"mma_sp_configs.smem_bytes disagrees with the kernel\");\n")
     lines.append("\nint choose_config(int sm_major, int sm_minor, int m, int n) {\n")
     lines.append("  const int arch = sm_major >= 9 ? 2 : (sm_major == 8 && (sm_minor == 6 || sm_minor == 7 || sm_minor == 9)) ? 1 : 0;\n")
-    lines.append(f"  const bool wide = n >= {m.WIDE_N};\n  const int bucket = m <= 8 ? 8 : 16;\n")
+    lines.append(f"  const bool wide = n >= {m.WIDE_N};\n  const int bucket = m <= 8 ? 8 : m <= 16 ? 16 : 32;\n")
     arch_id = {"sm80": 0, "sm86": 1, "sm90": 2}
     for (arch, bucket, wide), cid in sorted(m.CHOICE.items()):
         lines.append(f"  if (arch == {arch_id[arch]} && bucket == {bucket} && wide == {'true' if wide else 'false'}) "
