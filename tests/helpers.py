@@ -9,8 +9,9 @@ same rounded operands. It checks two things, both of which must hold:
   (SparseLoRA's ``W + s·B·A`` tile, its ``G`` tile) stay near ``2u`` because those errors are
   random. The bounds sit above that and below every wrong answer of tests/test_oracle.py.
 * element-wise, when ``mag`` is given (``Σ|a|·|b|`` per output element, see
-  :func:`mag_linear`): ``|out − ref| <= 2u·|ref| + c·mag``. ``2u·|ref|`` covers the final
-  rounding; ``c·mag`` covers the summation: ``ACC32`` for fp32 accumulation (the error of an
+  :func:`mag_linear`): ``|out − ref| <= 2u·|ref| + u·|addend| + c·mag``. ``2u·|ref|`` covers the
+  final rounding; ``u·|addend|`` a bias added after the accumulator is rounded (a library
+  epilogue may do that); ``c·mag`` covers the summation: ``ACC32`` for fp32 accumulation (the error of an
   fp32 sum is a small multiple of ``2^-24·Σ|terms|``; ACC32 is 500 times that, enough for the
   truncating accumulation of tensor cores at K = 16k), or ``2·UNIT[inner]`` when the kernel
   rounds an intermediate operand to ``inner``. Because it is scaled per element rather than by
@@ -32,13 +33,13 @@ UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-1
 ACC32 = 3e-5
 
 
-def assert_close(out, ref64, what="output", *, dtype=None, mag=None, inner=None):
+def assert_close(out, ref64, what="output", *, dtype=None, mag=None, inner=None, addend=None):
     """Fail unless ``out`` matches the float64 reference ``ref64`` (see the module docstring).
 
     ``dtype``: the precision the result was computed in (default ``out.dtype``); ``mag``: the
     per-element magnitude ``Σ|a|·|b|`` of the terms summed (enables the element-wise check);
     ``inner``: the dtype of an intermediate operand the kernel rounds (default: none, fp32
-    accumulation only)."""
+    accumulation only); ``addend``: a term (the bias) that may be added after rounding."""
     dtype = dtype or out.dtype
     assert tuple(out.shape) == tuple(ref64.shape), f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     ref64 = ref64.double()
@@ -56,12 +57,14 @@ def assert_close(out, ref64, what="output", *, dtype=None, mag=None, inner=None)
     if mag is not None:
         c = ACC32 if inner is None else max(ACC32, 2 * UNIT[inner])
         tol = 2 * UNIT[dtype] * ref64.abs() + c * mag.double().to(ref64.device)
+        if addend is not None:
+            tol = tol + UNIT[dtype] * addend.detach().double().abs().to(ref64.device)
         excess = diff.abs() - tol
         if (excess > 0).any():
             i = int(excess.flatten().argmax())
             idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), excess.shape))
             raise AssertionError(
-                f"{what}: {int((excess > 0).sum())} of {excess.numel()} elements exceed 2u·|ref| + {c:.1e}·Σ|a||b|; "
+                f"{what}: {int((excess > 0).sum())} of {excess.numel()} elements exceed 2u·|ref| + u·|addend| + {c:.1e}·Σ|a||b|; "
                 f"worst at {idx}: out {out64[idx].item():.6g}, ref {ref64[idx].item():.6g}, "
                 f"allowed error {tol[idx].item():.3g} ({dtype})")
 
@@ -80,7 +83,7 @@ def mag_linear(x, w, b=None):
 def assert_linear(out, x, w, b=None, what="output", *, dtype=None, inner=None):
     """:func:`assert_close` of ``out`` against ``x @ w.T + b`` in float64, with the element-wise
     check."""
-    assert_close(out, ref_linear(x, w, b), what, dtype=dtype, mag=mag_linear(x, w, b), inner=inner)
+    assert_close(out, ref_linear(x, w, b), what, dtype=dtype, mag=mag_linear(x, w, b), inner=inner, addend=b)
 
 
 def assert_matmul(out, a, b, what="output", *, dtype=None, inner=None):

@@ -13,7 +13,8 @@ requires the oracle to reject each:
 * zero gradients; for SparseLoRA also an unmasked LoRA update / gradient.
 
 It also requires the oracle to accept what a correct GPU kernel writes: fp32 accumulation then
-one rounding to the dtype, with the K reduction split into partial sums, and for SparseLoRA the
+one rounding to the dtype, with the K reduction split into partial sums, the bias added after
+that rounding (as a library epilogue may), and for SparseLoRA the
 intermediate roundings its kernels do (the ``W + s·B·A`` tile and the ``G`` tile in the dtype).
 
 Pure PyTorch on CPU (no Triton). Rows are independent, so M is capped at ``ROW_CAP`` (more
@@ -184,12 +185,14 @@ def test_oracle_judges_linear_outputs(seed, one_torch_thread, case):
         wf = w.float()
         good_all = _gpu_way(x, wf.T, dtype, bias=b)
         split_all = _gpu_way(x, wf.T, dtype, splits=3, bias=b)
+        epilogue_all = (_gpu_way(x, wf.T, dtype).float() + b.float()).to(dtype)  # bias after rounding
         del wf
         swap_all = x.float() @ swap32
         last_all = x64[:, -4:] @ w[:, -4:].double().T
         for m in sorted(ms):
             ref, good = ref_all[:m], good_all[:m]
-            accepted = {"fp32 accumulate, one rounding": good, "fp32 partial sums over 3 K-splits": split_all[:m]}
+            accepted = {"fp32 accumulate, one rounding": good, "fp32 partial sums over 3 K-splits": split_all[:m],
+                    "bias added after rounding (an epilogue)": epilogue_all[:m]}
             wrong = {"zeros": torch.zeros_like(good),
                      "one unwritten element": _poison_one(good),
                      "dropped bias": (ref - b64).to(dtype),
@@ -198,7 +201,7 @@ def test_oracle_judges_linear_outputs(seed, one_torch_thread, case):
             if n > 1:
                 wrong["one-column shift"] = _shift(good)
                 wrong["another row's bias"] = (ref - b64 + _shift(b64)).to(dtype)
-            _judge(accepted, wrong, ref, f"{dtype} M={m}", dtype=dtype, mag=mag_all[:m])
+            _judge(accepted, wrong, ref, f"{dtype} M={m}", dtype=dtype, mag=mag_all[:m], addend=b)
 
 
 # ---------------------------------------------------------------------------------------------
