@@ -176,3 +176,37 @@ def test_smoke_every_config():
             continue
         assert_linear(y, x, w, b, what=f"config {config}")
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_warp_probe_names_lane_and_register(dtype):
+    # One row tile, two k-tiles: W holds distinct small integers at its kept positions and x's row t
+    # is one-hot at column t, so y = W^T exactly. A mismatch names the lane and register that
+    # should have carried the value (layout.h's A fragment) and the metadata lane/selector.
+    _require_ext()
+    from sparselora import gpu_layout as L
+    n, k = 16, 64
+    mask = nm_mask(torch.rand(n, k))
+    w = torch.zeros(n, k)
+    w[mask] = torch.arange(1, int(mask.sum()) + 1, dtype=torch.float32)
+    w = w.to(dtype).cuda()
+    g = to_gpu_layout(pack_24(w))
+    x = torch.eye(k, dtype=dtype, device="cuda")
+    for config in [c.id for c in CONFIGS]:
+        try:
+            y = mb.mma_sp_linear(x, g.values, g.meta, None, n, config)
+        except RuntimeError as e:
+            assert "more shared memory" in str(e)
+            continue
+        bad = (y.T != w).nonzero().tolist()
+        if bad:
+            r, c = bad[0]
+            kept = int(mask[r, :c].sum())  # index of W[r, c] among the row's kept values
+            cc = kept % 16  # kept column within its k-tile
+            where = [(lane, i) for lane in range(32) for i in range(8) if (L.a_row(lane, i), L.a_col(lane, i)) == (r, cc)]
+            sel = (c // 32) % 2
+            meta_lane = 4 * (r % 8) + 2 * sel + (c % 32) // 16
+            pytest.fail(f"config {config}: {len(bad)} wrong outputs; first W[{r}, {c}] = {w[r, c].item()} came out "
+                        f"{y[c, r].item()} (A lane/register {where}, metadata lane {meta_lane} under selector {sel})")

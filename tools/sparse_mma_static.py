@@ -209,14 +209,18 @@ def gate(cfg, arch: str, res: dict, s: LoopStats, rl: dict, need: float) -> list
     return fails
 
 
-def run(src_root: Path, config_ids, dtype: str, need: float, archs=ARCHS, verbose=True):
+def run(src_root: Path, config_ids, dtype: str, need: float, archs=ARCHS, verbose=True, jobs: int = 2):
     cfgs = _load("mma_sp_configs", ROOT / "sparselora" / "mma_sp_configs.py")
     nvcc, cuobjdump = find_nvcc(), find_cuobjdump()
     rows, failures = [], []
     with tempfile.TemporaryDirectory(prefix="sparse_mma_static_") as tmp:
-        for cid in config_ids:
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # one nvcc run per config, in parallel
+            built = list(pool.map(lambda cid: compile_config(nvcc, src_root, cfgs.CONFIGS[cid], dtype, Path(tmp), archs),
+                                  config_ids))
+        for cid, (log, fat) in zip(config_ids, built):
             cfg = cfgs.CONFIGS[cid]
-            log, fat = compile_config(nvcc, src_root, cfg, dtype, Path(tmp), archs)
             res = ptxas_resources(log)
             sass = parse_sass(subprocess.run([cuobjdump, "-sass", str(fat)], capture_output=True, text=True, check=True).stdout)
             for arch in archs:
@@ -263,10 +267,11 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", nargs="*", default=list(ARCHS))
     ap.add_argument("--need", type=float, default=HBM_NEED, help="gate, packed bytes/clock/SM")
     ap.add_argument("--report", type=Path)
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args(argv)
     cfgs = _load("mma_sp_configs", ROOT / "sparselora" / "mma_sp_configs.py")
     ids = args.configs if args.configs is not None and len(args.configs) else [c.id for c in cfgs.CONFIGS]
-    rows, failures = run(args.src, ids, args.dtype, args.need, tuple(args.archs))
+    rows, failures = run(args.src, ids, args.dtype, args.need, tuple(args.archs), jobs=args.jobs)
     if args.report:
         report(rows, args.report, args.dtype, args.need)
     if failures:
