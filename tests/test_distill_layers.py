@@ -1,0 +1,179 @@
+"""Layer-wise distillation (``distill(layers=...)``), the learning-rate schedule, and the default
+restoration recipe on tiny VLMs: vision and language blocks are matched, merges stay exactly 2:4
+with the starting mask."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sparselora.distill import _relative_error, distill, find_blocks, lr_factor
+from sparselora.format import check_nm, nm_mask
+from sparselora.lora import add_sparse_lora, merge_sparse_lora
+from sparselora.tiny_models import build, example_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _prune(model, parts=None):
+    masks = {}
+    for name, lin in model.named_modules():
+        if type(lin) is nn.Linear and lin.in_features % 4 == 0 and (parts is None or any(p in name for p in parts)):
+            mask = nm_mask(lin.weight.detach().abs())
+            with torch.no_grad():
+                lin.weight.mul_(mask)
+            lin.register_buffer("sparse_mask", mask, persistent=False)
+            masks[name] = mask
+    return masks
+
+
+class Stack(nn.Module):
+    def __init__(self, width=32, depth=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth))
+        self.head = nn.Linear(width, 8)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+def test_find_blocks():
+    assert find_blocks(Stack(depth=3)) == ["blocks.0", "blocks.1", "blocks.2"]
+    m = nn.Module()
+    m.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))  # bare Linears are not blocks
+    m.one = nn.ModuleList([Stack()])  # a single module is not a repeated block (its inner list is)
+    assert find_blocks(m) == ["one.0.blocks.0", "one.0.blocks.1", "one.0.blocks.2"]
+
+
+@pytest.mark.parametrize("fam", ["llava", "blip-2", "qwen2-vl"])
+def test_blocks_cover_vision_and_language(fam):
+    names = find_blocks(build(fam))
+    assert any("vis" in n for n in names), names
+    assert any("lang" in n or "text" in n for n in names), names
+
+
+def test_lr_factor():
+    assert [lr_factor(i, 10, "constant", 2) for i in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 12, "cosine", 2) == 1.0
+    assert math.isclose(lr_factor(7, 12, "cosine", 2), 0.5)
+    assert lr_factor(11, 12, "cosine", 2) < 0.03
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, "linear", 0)
+
+
+def test_relative_error_skips_padding(seed):
+    t = torch.randn(2, 5, 8)
+    s = t + 0.1 * torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    s_bad = s.clone()
+    s_bad[1, 3:] = 1e6  # padding positions: must not count
+    keep = mask.bool()
+    ref = ((s[keep] - t[keep]).double().pow(2).sum() / t[keep].double().pow(2).sum()).item()
+    got = _relative_error(s_bad, t, {"attention_mask": mask}).item()
+    assert math.isclose(got, ref, rel_tol=1e-5)
+    assert _relative_error(s_bad, t, {}).item() > 1e6  # without a mask every position counts
+
+
+def test_layerwise_distill_lowers_block_error_and_keeps_mask(seed):
+    teacher = Stack()
+    student = copy.deepcopy(teacher)
+    masks = _prune(student)
+    add_sparse_lora(student, r=8, alpha=16)
+    batches = [torch.randn(16, 32) for _ in range(4)]
+
+    def block_err():  # what layers="blocks" matches: each block's own output
+        with torch.no_grad():
+            errs, xs, xt = [], batches[0], batches[0]
+            for bs, bt in zip(student.blocks, teacher.blocks):
+                ys, yt = bs(xs), bt(xt)
+                errs.append(((ys - yt).pow(2).sum() / yt.pow(2).sum()).item())
+                xs, xt = xs + ys, xt + yt
+            return sum(errs) / len(errs)
+
+    before = block_err()
+    hist = distill(student, teacher, batches, steps=80, lr=2e-2, loss="mse", layers="blocks", schedule="cosine",
+                   warmup=5, output_weight=0.0, progress=False)
+    assert block_err() < 0.7 * before, (before, block_err())  # output_weight=0: only the block terms train
+    assert hist["last"] < hist["first"]
+    merge_sparse_lora(student)
+    for name, mask in masks.items():
+        lin = student.get_submodule(name)
+        check_nm(lin.weight, name=name)
+        assert torch.equal(lin.sparse_mask, mask) and not ((lin.weight != 0) & ~mask).any(), name
+    assert not student.blocks[0][0]._forward_hooks and not teacher.blocks[0][0]._forward_hooks
+    assert all(not m._forward_hooks for m in list(student.modules()) + list(teacher.modules())), "hooks left behind"
+
+
+def test_bad_options_name_the_problem():
+    teacher = Stack()
+    student = copy.deepcopy(teacher)
+    _prune(student)
+    add_sparse_lora(student, r=2)
+    b = [torch.randn(4, 32)]
+    before = {n: p.requires_grad for n, p in student.named_parameters()}
+    with pytest.raises(ValueError, match="warmup"):
+        distill(student, teacher, b, steps=5, warmup=5, progress=False)
+    with pytest.raises(ValueError, match="schedule"):
+        distill(student, teacher, b, steps=5, schedule="linear", progress=False)
+    with pytest.raises(ValueError, match="layers"):
+        distill(student, teacher, b, steps=5, layers="everything", progress=False)
+    with pytest.raises(ValueError, match="'nope'"):
+        distill(student, teacher, b, steps=5, layers=["nope"], progress=False)
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == before  # nothing left frozen/unfrozen
+    assert all(not m._forward_hooks for m in student.modules())
+
+
+# llava: vision tower + language model, both pruned. (Not blip-2: its tiny vision Linears are
+# initialised at ~1e-10, so pruning them changes nothing. Not qwen2-vl: pruning moves its tiny vision
+# blocks' outputs by only 0.4 %. Not clip: the output compared, logits_per_image, couples the towers,
+# and the image tower's blocks trade their own error for the text tower's.)
+@pytest.mark.parametrize("fam", ["llava"])
+def test_default_recipe_on_tiny_vlm(fam):
+    """The default restoration (blocks matched, cosine schedule) runs unchanged on a VLM: both its
+    vision and language blocks get nearer to the teacher, merges stay exactly 2:4 with the mask."""
+    from sparselora.restore import RECIPE, restore
+
+    teacher = build(fam).eval()
+    student = copy.deepcopy(teacher)
+    masks = _prune(student)
+    assert any("vis" in n for n in masks) and any("lang" in n or "text" in n for n in masks)
+    batches = [example_inputs(fam, teacher, batch=2, seed=s) for s in range(2)]
+    blocks = find_blocks(teacher)
+
+    def errs():
+        out = {}
+        hooks, acts = [], {}
+        for who, model in (("s", student), ("t", teacher)):
+            for n in blocks:
+                hooks.append(model.get_submodule(n).register_forward_hook(
+                    lambda m, i, o, k=(who, n): acts.__setitem__(k, o[0] if isinstance(o, tuple) else o)))
+        with torch.no_grad():
+            for b in batches:
+                student(**b)
+                teacher(**b)
+                for n in blocks:
+                    s, t = acts[("s", n)], acts[("t", n)]
+                    out[n] = out.get(n, 0.0) + ((s - t).pow(2).sum() / t.pow(2).sum()).item()
+        for h in hooks:
+            h.remove()
+        return out
+
+    before = errs()
+    steps = RECIPE["steps"] // 2  # the default recipe, budget halved for speed
+    stats = restore(student, teacher, batches, steps=steps, rank=4, progress=False)
+    assert stats["steps"] == steps and len(stats["loss"]) == steps
+    merge_sparse_lora(student)
+    after = errs()
+    vis = [n for n in blocks if "vis" in n]
+    lang = [n for n in blocks if "lang" in n or "text" in n]
+    assert sum(after[n] for n in vis) < sum(before[n] for n in vis), (before, after)
+    assert sum(after[n] for n in lang) < sum(before[n] for n in lang), (before, after)
+    for name, mask in masks.items():
+        lin = student.get_submodule(name)
+        assert type(lin) is nn.Linear, name
+        check_nm(lin.weight, name=name)
+        assert torch.equal(lin.sparse_mask, mask) and not ((lin.weight != 0) & ~mask).any(), name

