@@ -79,6 +79,7 @@ def test_evaluator_on_minilm():
     ev = Evaluator(dense, tok, build_eval(0, n_per_domain=12, pairs_per_domain=12))
     ref = ev(dense)
     assert ref["cos_mixed"] > 0.9999 and ref["nn_agree"] == 1.0 and 0.0 < ref["acc1"] < 1.0
+    assert ev.dense_row() == pytest.approx(ref, abs=1e-5)
     pruned = AutoModel.from_pretrained(path).float().eval()
     with torch.no_grad():
         for m in pruned.modules():
