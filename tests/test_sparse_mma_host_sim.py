@@ -53,11 +53,11 @@ def sim(tmp_path_factory):
     return build(tmp_path_factory.mktemp("sim"))
 
 
-def run_sim(exe: Path, tmp: Path, x, g, bias, config: int):
+def run_sim(exe: Path, tmp: Path, x, g, bias, config: int, sm=(9, 0)):
     m, k = x.shape
     n = g.shape[0]
     mt, kt, kq = g.values.shape[0], g.values.shape[1], g.meta.shape[1]
-    hdr = struct.pack("<10q", m, n, k, mt, kt, kq, bias is not None, x.dtype == torch.bfloat16, config, k)
+    hdr = struct.pack("<12q", m, n, k, mt, kt, kq, bias is not None, x.dtype == torch.bfloat16, config, k, *sm)
     blobs = [hdr, x.contiguous().view(torch.int16).numpy().tobytes(), g.values.view(torch.int16).numpy().tobytes(),
              g.meta.numpy().tobytes()]
     if bias is not None:
@@ -97,6 +97,17 @@ def test_auto_config_and_launcher_checks(sim, tmp_path):
         want = choose_config(m, 64, "sm90").id  # the simulated device is sm_90
         assert y is not None and f"OK config {want}" in log, log
         assert_linear(y, x, w, b)
+    # the generated C++ table (dispatch.inc) picks what sparselora.mma_sp_configs picks, per arch class
+    for sm, arch in (((8, 0), "sm80"), ((8, 6), "sm86"), ((8, 9), "sm86"), ((9, 0), "sm90")):
+        for n in (64, 2048):
+            wn, _, _ = random_24(n, 64, torch.float16, bias=False)
+            gn = to_gpu_layout(pack_24(wn))
+            for m in ((1, 17) if sm != (9, 0) else (1, 9, 17)):
+                xn = torch.randn(m, 64).half()
+                y, log = run_sim(sim, tmp_path, xn, gn, None, -1, sm)
+                want = choose_config(m, n, arch).id
+                assert y is not None and f"OK config {want}" in log, (sm, n, m, log)
+                assert_linear(y, xn, wn, None, what=f"auto config on sm_{sm[0]}{sm[1]}, {n}x64, M={m}")
     # the launcher's checks name M, N, K, dtype and config
     w2, _, _ = random_24(32, 60, torch.float16, bias=False)
     y, log = run_sim(sim, tmp_path, torch.randn(5, 60).half(), to_gpu_layout(pack_24(w2)), None, 1)

@@ -182,7 +182,7 @@ int main(int argc, char** argv) {
   if (argc != 3) simrt::die("usage: sim <in.bin> <out.bin>");
   FILE* f = std::fopen(argv[1], "rb");
   if (!f) simrt::die("cannot open input");
-  int64_t hdr[10];  // M N K Mt KT KQ has_bias dtype config ldx
+  int64_t hdr[12];  // M N K Mt KT KQ has_bias dtype config ldx sm_major sm_minor
   if (std::fread(hdr, sizeof(hdr), 1, f) != 1) simrt::die("short header");
   const int M = hdr[0], N = hdr[1], K = hdr[2], Mt = hdr[3], KT = hdr[4], KQ = hdr[5];
   auto read = [&](size_t bytes) {
@@ -199,7 +199,8 @@ int main(int argc, char** argv) {
   p.y = y.data(); p.ldx = hdr[9]; p.ldy = N; p.M = M; p.N = N; p.K = K; p.Mt = Mt; p.KT = KT; p.KQ = KQ;
   char err[512] = {0};
   int used = -1;
-  const int rc = launch_linear(p, hdr[7] ? DType::kBF16 : DType::kF16, static_cast<int>(hdr[8]), 9, 0, 232448,
+  const int rc = launch_linear(p, hdr[7] ? DType::kBF16 : DType::kF16, static_cast<int>(hdr[8]), static_cast<int>(hdr[10]),
+                               static_cast<int>(hdr[11]), 232448,
                                nullptr, err, sizeof(err), &used);
   if (rc) { std::printf("LAUNCH-ERROR %s\n", err); return 4; }
   FILE* o = std::fopen(argv[2], "wb");
