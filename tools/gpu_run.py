@@ -101,6 +101,8 @@ COMMANDS: dict[str, list[Stage]] = {
                                        "pytest", "-q", "-x", "-m", "gpu", "-p", "no:cacheprovider", "-k",
                                        "not torch_compile", "tests/test_triton_gemm.py", "tests/test_triton_gemv.py"]),
     ],
+    # memcheck + racecheck over every mma.sp tile config (racecheck is slow: its own command)
+    "sanitize_mma": [Stage("sanitize_mma", 320, ["bash", "tools/sanitize_sparse_mma.sh"])],
 }
 
 
