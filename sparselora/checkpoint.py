@@ -267,11 +267,12 @@ class _Source:
     def checksum(self) -> str:
         """:func:`checksum` of the stored tensors, streamed from the files (16 MiB at a time)."""
         h = hashlib.sha256()
+        buf = memoryview(bytearray(16 << 20))
         for k in sorted(self.infos):
             f, info = self.infos[k]
             h.update(f"{k}|{_dtype_name(info.dtype)}|{list(info.shape)}|".encode())
             try:
-                for chunk in iter_bytes(f, info):
+                for chunk in iter_bytes(f, info, buf):
                     h.update(chunk)
             except ValueError as e:
                 raise CheckpointError(f"{f}: {e}") from None
@@ -605,16 +606,21 @@ def _load_rest(model: nn.Module, state, keys: list[str], device: torch.device) -
 def _first_unordered_group(meta: torch.Tensor, k: int) -> Optional[tuple[int, int, int, int]]:
     """(row, group, i0, i1) of the first group whose indices are not ascending, or None. Works on
     the int32 words one 4-bit group field at a time: temporaries the size of ``meta`` (1/8 of the
-    packed values' bytes for 16-bit types), never the dense ``[N, K]``."""
+    packed values' bytes for 16-bit types), never the dense ``[N, K]``. In numpy for host tensors
+    (single-threaded: torch's threaded small ops crawl on a busy machine)."""
+    import numpy as np
+
     groups = k // 4
+    host = meta.device.type == "cpu"
+    words = meta.numpy() if host else meta
     first = None
     for p in range(8):  # group field p of every word: groups 8w + p
-        field = (meta >> (4 * p)) & 0xF
+        field = (words >> (4 * p)) & 0xF
         bad = (field & 3) >= (field >> 2)
-        cols = torch.arange(meta.shape[1], device=meta.device) * 8 + p
-        bad &= (cols < groups)  # padding past K/4 groups is not checked
-        if bad.any():
-            r, w = bad.nonzero()[0].tolist()
+        n_real = max(0, -(-(groups - p) // 8))  # words holding a real group in field p (the rest is padding)
+        bad = bad[:, :n_real]
+        if bool(bad.any()):
+            r, w = (np.argwhere(bad)[0] if host else bad.nonzero()[0]).tolist()
             g, f = w * 8 + p, int(field[r, w])
             if first is None or (r, g) < first[:2]:
                 first = (r, g, f & 3, f >> 2)

@@ -103,9 +103,11 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def iter_bytes(file, info: TensorInfo) -> Iterator[memoryview]:
-    """The stored bytes of one tensor, 16 MiB at a time (each chunk valid until the next)."""
-    buf = memoryview(bytearray(min(_CHUNK, max(info.nbytes, 1))))
+def iter_bytes(file, info: TensorInfo, buf: Optional[memoryview] = None) -> Iterator[memoryview]:
+    """The stored bytes of one tensor, 16 MiB at a time (each chunk valid until the next), read
+    into ``buf`` when given (reuse one across tensors: allocating it is a memset)."""
+    if buf is None:
+        buf = memoryview(bytearray(min(_CHUNK, max(info.nbytes, 1))))
     with open(file, "rb", buffering=0) as f:
         f.seek(info.start)
         left = info.nbytes
