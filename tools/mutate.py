@@ -1,7 +1,8 @@
 """Mutation harness: plant known bugs, one at a time, in a copy of the project and check that the
 tests catch every one.
 
-    python tools/mutate.py                  # every mutant (CPU: a few minutes)
+    python tools/mutate.py                  # every mutant (CPU: ~4 min of CPU time)
+    python tools/mutate.py -j 2             # two at a time (one copy of the tree each)
     python tools/mutate.py gemv-fused-bias nearest-tie    # some, by id
     python tools/mutate.py --list           # ids, areas and what each plants
     python tools/mutate.py --check-anchors  # only check every anchor still matches (instant)
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +204,7 @@ def _ignore(dirpath, names):
 
 
 def make_copy(dest: Path) -> Path:
-    tree = dest / "tree"
+    tree = dest
     shutil.copytree(ROOT, tree, ignore=_ignore, symlinks=True)
     link = tree / "sparselora" / "triton_kernels"
     if not link.exists():
@@ -275,6 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check-anchors", action="store_true", help="only check that every anchor matches exactly once")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per pytest run (default 600)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="mutants run at a time, each in its own copy (default 1)")
     args = ap.parse_args(argv)
 
     by_id = {m.id: m for m in MUTANTS}
@@ -296,27 +300,35 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="sparselora-mutate-"))
     try:
-        tree = make_copy(tmp)
-        env = env_for(tree)
-        check_imports(tree, env)
+        trees = [make_copy(tmp / f"tree{i}") for i in range(max(1, args.jobs))]
+        for tree in trees:
+            check_imports(tree, env_for(tree))
         tests = sorted({t for m in mutants for t in m.tests})
-        rc, last, secs = run_tests(tree, env, tests, args.timeout, stop_first=False)
+        rc, last, secs = run_tests(trees[0], env_for(trees[0]), tests, args.timeout, stop_first=False)
         print(f"baseline (unmutated copy, {len(tests)} test selections): {last} [{secs:.0f} s]", flush=True)
         if rc != 0:
             print("mutate: the selected tests fail without any mutant; fix that first", file=sys.stderr)
             return 2
-        results = []
-        for m in mutants:
+        free = queue.Queue()
+        for tree in trees:
+            free.put(tree)
+
+        def run_one(m: Mutant) -> str:
+            tree = free.get()  # a copy no other mutant is patching now
             path = tree / m.file
             original = path.read_text()
             path.write_text(original.replace(m.old, m.new, 1))
             try:
-                rc, last, secs = run_tests(tree, env, m.tests, args.timeout, stop_first=True)
+                rc, last, secs = run_tests(tree, env_for(tree), m.tests, args.timeout, stop_first=True)
             finally:
                 path.write_text(original)
+                free.put(tree)
             verdict = {0: "SURVIVED", 1: "killed"}.get(rc, f"ERROR (pytest exit {rc}: {last})")
-            results.append((m, verdict))
             print(f"{m.id:26s} {m.area:20s} {verdict:10s} [{secs:4.0f} s]  {m.what}", flush=True)
+            return verdict
+
+        with ThreadPoolExecutor(len(trees)) as pool:
+            results = list(zip(mutants, pool.map(run_one, mutants)))
         killed = sum(v == "killed" for _, v in results)
         survived = [m.id for m, v in results if v == "SURVIVED"]
         errors = [m.id for m, v in results if v not in ("killed", "SURVIVED")]
