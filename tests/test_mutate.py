@@ -1,6 +1,6 @@
 """The mutation harness (tools/mutate.py) stays usable: every planted bug still finds its anchor
 exactly once, and the machinery (a copy of the tree that is what gets imported, a baseline run,
-one mutant killed) works end to end on one cheap mutant. The full run (30 mutants, a few
+one mutant killed) works end to end on one cheap mutant. The full run (35 mutants, a few
 minutes) is `python tools/mutate.py`; README.md has its last result."""
 import importlib.util
 import sys
