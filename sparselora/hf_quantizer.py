@@ -103,24 +103,26 @@ class PackedSlot(nn.Module):
         self.out_features, self.in_features = out_features, in_features
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=dtype, device=device))
         self.register_buffer(META_SUFFIX, torch.empty(out_features, -(-in_features // 32), dtype=torch.int32, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        # a buffer too: a device_map that offloads to disk offloads parameters only (unless
+        # offload_buffers=True), so the packed layer stays whole in host memory
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     def forward(self, x):  # only reachable if postprocessing was skipped
         raise RuntimeError("PackedSlot is a loading placeholder; from_pretrained turns it into SparseLinear")
 
     def to_sparse_linear(self, name: str, backend: str, allow_extra_copy: bool = False) -> SparseLinear:
         values, meta = self.weight, getattr(self, META_SUFFIX)
-        for t, what in ((values, "weight"), (meta, META_SUFFIX)):
-            if t.device.type == "meta":
+        for t, what in ((values, "weight"), (meta, META_SUFFIX), (self.bias, "bias")):
+            if t is not None and t.device.type == "meta":
                 raise SparsityError(f"packed layer '{name}': '{what}' was not loaded (still on the meta device). A packed layer "
-                                    f"cannot be offloaded to disk or CPU by a device_map; give it a device")
+                                    f"cannot be offloaded to disk (offload_buffers=True does that); keep it on a device or the CPU")
         try:
             n, k = check_packed(values, meta, name)
         except SparsityError as e:
             raise SparsityError(f"packed layer '{name}': {e}") from None
         if (n, k) != (self.out_features, self.in_features):
             raise SparsityError(f"packed layer '{name}': loaded tensors describe {n}x{k}, config says {self.out_features}x{self.in_features}")
-        bias = self.bias.data if self.bias is not None else None
+        bias = self.bias
         mod = SparseLinear(Packed24(values.data if isinstance(values, nn.Parameter) else values, meta, (n, k)), bias, backend=backend, name=name,
                            allow_extra_copy=allow_extra_copy)
         mod.train(self.training)
@@ -161,7 +163,7 @@ class SparseLoraHfQuantizer(HfQuantizer):
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
-            logger.info("sparselora: packed layers cannot be disk-offloaded; a device_map putting one on disk will fail")
+            logger.info("sparselora: packed layers are not disk-offloaded; those the device_map puts on disk stay in host memory")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         layers = self.quantization_config.sparse_layers

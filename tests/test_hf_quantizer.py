@@ -202,3 +202,61 @@ def test_cli_stages_keep_a_complete_model_directory(tmp_path):
     assert json.loads((packed / "config.json").read_text())["quantization_config"]["quant_method"] == QUANT_METHOD
     loaded = AutoModelForImageTextToText.from_pretrained(packed)
     assert sparse_layers(loaded) and loaded.generation_config.max_new_tokens == 7
+
+
+def test_sharded_and_disk_offloaded_loads(tmp_path):
+    """Shards (each checked against the checksums in its own header), and a device_map that
+    offloads everything to disk: packed layers stay whole in host memory, the rest is onloaded by
+    accelerate's hooks; offloading buffers too is refused by name."""
+    from transformers import AutoModelForImageTextToText
+
+    model, inputs, _, packed, _ = _packed_dir("llava", tmp_path, 8)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 2
+    sharded = AutoModelForImageTextToText.from_pretrained(tmp_path / "sharded")
+    offloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "sharded", device_map={"": "disk"},
+                                                            offload_folder=str(tmp_path / "off"))
+    assert set(offloaded.hf_device_map.values()) == {"disk"}
+    assert all(t.device.type == "cpu" for m in sparse_layers(offloaded).values() for t in (m.values, m.meta))
+    with torch.no_grad():
+        assert torch.equal(_out(sharded(**inputs)), packed)
+        assert torch.equal(_out(offloaded(**inputs)), packed)
+    with pytest.raises(SparsityError, match="was not loaded .*offload_buffers"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "sharded", device_map={"": "disk"}, offload_buffers=True,
+                                                    offload_folder=str(tmp_path / "off2"))
+
+
+def test_cli_says_the_compressed_tensors_export_is_legacy(tmp_path, capsys):
+    from sparselora.cli import main
+
+    assert main(["sparsify", "--tiny", "llava", "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
+    assert "legacy export" in capsys.readouterr().err
+    from sparselora.cli import build_parser
+
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["sparsify"].format_help().split())
+    assert "legacy" in help_text and "default: transformers" in help_text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_load_allocates_packed_bytes_only(tmp_path):
+    """device_map='cuda': packed tensors land on the GPU directly; the peak allocation stays near
+    the model's bytes as loaded (never the dense weights of the packed layers on top)."""
+    from transformers import AutoModelForImageTextToText
+
+    model, inputs, _, _, out = _packed_dir("llava", tmp_path, 9, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loaded = AutoModelForImageTextToText.from_pretrained(out, device_map="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    layers = sparse_layers(loaded)
+    assert layers and all(m.values.is_cuda for m in layers.values())
+    resident = sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    dense_extra = sum(m.out_features * m.in_features * 2 for m in layers.values()) // 2  # half the dense weights
+    assert torch.cuda.max_memory_allocated() - base < resident + dense_extra, (torch.cuda.max_memory_allocated() - base, resident)
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    model.cuda()  # the in-memory packed model, on the same device: same backends, same tensors
+    with torch.no_grad():
+        got, ref = _out(loaded(**inputs)).double(), _out(model(**inputs)).double()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-3
