@@ -27,7 +27,9 @@ import torch
 from helpers import REL_TOL, assert_close, mag_linear, ref_linear
 import test_backend_conformance as conf
 import test_cusparselt as cslt
+import test_mma_sp_backend as mma
 import test_sparse_lora as lora
+import test_sparse_mma_host_sim as host_sim
 import test_triton_gemm as gemm
 import test_triton_gemv as gemv
 
@@ -66,6 +68,19 @@ def _linear_cases():
         add(cslt.DTYPES, n, k, cslt.MS)
     add(cslt.DTYPES, 512, 1024, [1, 16, 1024, 4097])  # the module test (cusparselt, hybrid)
     add([torch.float16], 256, 512, [96])  # layers with different biases, interleaved
+    for n, k in mma.SHAPES:  # the mma.sp kernel, every config
+        add(mma.DTYPES, n, k, mma.MS)
+    add(mma.DTYPES, 40, 136, [3])  # its CPU reference
+    add(mma.DTYPES, 17, 72, [10])
+    add(mma.DTYPES, 64, 256, [1, 3, 12])  # (+ the host simulation's launcher checks)
+    add([torch.bfloat16], 512, 1024, [4])  # graph replay, misaligned and strided x
+    add([torch.float16], 40, 264, [11])  # the sanitizer's smoke case
+    for n, k, m in host_sim.CASES:  # the mma.sp kernel source simulated on the host
+        add(F16, n, k, [m])
+    add([torch.bfloat16], 256, 512, [8])  # test_gpu_risks: a launch on a second device
+    add([torch.float32, torch.bfloat16], 48, 128, [5])  # test_memory: one-copy layers
+    add([torch.bfloat16], 64, 256, [7])
+    add([torch.bfloat16], 40, 136, [7])
     return cases
 
 
