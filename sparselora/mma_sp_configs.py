@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TileConfig", "CONFIGS", "CHOICE", "SMEM_LIMIT", "smem_bytes", "choose_config", "arch_class"]
+__all__ = ["TileConfig", "CONFIGS", "CHOICE", "SMEM_LIMIT", "smem_bytes", "choose_config", "arch_class",
+           "PrefillConfig", "PREFILL_CONFIGS", "PREFILL_CHOICE", "PREFILL_MIN_M", "PREFILL_MIN_CTAS", "config_by_id", "config_smem_bytes"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,81 @@ def arch_class(major: int, minor: int) -> str:
     return "sm80"
 
 
-def choose_config(m: int, n: int, arch: str) -> TileConfig:
+def choose_config(m: int, n: int, arch: str) -> "TileConfig | PrefillConfig":
+    if m >= PREFILL_MIN_M:
+        pre = config_by_id(PREFILL_CHOICE[arch])
+        if prefill_ctas(pre, m, n) >= PREFILL_MIN_CTAS:
+            return pre
     bucket = 8 if m <= 8 else 16 if m <= 16 else 32
     return CONFIGS[CHOICE[(arch, bucket, n >= WIDE_N)]]
+
+
+# --- prefill: csrc/sparse_mma/prefill_kernel.cuh (same GPU layout, large CTA tiles) -----------------
+@dataclass(frozen=True)
+class PrefillConfig:
+    """A CTA of ``wm x wn`` warps, each owning ``wmt`` row tiles x ``wnt`` token tiles (no split-K),
+    ``stages`` cp.async stages of 4 k-tiles (128 dense columns)."""
+
+    id: int
+    wm: int
+    wn: int
+    wmt: int
+    wnt: int
+    stages: int
+    why: str
+
+    @property
+    def name(self) -> str:
+        return f"prefill_wm{self.wm}_wn{self.wn}_mt{self.wmt}_nt{self.wnt}_s{self.stages}"
+
+    @property
+    def rows(self) -> int:
+        return 16 * self.wm * self.wmt
+
+    @property
+    def tokens(self) -> int:
+        return 8 * self.wn * self.wnt
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.wm * self.wn
+
+
+#: Prefill configs; ids from 100 so that decode configs can keep being appended to :data:`CONFIGS`.
+PREFILL_CONFIGS: tuple[PrefillConfig, ...] = (
+    PrefillConfig(100, 2, 2, 4, 8, 4, "M>=64 on sm_90: 128 rows x 128 tokens, 4 warps of 64x64, 4 stages, 208 KB smem "
+                                      "(1 CTA/SM); 192 B of fragment reads per HMMA.SP from shared memory"),
+    PrefillConfig(101, 2, 2, 4, 8, 3, "M>=64 on sm_80 (163 KB): the sm_90 tile with 3 stages, 156 KB smem"),
+    PrefillConfig(102, 2, 2, 4, 4, 2, "M>=64 on sm_86/89 (99 KB): 128 rows x 64 tokens, 4 warps of 64x32, 2 stages, "
+                                      "72 KB smem (the sparse tensor rate is half of sm_80's, so 256 B/HMMA.SP is enough)"),
+)
+#: arch class -> prefill config id, used for M >= PREFILL_MIN_M (static model, not measured yet)
+PREFILL_CHOICE = {"sm80": 101, "sm86": 102, "sm90": 100}
+#: the prefill kernel from this many tokens on (one weight read per 64..128 tokens, not per 32)...
+PREFILL_MIN_M = 64
+#: ...when its grid has at least this many CTAs (about one wave at 1 CTA/SM on A100/H100): a 128-row
+#: x 128-token tile gives N = 4096, M = 64 only 32 CTAs, which would leave 3/4 of the SMs idle,
+#: where the 32-token decode config launches 256 (it re-reads the weight per 32 tokens, from L2)
+PREFILL_MIN_CTAS = 100
+
+
+def prefill_ctas(cfg: "PrefillConfig", m: int, n: int) -> int:
+    return -(-n // cfg.rows) * -(-m // cfg.tokens)
+
+
+def prefill_smem_bytes(cfg: PrefillConfig) -> int:
+    rt = cfg.wm * cfg.wmt
+    stage = rt * 4 * 512 + rt * 512 + cfg.tokens * 128 * 2  # values, meta (whole k-block), x
+    out = cfg.tokens * (cfg.rows + 8) * 2  # the epilogue's [token][row] tile
+    return max(cfg.stages * stage, out)
+
+
+def config_by_id(cid: int) -> "TileConfig | PrefillConfig":
+    for c in CONFIGS + PREFILL_CONFIGS:
+        if c.id == cid:
+            return c
+    raise KeyError(f"no mma.sp config {cid}; valid: {[c.id for c in CONFIGS + PREFILL_CONFIGS]}")
+
+
+def config_smem_bytes(cfg: "TileConfig | PrefillConfig") -> int:
+    return prefill_smem_bytes(cfg) if isinstance(cfg, PrefillConfig) else smem_bytes(cfg)

@@ -14,7 +14,9 @@ from sparselora.backends import get_backend
 from sparselora.backends import mma_sp_backend as mb
 from sparselora.format import SparsityError, nm_mask, pack_24
 from sparselora.gpu_layout import to_gpu_layout
-from sparselora.mma_sp_configs import CONFIGS
+from sparselora.mma_sp_configs import CONFIGS, PREFILL_CONFIGS, config_by_id, config_smem_bytes
+
+ALL_CONFIGS = [c.id for c in CONFIGS + PREFILL_CONFIGS]
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -44,6 +46,9 @@ def test_cpu_op_checks_name_the_problem():
         mb.mma_sp_linear(torch.randn(4, 60).bfloat16(), g.values, g.meta, b, 32)
     with pytest.raises(SparsityError, match="config=9"):
         mb.mma_sp_linear(x, g.values, g.meta, b, 32, 9)
+    with pytest.raises(SparsityError, match=r"config=99; .*100, 101, 102 \(prefill\)"):
+        mb.mma_sp_linear(x, g.values, g.meta, b, 32, 99)
+    assert_linear(mb.mma_sp_linear(x, g.values, g.meta, b, 32, 100), x, w, b)  # a forced prefill config is accepted
     with pytest.raises(SparsityError, match="values dtype"):
         mb.mma_sp_linear(x.half(), g.values, g.meta, None, 32)
     with pytest.raises(SparsityError, match="bias must be"):
@@ -90,24 +95,23 @@ def _poison_allocator(nbytes=64 << 20):
 
 
 SHAPES = [(40, 136), (17, 72), (33, 520), (256, 1024), (4096, 4096)]
-MS = [1, 7, 8, 9, 15, 16, 17, 33]
+MS = [1, 7, 8, 9, 15, 16, 17, 33, 64, 130]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("config", [-1] + [c.id for c in CONFIGS])
+@pytest.mark.parametrize("config", [-1] + ALL_CONFIGS)
 @pytest.mark.usefixtures("seed")
 def test_cuda_matches_float64_every_config(dtype, n, k, config):
     _require_ext()
     smem_ok = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    from sparselora.mma_sp_configs import smem_bytes
     w, b, g = _layer(n, k, dtype, "cuda")
     for m in MS:
         x = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype)
         for bias in (b, None):
-            if config >= 0 and smem_bytes(CONFIGS[config]) > smem_ok:
+            if config >= 0 and config_smem_bytes(config_by_id(config)) > smem_ok:
                 with pytest.raises(RuntimeError, match="more shared memory"):
                     mb.mma_sp_linear(x, g.values, g.meta, bias, n, config)
                 continue
@@ -125,10 +129,10 @@ def test_cuda_exact_small_integers_and_deterministic(dtype):
     n, k = 300, 2056
     w = (torch.randint(-8, 9, (n, k)) * nm_mask(torch.rand(n, k))).to(dtype)
     g = to_gpu_layout(pack_24(w.cuda()))
-    for m in (1, 5, 16, 23):
+    for m in (1, 5, 16, 23, 64, 200):
         x = torch.randint(-8, 9, (m, k)).to(dtype).cuda()
         ref = (x.double() @ w.double().cuda().T).to(dtype)
-        for config in [-1] + [c.id for c in CONFIGS]:
+        for config in [-1] + ALL_CONFIGS:
             try:
                 y = mb.mma_sp_linear(x, g.values, g.meta, None, n, config)
             except RuntimeError as e:
@@ -168,7 +172,7 @@ def test_smoke_every_config():
     _require_ext()
     w, b, g = _layer(40, 264, torch.float16, "cuda")
     x = torch.randn(11, 264, device="cuda").half()
-    for config in [c.id for c in CONFIGS]:
+    for config in ALL_CONFIGS:
         try:
             y = mb.mma_sp_linear(x, g.values, g.meta, b, 40, config)
         except RuntimeError as e:

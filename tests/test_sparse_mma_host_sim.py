@@ -18,7 +18,7 @@ import torch
 from helpers import assert_linear, random_24
 from sparselora.format import nm_mask, pack_24
 from sparselora.gpu_layout import to_gpu_layout
-from sparselora.mma_sp_configs import CONFIGS, choose_config
+from sparselora.mma_sp_configs import CONFIGS, PREFILL_CONFIGS, PREFILL_MIN_M, choose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CXX = os.environ.get("CXX") or shutil.which("g++")
@@ -87,6 +87,24 @@ def test_kernel_source_matches_float64(sim, tmp_path, seed, config):
         assert_linear(y, x, w, b, what=f"config {config}, {n}x{k}, M={m}, {dtype}")
 
 
+# prefill (N, K, M): N % 8 != 0 (the epilogue's element-wise tail) and == 0 (16-byte stores), a
+# second row CTA holding a single row tile, K with a 2-k-tile last stage and padded columns, more
+# stages than the ring (wrap-around), M below one token tile, exactly one, and over two CTAs
+PREFILL_CASES = [(136, 520, 70), (64, 776, 64), (24, 200, 130)]
+
+
+@pytest.mark.parametrize("config", [c.id for c in PREFILL_CONFIGS])
+def test_prefill_kernel_source_matches_float64(sim, tmp_path, seed, config):
+    for i, (n, k, m) in enumerate(PREFILL_CASES):
+        dtype = (torch.float16, torch.bfloat16)[(i + config) % 2]
+        w, _, b = random_24(n, k, dtype, bias=i != 1)
+        x = torch.randn(m, k, dtype=torch.float64).to(dtype)
+        y, log = run_sim(sim, tmp_path, x, to_gpu_layout(pack_24(w)), b, config)
+        assert y is not None, log
+        assert f"OK config {config}" in log
+        assert_linear(y, x, w, b, what=f"prefill config {config}, {n}x{k}, M={m}, {dtype}")
+
+
 def test_auto_config_and_launcher_checks(sim, tmp_path):
     w, _, b = random_24(64, 256, torch.bfloat16)
     g = to_gpu_layout(pack_24(w))
@@ -108,6 +126,14 @@ def test_auto_config_and_launcher_checks(sim, tmp_path):
                 want = choose_config(m, n, arch).id
                 assert y is not None and f"OK config {want}" in log, (sm, n, m, log)
                 assert_linear(y, xn, wn, None, what=f"auto config on sm_{sm[0]}{sm[1]}, {n}x64, M={m}")
+    # prefill from the generated C++ table: M >= 64 and a grid of >= 100 CTAs (16 x 7 here; the
+    # thresholds of the C++ and the Python table are compared in test_sparse_mma_layout)
+    wp, _, bp = random_24(2048, 64, torch.bfloat16)
+    x = torch.randn(800, 64).bfloat16()
+    y, log = run_sim(sim, tmp_path, x, to_gpu_layout(pack_24(wp)), bp, -1)
+    assert choose_config(800, 2048, "sm90").id == 100 and choose_config(PREFILL_MIN_M, 2048, "sm90").id < 100
+    assert y is not None and "OK config 100" in log, log
+    assert_linear(y, x, wp, bp)
     # the launcher's checks name M, N, K, dtype and config
     w2, _, _ = random_24(32, 60, torch.float16, bias=False)
     y, log = run_sim(sim, tmp_path, torch.randn(5, 60).half(), to_gpu_layout(pack_24(w2)), None, 1)
@@ -137,6 +163,25 @@ def test_broken_kernel_fails(tmp_path, old, new, why):
     y, log = run_sim(exe, tmp_path, x, to_gpu_layout(pack_24(w)), b, 1)
     if y is None:
         assert "host sim:" in log, log  # e.g. a selector swap reads metadata the ISA calls undefined
+        return
+    with pytest.raises(AssertionError):
+        assert_linear(y, x, w, b, what=why)
+
+
+# one broken build (a host-sim build is ~20 s): the metadata half of a stage is this kernel's own
+# bookkeeping (its wait depth is the decode kernel's, whose broken build is tested above)
+@pytest.mark.parametrize("old,new,why", [
+    ("lane)[half];", "lane)[half ^ 1];", "metadata of the wrong half k-block"),
+])
+def test_broken_prefill_kernel_fails(tmp_path, old, new, why):
+    exe = _broken_build(tmp_path, old, new, where="prefill_kernel.cuh")
+    n, k, m = 40, 1032, 70  # 9 stages: more than the ring holds, both halves of every k-block
+    w = (torch.randint(-8, 9, (n, k)) * nm_mask(torch.rand(n, k))).half()
+    b = torch.randint(1, 9, (n,)).half()
+    x = torch.randint(-8, 9, (m, k)).half()
+    y, log = run_sim(exe, tmp_path, x, to_gpu_layout(pack_24(w)), b, 100)
+    if y is None:
+        assert "host sim:" in log, log
         return
     with pytest.raises(AssertionError):
         assert_linear(y, x, w, b, what=why)

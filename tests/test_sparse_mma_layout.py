@@ -112,7 +112,7 @@ def test_stale_generated_source_fails_the_check(tmp_path):
     for d in ("tools", "sparselora", "csrc"):
         shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     victim = next((tmp_path / "csrc" / "sparse_mma" / "instantiations").glob("*.cu"))
-    victim.write_text(victim.read_text().replace("SPARSELORA_INSTANTIATE_LINEAR(", "SPARSELORA_INSTANTIATE_LINEAR( "))
+    victim.write_text(victim.read_text().replace("SPARSELORA_INSTANTIATE_", "SPARSELORA_INSTANTIATE_ "))
     p = subprocess.run([sys.executable, str(tmp_path / "tools" / "gen_sparse_mma.py"), "--check"], capture_output=True, text=True)
     assert p.returncode == 1 and victim.name in p.stdout
 
@@ -127,8 +127,34 @@ def test_every_config_instantiated_and_every_choice_reachable():
         assert C.smem_bytes(C.CONFIGS[cid]) <= C.SMEM_LIMIT[arch], (arch, bucket, wide)
         assert C.CONFIGS[cid].tokens == bucket, (arch, bucket, wide)
     for arch in C.SMEM_LIMIT:
-        for m, tokens in ((1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (4096, 32)):
+        for m, tokens in ((1, 8), (8, 8), (9, 16), (16, 16), (17, 32), (C.PREFILL_MIN_M - 1, 32)):
             assert C.choose_config(m, 4096, arch).tokens == tokens
     dispatch = (ROOT / "csrc" / "sparse_mma" / "dispatch.inc").read_text()
     for cfg in C.CONFIGS:
         assert f"case {cfg.id}:" in dispatch
+
+
+def test_prefill_configs_instantiated_chosen_from_the_threshold_and_fit():
+    inst = {p.name for p in (ROOT / "csrc" / "sparse_mma" / "instantiations").glob("*.cu")}
+    dispatch = (ROOT / "csrc" / "sparse_mma" / "dispatch.inc").read_text()
+    ids = [c.id for c in C.CONFIGS + C.PREFILL_CONFIGS]
+    assert len(set(ids)) == len(ids), "config ids collide"
+    for cfg in C.PREFILL_CONFIGS:
+        for d in ("f16", "bf16"):
+            assert f"linear_{d}_{cfg.name}.cu" in inst
+        assert f"case {cfg.id}:" in dispatch and "launch_prefill_cfg" in dispatch
+    assert set(C.PREFILL_CHOICE.values()) == {c.id for c in C.PREFILL_CONFIGS}, "a prefill config no arch picks"
+    assert f"if (m >= {C.PREFILL_MIN_M})" in dispatch  # the generated C++ uses the same threshold
+    assert f">= {C.PREFILL_MIN_CTAS}) return" in dispatch
+    for arch, cid in C.PREFILL_CHOICE.items():
+        cfg = C.config_by_id(cid)
+        assert C.prefill_smem_bytes(cfg) <= C.SMEM_LIMIT[arch], arch
+        for m, n in ((4096, 4096), (16384, 1024), (1024, 11008), (C.PREFILL_MIN_M, 300 * cfg.rows)):
+            assert C.choose_config(m, n, arch) is cfg, (arch, m, n)
+        # below the token threshold, or a grid of less than one wave: the decode configs
+        for m, n in ((C.PREFILL_MIN_M - 1, 300 * cfg.rows), (C.PREFILL_MIN_M, 4096), (128, 64)):
+            assert isinstance(C.choose_config(m, n, arch), C.TileConfig), (arch, m, n)
+    # the sm_90 tile does not fit sm_80 or sm_86/89: the launcher refuses it there (launch.cu)
+    assert C.prefill_smem_bytes(C.config_by_id(C.PREFILL_CHOICE["sm90"])) > C.SMEM_LIMIT["sm80"]
+    with pytest.raises(KeyError, match="no mma.sp config 99"):
+        C.config_by_id(99)

@@ -23,9 +23,9 @@ def _nvcc():
 pytestmark = pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (CI has it at /usr/local/cuda-13.0/bin)")
 
 
-def _run(src_root, *archs):
+def _run(src_root, *archs, config="0"):
     env = dict(os.environ, NVCC=_nvcc())
-    return subprocess.run([sys.executable, str(TOOL), "--src", str(src_root), "--configs", "0", "--archs", *archs],
+    return subprocess.run([sys.executable, str(TOOL), "--src", str(src_root), "--configs", config, "--archs", *archs],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -78,3 +78,35 @@ def test_each_gate_can_fail():
     # the loop finder takes the backward branch whose body holds the HMMAs
     code = [(0, "MOV R1, R2"), (16, "HMMA.SP.16832.F32.BF16 R1"), (32, "BRA 0x10"), (48, "@P0 BRA 0x0"), (64, "EXIT")]
     assert t.main_loop(code) == ["HMMA.SP.16832.F32.BF16 R1", "BRA 0x10"]
+
+
+def test_shipped_prefill_kernel_passes_the_gates():
+    # the sm_90 prefill tile: no spills, 16-byte loads, 4 x 8 x 4 HMMA.SP per stage on both archs; the
+    # tensor pipe >= 60% of the busiest pipe gated on sm_90a (sm_80 gets config 101)
+    p = _run(ROOT, "sm_80", "sm_90a", config="100")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count(" ok") == 2 and "of the sparse" not in p.stdout and "tensor pipe" in p.stdout
+
+
+def test_prefill_gates_can_fail():
+    t = _tool()
+    from sparselora import mma_sp_configs as C
+    cfg = C.config_by_id(100)
+    res = {"stack": 0, "spill_st": 0, "spill_ld": 0}
+    n = t.expected_hmma_sp(cfg)
+    assert n == cfg.wmt * cfg.wnt * 4 == 128
+    hmma = ["HMMA.SP.16832.F32.BF16 R1, R2, R3, R4, R5, 0x0"] * n
+    good = t.loop_stats(["LDGSTS.E.BYPASS.128 [R1], [R2.64]"] * 20 + ["LDSM.16.M88.4 R1, [R2]"] * 32 + hmma)
+    rl = t.roofline(good, 1, "sm_90a")
+    assert t.gate(cfg, "sm_90a", res, good, rl, 18.4) == [] and t.tensor_fraction(rl) == 1.0
+    # a loop drowned in shared-memory traffic (fragments re-read per mma) is under 60% of the tensor peak
+    slow = t.loop_stats(["LDGSTS.E.BYPASS.128 [R1], [R2.64]"] * 20 + ["LDSM.16.M88.4 R1, [R2]"] * 128 + hmma)
+    fails = t.gate(cfg, "sm_90a", res, slow, t.roofline(slow, 1, "sm_90a"), 18.4)
+    assert any("of the sparse tensor peak" in f for f in fails), fails
+    # one k-tile's HMMAs missing (e.g. a stage of 3 k-tiles)
+    short = t.loop_stats(["LDGSTS.E.BYPASS.128 [R1], [R2.64]"] + hmma[: n - 32])
+    assert any("expected 128" in f for f in t.gate(cfg, "sm_90a", res, short, t.roofline(short, 1, "sm_90a"), 18.4))
+    # never-executed filler loads cost an issue slot, not shared-memory bandwidth
+    assert t.loop_stats(["@!PT LDS RZ, [RZ]"] * 10).mem_clocks == 0
+    # the roofline gate applies where the table picks the config
+    assert t.prefill_picked(C, cfg, "sm_90a") and not t.prefill_picked(C, cfg, "sm_80")

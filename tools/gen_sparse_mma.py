@@ -33,6 +33,10 @@ def instantiation_name(cfg, dname: str) -> str:
     return f"linear_{dname}_{cfg.name}.cu"
 
 
+def _prefill_args(cfg) -> str:
+    return f"{cfg.wm}, {cfg.wn}, {cfg.wmt}, {cfg.wnt}, {cfg.stages}"
+
+
 def generate() -> dict[Path, str]:
     m = _configs()
     files = {}
@@ -44,11 +48,23 @@ def generate() -> dict[Path, str]:
                 "namespace sparselora {\nnamespace sparse_mma {\n"
                 f"SPARSELORA_INSTANTIATE_LINEAR({ctype}, {cfg.mt}, {cfg.nt}, {cfg.wk}, {cfg.stages})\n"
                 "}  // namespace sparse_mma\n}  // namespace sparselora\n")
+    for cfg in m.PREFILL_CONFIGS:
+        for dname, ctype, _ in DTYPES:
+            files[OUT / "instantiations" / instantiation_name(cfg, dname)] = (
+                HEADER + f"// config {cfg.id}: {cfg.why}\n"
+                '#include "sparse_mma/prefill_launch_template.cuh"\n\n'
+                "namespace sparselora {\nnamespace sparse_mma {\n"
+                f"SPARSELORA_INSTANTIATE_PREFILL({ctype}, {_prefill_args(cfg)})\n"
+                "}  // namespace sparse_mma\n}  // namespace sparselora\n")
     lines = [HEADER, "// Included inside namespace sparselora::sparse_mma by launch.cu.\n"]
     for cfg in m.CONFIGS:
         for _, ctype, _ in DTYPES:
             lines.append(f"extern template cudaError_t launch_linear_cfg<{ctype}, {cfg.mt}, {cfg.nt}, {cfg.wk}, "
                          f"{cfg.stages}>(const LinearParams&, cudaStream_t);\n")
+    for cfg in m.PREFILL_CONFIGS:
+        for _, ctype, _ in DTYPES:
+            lines.append(f"extern template cudaError_t launch_prefill_cfg<{ctype}, {_prefill_args(cfg)}>"
+                         "(const LinearParams&, cudaStream_t);\n")
     lines.append(f"\nconstexpr int kNumConfigs = {len(m.CONFIGS)};\n")
     lines.append("// {id, MT, NT, WK, stages, shared memory bytes, threads}\nconstexpr ConfigInfo kConfigs[kNumConfigs] = {\n")
     for cfg in m.CONFIGS:
@@ -60,8 +76,31 @@ def generate() -> dict[Path, str]:
     for cfg in m.CONFIGS:
         lines.append(f"static_assert(TileConfig<{cfg.mt}, {cfg.nt}, {cfg.wk}, {cfg.stages}>::kSmemBytes == "
                      f"{m.smem_bytes(cfg)}, \"mma_sp_configs.smem_bytes disagrees with the kernel\");\n")
+    # prefill configs (ids from 100): {id, CTA row tiles, CTA token tiles, 1 (no split-K), stages, smem, threads}
+    lines.append(f"\nconstexpr int kNumPrefillConfigs = {len(m.PREFILL_CONFIGS)};\n"
+                 "constexpr ConfigInfo kPrefillConfigs[kNumPrefillConfigs] = {\n")
+    for cfg in m.PREFILL_CONFIGS:
+        lines.append(f"    {{{cfg.id}, {cfg.wm * cfg.wmt}, {cfg.wn * cfg.wnt}, 1, {cfg.stages}, {m.prefill_smem_bytes(cfg)}, "
+                     f"{cfg.threads}}},  // {cfg.name}\n")
+    lines.append("};\n\n")
+    for cfg in m.PREFILL_CONFIGS:
+        lines.append(f"static_assert(PrefillTile<{_prefill_args(cfg)}>::kSmemBytes == {m.prefill_smem_bytes(cfg)}, "
+                     "\"mma_sp_configs.prefill_smem_bytes disagrees with the kernel\");\n")
+    lines.append("\n// The description of config `id` (decode or prefill), or nullptr.\n"
+                 "const ConfigInfo* find_config(int id) {\n"
+                 "  if (id >= 0 && id < kNumConfigs) return &kConfigs[id];\n"
+                 "  for (const ConfigInfo& c : kPrefillConfigs)\n    if (c.id == id) return &c;\n"
+                 "  return nullptr;\n}\n")
     lines.append("\nint choose_config(int sm_major, int sm_minor, int m, int n) {\n")
     lines.append("  const int arch = sm_major >= 9 ? 2 : (sm_major == 8 && (sm_minor == 6 || sm_minor == 7 || sm_minor == 9)) ? 1 : 0;\n")
+    arch_id = {"sm80": 0, "sm86": 1, "sm90": 2}
+    lines.append(f"  if (m >= {m.PREFILL_MIN_M}) {{  // prefill\n")
+    lines.append("    const long long nn = n, mm = m;\n")
+    for arch, cid in sorted(m.PREFILL_CHOICE.items()):
+        c = m.config_by_id(cid)
+        lines.append(f"    if (arch == {arch_id[arch]} && ((nn + {c.rows - 1}) / {c.rows}) * ((mm + {c.tokens - 1}) / {c.tokens}) "
+                     f">= {m.PREFILL_MIN_CTAS}) return {cid};  // {arch}\n")
+    lines.append("  }\n")
     lines.append(f"  const bool wide = n >= {m.WIDE_N};\n  const int bucket = m <= 8 ? 8 : m <= 16 ? 16 : 32;\n")
     arch_id = {"sm80": 0, "sm86": 1, "sm90": 2}
     for (arch, bucket, wide), cid in sorted(m.CHOICE.items()):
@@ -74,6 +113,10 @@ def generate() -> dict[Path, str]:
         args = f"{cfg.mt}, {cfg.nt}, {cfg.wk}, {cfg.stages}"
         lines.append(f"    case {cfg.id}:\n      return dtype == DType::kBF16 ? launch_linear_cfg<__nv_bfloat16, {args}>(p, stream)\n"
                      f"                                   : launch_linear_cfg<__half, {args}>(p, stream);\n")
+    for cfg in m.PREFILL_CONFIGS:
+        args = _prefill_args(cfg)
+        lines.append(f"    case {cfg.id}:\n      return dtype == DType::kBF16 ? launch_prefill_cfg<__nv_bfloat16, {args}>(p, stream)\n"
+                     f"                                   : launch_prefill_cfg<__half, {args}>(p, stream);\n")
     lines.append("    default:\n      return cudaErrorInvalidValue;\n  }\n}\n")
     files[OUT / "dispatch.inc"] = "".join(lines)
     return files

@@ -15,12 +15,16 @@ One nvcc run per config (a fatbin with every arch, ``-Xptxas -v``), then ``cuobj
 * static roofline: the loop's instructions by pipe, per packed weight byte (MT * 4608 bytes per
   warp-iteration), and the bound they imply in packed bytes / clock / SM must reach the HBM need
   (default 18.4, H200; H100 needs 12.8).
+* prefill configs (``prefill_kernel.cuh``, compute-bound): exactly WMT * WNT * 4 HMMA.SP per
+  iteration (one stage), and on the archs the table picks them for, the tensor pipe's clocks must
+  be >= 60% of the busiest pipe's (the predicted fraction of the sparse tensor-core peak); the
+  report also gives HMMA.SP's share of the loop's issue slots.
 
 Pipe model (warp instructions per SM, a model, not a measurement): issue 4 / clock (one per
 scheduler); integer ALU (IADD3, LOP3, SHF, SEL, ISETP, LEA, MOV, ...) 2 / clock and FMA-pipe ops
 (IMAD, FFMA, ...) 2 / clock (64 lanes each); the shared-memory / L1 datapath 128 bytes / clock, so
 a warp's 16-byte-per-lane access (LDS.128, LDGSTS.128, LDSM.x4) costs 4 clocks and any access at
-least 1; a sparse m16n8k32 HMMA 2 clocks on sm_80/sm_90 (1024 dense-equivalent FMA / clock / SM),
+least 1 (a never-executed ``@!PT`` filler costs an issue slot only); a sparse m16n8k32 HMMA 2 clocks on sm_80/sm_90 (1024 dense-equivalent FMA / clock / SM),
 4 on sm_86/89. The bound is bytes per iteration / the busiest pipe's clocks: it assumes perfect
 overlap between pipes and enough resident warps, so it is an upper bound on the kernel's speed.
 """
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
 HBM_NEED = 18.4  # H200: 4.8 TB/s / (132 SMs * ~1.98 GHz)
 BYTES_PER_KTILE = 576  # 16 rows x 32 columns: 512 bytes of kept values + 64 of metadata
+PREFILL_NEED = 0.6  # prefill gate: the loop's tensor pipe must be >= 60% of its busiest pipe
 
 
 def _load(name, path):
@@ -140,7 +145,9 @@ def loop_stats(body: list[str]) -> LoopStats:
     for ins in body:
         op = _opcode(ins)
         base = op.split(".")[0]
-        if base in TENSOR:
+        if ins.startswith("@!PT"):  # never executed (scheduling filler): an issue slot, no pipe work
+            s.by_pipe["other"] += 1
+        elif base in TENSOR:
             s.by_pipe["tensor"] += 1
             s.hmma_sp += op.startswith("HMMA.SP")
         elif base in MEM:
@@ -195,16 +202,39 @@ def ptxas_resources(log: str) -> dict[str, dict]:
     return res
 
 
+def expected_hmma_sp(cfg) -> int:
+    """HMMA.SP per main-loop iteration: decode, a warp's MT x NT tiles x 8 k-tiles; prefill, a warp's
+    WMT x WNT tiles x 4 k-tiles (one stage)."""
+    return cfg.wmt * cfg.wnt * 4 if hasattr(cfg, "wmt") else cfg.mt * cfg.nt * 8
+
+
+def tensor_fraction(rl: dict) -> float:
+    """Prefill (compute-bound) roofline: the sparse tensor pipe's share of the busiest pipe's clocks,
+    i.e. the predicted fraction of the sparse tensor-core peak (mma.sp) the loop can reach."""
+    c = rl["clocks"]
+    return c["tensor"] / max(c.values()) if max(c.values()) else 0.0
+
+
+def prefill_picked(cfgs, cfg, arch: str) -> bool:
+    """Whether the dispatch table picks prefill config `cfg` on `arch` (sm_80, sm_86, sm_89, sm_90a)."""
+    major, minor = int(arch[3]), int(arch[4])
+    return cfgs.PREFILL_CHOICE.get(cfgs.arch_class(major, minor)) == cfg.id
+
+
 def gate(cfg, arch: str, res: dict, s: LoopStats, rl: dict, need: float) -> list[str]:
     fails = []
     if res.get("stack", 1) or res.get("spill_st", 1) or res.get("spill_ld", 1):
         fails.append(f"spills/stack: {res}")
-    if s.hmma_sp != cfg.mt * cfg.nt * 8:
-        fails.append(f"{s.hmma_sp} HMMA.SP in the main loop, expected {cfg.mt * cfg.nt * 8}")
+    if s.hmma_sp != expected_hmma_sp(cfg):
+        fails.append(f"{s.hmma_sp} HMMA.SP in the main loop, expected {expected_hmma_sp(cfg)}")
     narrow = [op for op in s.global_loads if ".128" not in op]
     if narrow or not s.global_loads:
         fails.append(f"global loads not all 16 bytes wide: {sorted(set(narrow)) or 'none found'}")
-    if rl["bound"] < need:
+    if hasattr(cfg, "wmt"):  # prefill: compute-bound, gated on the tensor pipe's share
+        if tensor_fraction(rl) < PREFILL_NEED:
+            fails.append(f"static roofline: HMMA.SP at {tensor_fraction(rl):.0%} of the sparse tensor peak < "
+                         f"{PREFILL_NEED:.0%} ({rl['limiter']}-bound)")
+    elif rl["bound"] < need:
         fails.append(f"static roofline {rl['bound']:.1f} B/clk/SM < {need} ({rl['limiter']}-bound)")
     return fails
 
@@ -217,25 +247,31 @@ def run(src_root: Path, config_ids, dtype: str, need: float, archs=ARCHS, verbos
         import concurrent.futures as cf
 
         with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # one nvcc run per config, in parallel
-            built = list(pool.map(lambda cid: compile_config(nvcc, src_root, cfgs.CONFIGS[cid], dtype, Path(tmp), archs),
-                                  config_ids))
+            built = list(pool.map(lambda cid: compile_config(nvcc, src_root, cfgs.config_by_id(cid), dtype, Path(tmp),
+                                                             archs), config_ids))
         for cid, (log, fat) in zip(config_ids, built):
-            cfg = cfgs.CONFIGS[cid]
+            cfg = cfgs.config_by_id(cid)
             res = ptxas_resources(log)
             sass = parse_sass(subprocess.run([cuobjdump, "-sass", str(fat)], capture_output=True, text=True, check=True).stdout)
             for arch in archs:
                 body = main_loop(sass.get(arch, []))
                 s = loop_stats(body)
-                rl = roofline(s, cfg.mt * 8 * BYTES_PER_KTILE, arch)
+                nbytes = cfg.wmt * 4 * BYTES_PER_KTILE if hasattr(cfg, "wmt") else cfg.mt * 8 * BYTES_PER_KTILE
+                rl = roofline(s, nbytes, arch)
                 fails = gate(cfg, arch, res.get(arch, {}), s, rl, need)
+                if hasattr(cfg, "wmt") and not prefill_picked(cfgs, cfg, arch):
+                    # a prefill tile sized for other archs: its roofline is reported, not gated here
+                    fails = [f for f in fails if "static roofline" not in f]
                 row = dict(config=cfg.id, name=cfg.name, arch=arch, regs=res.get(arch, {}).get("regs"),
                            spills=res.get(arch, {}).get("spill_st", "?"), loop=s.instructions, **s.by_pipe,
-                           hmma_sp=s.hmma_sp, bytes=cfg.mt * 8 * BYTES_PER_KTILE, rl=rl, fails=fails)
+                           hmma_sp=s.hmma_sp, bytes=nbytes, rl=rl, fails=fails, prefill=hasattr(cfg, "wmt"))
                 rows.append(row)
                 if verbose:
                     print(f"sparse_mma_static: config {cfg.id} {cfg.name} {arch}: regs {row['regs']}, loop {s.instructions} "
                           f"instr (alu {s.by_pipe['alu']}, fma {s.by_pipe['fma']}, mem {s.by_pipe['mem']}, "
                           f"tensor {s.by_pipe['tensor']}), {rl['bound']:.1f} B/clk/SM ({rl['limiter']}-bound)"
+                          + (f", HMMA.SP {s.hmma_sp / max(s.instructions, 1):.0%} of issue slots, tensor pipe "
+                             f"{tensor_fraction(rl):.0%} of the busiest" if row["prefill"] else "")
                           + (f"  FAIL: {'; '.join(fails)}" if fails else "  ok"))
                 failures += [f"config {cfg.id} {arch}: {f}" for f in fails]
     return rows, failures
@@ -250,12 +286,28 @@ def report(rows, path: Path, dtype: str, need: float) -> None:
              "| config | arch | regs | spill B | loop instr | alu | fma | mem | HMMA.SP | other | bytes/iter | "
              "clk issue/alu/fma/mem/tensor | bound B/clk/SM | limiter | gate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in [r for r in rows if not r.get("prefill")]:
         c = r["rl"]["clocks"]
         lines.append(f"| {r['config']} {r['name']} | {r['arch']} | {r['regs']} | {r['spills']} | {r['loop']} | {r['alu']} | "
                      f"{r['fma']} | {r['mem']} | {r['hmma_sp']} | {r['other']} | {r['bytes']} | "
                      f"{c['issue']:.0f}/{c['alu']:.0f}/{c['fma']:.0f}/{c['mem']:.0f}/{c['tensor']:.0f} | "
                      f"{r['rl']['bound']:.1f} | {r['rl']['limiter']} | {'FAIL' if r['fails'] else 'ok'} |")
+    pre = [r for r in rows if r.get("prefill")]
+    if pre:
+        lines += ["", "## Prefill configs (compute-bound: csrc/sparse_mma/prefill_kernel.cuh)\n",
+                  "Main loop = one warp over one stage (4 k-tiles x its WMT x WNT tiles). Figures of merit: HMMA.SP's "
+                  "share of the loop's issue slots, and the tensor pipe's clocks / the busiest pipe's clocks = the "
+                  "*predicted* fraction of the sparse tensor-core peak (mma.sp) the loop can reach (an upper bound: "
+                  f"perfect overlap, latencies hidden). Gate: >= {PREFILL_NEED:.0%}.\n",
+                  "| config | arch | regs | spill B | loop instr | HMMA.SP | HMMA.SP / issue slots | "
+                  "clk issue/alu/fma/mem/tensor | limiter | tensor / busiest | gate |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in pre:
+            c = r["rl"]["clocks"]
+            lines.append(f"| {r['config']} {r['name']} | {r['arch']} | {r['regs']} | {r['spills']} | {r['loop']} | "
+                         f"{r['hmma_sp']} | {r['hmma_sp'] / max(r['loop'], 1):.0%} | "
+                         f"{c['issue']:.0f}/{c['alu']:.0f}/{c['fma']:.0f}/{c['mem']:.0f}/{c['tensor']:.0f} | "
+                         f"{r['rl']['limiter']} | {tensor_fraction(r['rl']):.0%} | {'FAIL' if r['fails'] else 'ok'} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -270,7 +322,8 @@ def main(argv=None) -> int:
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args(argv)
     cfgs = _load("mma_sp_configs", ROOT / "sparselora" / "mma_sp_configs.py")
-    ids = args.configs if args.configs is not None and len(args.configs) else [c.id for c in cfgs.CONFIGS]
+    ids = (args.configs if args.configs is not None and len(args.configs)
+           else [c.id for c in cfgs.CONFIGS + cfgs.PREFILL_CONFIGS])
     rows, failures = run(args.src, ids, args.dtype, args.need, tuple(args.archs), jobs=args.jobs)
     if args.report:
         report(rows, args.report, args.dtype, args.need)

@@ -5,6 +5,7 @@
 
 #include "sparse_mma/launch.h"
 #include "sparse_mma/launch_template.cuh"
+#include "sparse_mma/prefill_launch_template.cuh"
 
 namespace sparselora {
 namespace sparse_mma {
@@ -14,8 +15,9 @@ namespace sparse_mma {
 int num_configs() { return kNumConfigs; }
 
 bool config_info(int id, ConfigInfo* out) {
-  if (id < 0 || id >= kNumConfigs) return false;
-  *out = kConfigs[id];
+  const ConfigInfo* c = find_config(id);
+  if (!c) return false;
+  *out = *c;
   return true;
 }
 
@@ -36,10 +38,11 @@ int launch_linear(const LinearParams& p, DType dtype, int config, int sm_major, 
     return fail("values/meta are not the GPU layout of an [N, K] weight (Mt, KT or KQ mismatch)");
   if (p.M <= 0) return 0;
   if (config < 0) config = choose_config(sm_major, sm_minor, p.M, p.N);
-  if (config >= kNumConfigs) return fail("no such config");
-  if (static_cast<size_t>(kConfigs[config].smem_bytes) > smem_optin)
+  const ConfigInfo* info = find_config(config);
+  if (!info) return fail("no such config");
+  if (static_cast<size_t>(info->smem_bytes) > smem_optin)
     return fail("the config needs more shared memory per block than this device offers");
-  const long long grid_y = (static_cast<long long>(p.M) + kConfigs[config].nt * kTileN - 1) / (kConfigs[config].nt * kTileN);
+  const long long grid_y = (static_cast<long long>(p.M) + info->nt * kTileN - 1) / (info->nt * kTileN);
   if (grid_y > 65535) return fail("too many tokens for one launch (grid.y > 65535)");
   *used_config = config;
   const cudaError_t e = dispatch(p, dtype, config, stream);

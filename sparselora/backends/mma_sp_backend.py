@@ -13,8 +13,9 @@ state dict, checkpoints and backend switches.
   machine with CUDA torch and nvcc.
 
 ``config`` (-1 = the generated table's choice, see :mod:`sparselora.mma_sp_configs`) forces a tile
-config, for tests. Decode-sized M (<= 16) is what the configs are built for; larger M is correct
-but re-reads the weight once per 16 tokens (no prefill config yet), which is why the backend's
+config, for tests. Decode configs serve M < 64 (8..32 tokens per CTA); from M = 64 on the table picks
+a prefill config (``csrc/sparse_mma/prefill_kernel.cuh``: 128 rows x 64..128 tokens per CTA, the same
+GPU layout, no second copy). Prefill speed is a static prediction, not measured yet, which is why the backend's
 priority (25) sits above ``triton`` and below ``cusparselt``/``hybrid`` until a GPU measurement
 says otherwise (those two hold a second weight copy, so ``auto`` takes them only with
 ``allow_extra_copy=True``).
@@ -27,7 +28,7 @@ import torch
 
 from ..format import Packed24, SparsityError, unpack_24
 from ..gpu_layout import GpuPacked24, from_gpu_layout, gpu_layout_sizes, to_gpu_layout
-from ..mma_sp_configs import CONFIGS
+from ..mma_sp_configs import CONFIGS, PREFILL_CONFIGS
 from ..ops import sparse24_linear
 from .base import Backend, register_backend
 
@@ -50,6 +51,9 @@ def _load_extension() -> Optional[str]:
 
 
 _EXT_ERROR = _load_extension()
+
+
+_CONFIG_IDS = frozenset(c.id for c in CONFIGS + PREFILL_CONFIGS)
 
 
 def check_args(x, values, meta, bias, out_features: int, config: int) -> tuple[int, int]:
@@ -75,8 +79,9 @@ def check_args(x, values, meta, bias, out_features: int, config: int) -> tuple[i
                             f"got {list(meta.shape)}")
     if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != x.dtype):
         raise SparsityError(f"{op}: bias must be [{n}] {x.dtype}, got {list(bias.shape)} {bias.dtype}")
-    if not -1 <= config < len(CONFIGS):
-        raise SparsityError(f"{op}: config={config}; valid: -1 (auto) or 0..{len(CONFIGS) - 1}")
+    if config != -1 and config not in _CONFIG_IDS:
+        raise SparsityError(f"{op}: config={config}; valid: -1 (auto), 0..{len(CONFIGS) - 1} (decode) or "
+                            f"{', '.join(str(c.id) for c in PREFILL_CONFIGS)} (prefill)")
     return n, k
 
 

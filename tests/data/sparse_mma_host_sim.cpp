@@ -140,6 +140,7 @@ void mma_sp_m16n8k32(float (&d)[4], const uint4& a, const uint32_t (&b)[4], uint
 }  // namespace sparselora
 
 #include "sparse_mma/linear_kernel.cuh"
+#include "sparse_mma/prefill_kernel.cuh"
 
 namespace sparselora {
 namespace sparse_mma {
@@ -169,6 +170,40 @@ cudaError_t launch_linear_cfg(const LinearParams& p, cudaStream_t) {
       for (auto& th : threads) th.join();
       for (auto* b : wb) delete b;
     }
+  return cudaSuccess;
+}
+
+// One CTA of a kernel on the CPU: a thread per CUDA thread, fresh barriers, NaN-filled shared memory.
+template <typename F>
+void run_cta(int threads, int warps, int smem_bytes, int bx, int by, F kernel) {
+  if (smem_bytes > static_cast<int>(sizeof(smem))) simrt::die("shared memory larger than the simulation's");
+  std::memset(smem, 0xFF, smem_bytes);
+  std::barrier<> cta(threads);
+  std::vector<std::barrier<>*> wb;
+  for (int w = 0; w < warps; ++w) wb.push_back(new std::barrier<>(32));
+  simrt::cta_barrier = &cta;
+  for (int w = 0; w < warps; ++w) simrt::warp_barrier[w] = wb[w];
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t)
+    ts.emplace_back([&, t] {
+      threadIdx = {static_cast<unsigned>(t), 0, 0};
+      blockIdx = {static_cast<unsigned>(bx), static_cast<unsigned>(by), 0};
+      kernel();
+      if (!simrt::groups.empty() || !simrt::open_group.empty()) simrt::die("cp.async groups left at kernel exit");
+    });
+  for (auto& th : ts) th.join();
+  for (auto* b : wb) delete b;
+}
+
+// The prefill kernel's CPU launch: the same grid as prefill_launch_template.cuh.
+template <typename T, int WM, int WN, int WMT, int WNT, int S>
+cudaError_t launch_prefill_cfg(const LinearParams& p, cudaStream_t) {
+  using C = PrefillTile<WM, WN, WMT, WNT, S>;
+  static_assert(C::kThreads <= simrt::kMaxThreads, "too many threads for the simulation");
+  const int gx = (p.Mt + C::kRowTiles - 1) / C::kRowTiles, gy = (p.M + C::kTokens - 1) / C::kTokens;
+  for (int by = 0; by < gy; ++by)
+    for (int bx = 0; bx < gx; ++bx)
+      run_cta(C::kThreads, WM * WN, C::kSmemBytes, bx, by, [&] { mma_sp_prefill_kernel<T, WM, WN, WMT, WNT, S>(p); });
   return cudaSuccess;
 }
 }  // namespace sparse_mma
