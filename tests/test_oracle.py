@@ -77,6 +77,9 @@ def _linear_cases():
     add([torch.float16], 40, 264, [11])  # the sanitizer's smoke case
     for n, k, m in host_sim.CASES:  # the mma.sp kernel source simulated on the host
         add(F16, n, k, [m])
+    for n, k, m in host_sim.PREFILL_CASES:  # its prefill kernel
+        add(F16, n, k, [m])
+    add([torch.bfloat16], 2048, 64, [800])  # the host simulation's auto prefill case
     add([torch.bfloat16], 256, 512, [8])  # test_gpu_risks: a launch on a second device
     add([torch.float32, torch.bfloat16], 48, 128, [5])  # test_memory: one-copy layers
     add([torch.bfloat16], 64, 256, [7])
