@@ -141,14 +141,31 @@ def test_corrupt_tensor_is_named(tmp_path):
 
 
 def test_transformers_without_sparselora_refuses(tmp_path):
-    _, _, _, _, out = _packed_dir("llava", tmp_path, 4)
-    code = ("import sys\nfrom transformers import AutoModelForImageTextToText as A\n"
+    """A fresh interpreter that never imports sparselora: transformers warns about the unknown
+    method, then refuses the directory (packed L.weight has half the columns) instead of loading
+    random layers. A text-only Llama keeps the subprocess's imports small."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparselora.format import nm_mask
+
+    torch.manual_seed(4)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with torch.no_grad():
+        for name, lin in model.model.named_modules():
+            if isinstance(lin, torch.nn.Linear):
+                lin.register_buffer("sparse_mask", nm_mask(lin.weight.abs()), persistent=False)
+                lin.weight.mul_(lin.sparse_mask)
+    assert len(sparsify(model).sparse) == 7
+    model.save_pretrained(tmp_path / "packed")
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM as A\n"
             "try:\n    A.from_pretrained(sys.argv[1])\nexcept RuntimeError as e:\n"
             "    assert 'sparselora' not in sys.modules\n    print('REFUSED', e)\n    sys.exit(3)\nprint('LOADED')\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "packed")], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 3 and "REFUSED" in r.stdout and "ignore_mismatched_sizes" in r.stdout, (r.stdout, r.stderr[-2000:])
     assert "Unknown quantization type, got sparselora" in r.stderr
+    assert "mlp.down_proj.weight" in r.stderr and "MISMATCH" in r.stderr  # the report names the packed layers
 
 
 def test_loading_allocates_no_dense_weight(tmp_path, monkeypatch):
