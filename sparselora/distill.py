@@ -204,9 +204,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     history = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=steps, desc=f"distill ({loss})", leave=False)
+        bar = progress_bar(total=steps, desc=f"distill ({loss})")
     recorders = [_Recorder(s_mods), _Recorder(t_mods)] if t_mods else []
     try:
         for _ in range(steps):

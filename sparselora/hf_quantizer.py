@@ -210,9 +210,7 @@ class SparseLoraHfQuantizer(HfQuantizer):
 
     # -- saving -------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, model):
-        from .patch import sparse_layers
-
-        layers = sparse_layers(model)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}  # patch imports this module
         lora = [n for n, m in model.named_modules() if type(m).__name__ == "SparseLoRALinear"]
         if lora:
             raise SparsityError(f"save_pretrained: {len(lora)} layers carry SparseLoRA adapters (first: '{lora[0]}'); "

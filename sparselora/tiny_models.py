@@ -190,3 +190,47 @@ def example_inputs(family: str, model: torch.nn.Module, batch: int = 2, text: in
         return {"input_ids": ids, "pixel_values": patches, "image_grid_thw": grid,
                 "mm_token_type_ids": (ids == c.image_token_id).long()}
     raise KeyError(family)
+
+
+# words of the tiny tokenizer: the bundled calibration prompts' words and a few common ones, so that
+# rendered prompts are mostly real tokens (anything else is <unk>)
+_WORDS = ("the a an and or of to in on at is are was what how this that image picture photo describe detail main subject "
+          "doing list objects you can see where they colors dominate lighting write short caption for there any text if so "
+          "does it say might have happened just before taken background mood conveys many distinct explain counted could be "
+          "used presentation questions would curious child ask about compare left half with right user assistant system").split()
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}:"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %} <image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def tiny_processor(family: str):
+    """A processor for a tiny model, built offline: a word-level tokenizer over 255 ids (the
+    tiny vocabulary; ``<image>`` is id 255, the config's image token), the vision tower's
+    32x32 image preprocessing and a chat template. LLaVA only (other tiny models have none)."""
+    if family != "llava":
+        raise KeyError(f"no tiny processor for {family!r} (only llava has one)")
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    import transformers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
+    # the PIL image processor (the default one needs torchvision)
+    image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(special)}
+    for w in _WORDS + list(".,?!:;'\"-0123456789"):
+        vocab.setdefault(w, len(vocab))
+    assert len(vocab) < 255, len(vocab)
+    vocab["<image>"] = 255
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Split(Regex(r"<image>|\w+|[^\w\s]"), behavior="isolated")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = image_processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=_TINY_CHAT_TEMPLATE, image_token="<image>")

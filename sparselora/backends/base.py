@@ -110,7 +110,8 @@ def _load_optional() -> None:
     import importlib
 
     for mod in ("sparselora.backends.triton_backend", "sparselora.backends.triton_gemv_backend",
-                "sparselora.backends.cusparselt_backend", "sparselora.backends.mma_sp_backend"):
+                "sparselora.backends.cusparselt_backend", "sparselora.backends.hybrid_backend",
+                "sparselora.backends.mma_sp_backend"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -197,9 +197,9 @@ def load_tuning(path: str | os.PathLike) -> int:
 
 def shipped_tuning_path(device_name: str):
     """Where a tuning file shipped with the package for this GPU lives (may not exist)."""
-    from .hybrid_backend import TABLE_DIR, _slug
+    from .device_tables import TABLE_DIR, slug
 
-    return TABLE_DIR / f"cusparselt_tuning_{_slug(device_name)}.json"
+    return TABLE_DIR / f"cusparselt_tuning_{slug(device_name)}.json"
 
 
 _AUTOLOADED: set = set()
@@ -314,5 +314,3 @@ class CusparseLtBackend(Backend):
 
 
 CUSPARSELT = register_backend(CusparseLtBackend())
-
-from . import hybrid_backend  # noqa: E402,F401  (registers "hybrid", which builds on this backend)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -47,17 +46,13 @@ import torch
 from ..ops import sparse24_linear
 from .base import Backend, get_backend, register_backend
 from .cusparselt_backend import CUSPARSELT
+from .device_tables import TABLE_DIR, slug as _slug
 
 __all__ = ["HybridBackend", "HEURISTIC_MIN_M", "TABLE_DIR", "table_path", "load_table", "cusparselt_min_m",
            "choose", "dense_faster_at", "derive_thresholds"]
 
-TABLE_DIR = Path(__file__).parent / "tables"
 HEURISTIC_MIN_M = 256
 NEVER = 1 << 62  # threshold meaning "cuSPARSELt never wins for this shape"
-
-
-def _slug(device_name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
 
 
 def table_path(device_name: str, table_dir: Path = TABLE_DIR) -> Path:

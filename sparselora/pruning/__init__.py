@@ -20,13 +20,14 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..families import DEFAULT_SKIP_PARTS, Family
 from ..format import SparsityError, check_finite
+from ..progress import progress_bar
 from .calibrate import (MemoryProbe, StatsCollector, as_batches, calibration_batches, capture_block_inputs, check_sequential,
                         find_block_lists, run_block, run_model)
 from .ecoflap import allocate_ratios, zeroth_order_scores
+from .offload import layer_weight
 from .methods import Pattern, magnitude_mask, parse_pattern, sparsegpt_prune, wanda_mask
 from .report import LayerRow, PruneReport
 from .strategy import Target, select_targets
@@ -108,8 +109,9 @@ def prune(
     if ratios not in ("uniform", "ecoflap"):
         raise ValueError(f"ratios must be 'uniform' or 'ecoflap', got {ratios!r}")
     targets = select_targets(model, strategy, pattern, family, skip)
-    for name, t in targets.items():  # fail before anything is modified
-        check_finite(t.module.weight.detach(), name)
+    for name, t in targets.items():  # fail before anything is modified (offloaded layers: onloaded one at a time)
+        with layer_weight(model, name) as lin:
+            check_finite(lin.weight.detach(), name)
     need_calib = method != "magnitude" or ratios == "ecoflap"
     batches = as_batches(calib) if need_calib else None
 
@@ -126,6 +128,10 @@ def prune(
         rows: dict[str, LayerRow] = {}
 
         def prune_layer(name: str, stats=None) -> None:
+            with layer_weight(model, name, write=True):  # offloaded: onloaded, and the pruned weight stored back
+                _prune_layer(name, stats)
+
+        def _prune_layer(name: str, stats) -> None:
             t = targets[name]
             t0 = time.perf_counter()
             w = t.module.weight.detach()
@@ -144,7 +150,7 @@ def prune(
                                   time.perf_counter() - t0)
 
         if method == "magnitude":
-            for name in tqdm(targets, desc="magnitude", disable=not progress):
+            for name in progress_bar(targets, desc="magnitude", enabled=progress):
                 prune_layer(name)
         else:
             _sequential(model, targets, batches, method, prune_layer, probe, progress)
@@ -178,7 +184,7 @@ def _sequential(model, targets: dict[str, Target], batches, method, prune_layer,
     for bl in block_lists:
         cap = capture_block_inputs(model, bl, batches)
         hidden = cap.hidden
-        for i in tqdm(range(len(bl)), desc=f"{method} {bl.name}", disable=not progress):
+        for i in progress_bar(range(len(bl)), desc=f"{method} {bl.name}", enabled=progress):
             block, names = bl.module[i], bl.targets[i]
             if names:
                 with StatsCollector({n: targets[n].module for n in names}, need_norms, need_hessian, probe) as sc:
@@ -200,7 +206,7 @@ def _sequential(model, targets: dict[str, Target], batches, method, prune_layer,
     if loose:
         # few Linears outside any block list (pooling heads, poolers): one pass with hooks on all of them
         with StatsCollector({n: targets[n].module for n in loose}, need_norms, need_hessian, probe) as sc:
-            for b in tqdm(batches, desc=f"{method} loose layers", disable=not progress):
+            for b in progress_bar(batches, desc=f"{method} loose layers", enabled=progress):
                 run_model(model, b)
             for n in loose:
                 prune_layer(n, sc.stats[n])

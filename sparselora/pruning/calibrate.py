@@ -249,7 +249,9 @@ def _accepts_use_cache(model: nn.Module) -> bool:
 def run_model(model: nn.Module, batch: Mapping) -> Any:
     """``model(**batch)`` on the model's device, without a KV cache (a cache would make
     replayed blocks attend to stale keys)."""
-    dev = next(model.parameters()).device
+    from .offload import execution_device
+
+    dev = execution_device(model)  # a dispatched model's parameters may be on meta
     kw = _to_device(dict(batch), dev)
     if _accepts_use_cache(model) and "use_cache" not in kw:
         kw["use_cache"] = False

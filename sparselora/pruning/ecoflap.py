@@ -33,9 +33,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..format import SparsityError
+from ..progress import progress_bar
 from .calibrate import run_model
 
 __all__ = ["zeroth_order_scores", "allocate_ratios", "output_tensors"]
@@ -105,7 +105,7 @@ def zeroth_order_scores(
     base = loss()
     gen = torch.Generator().manual_seed(seed)
     scores: dict[str, float] = {}
-    for gname, mods in tqdm(groups.items(), desc="ecoflap scores", disable=not progress):
+    for gname, mods in progress_bar(groups.items(), desc="ecoflap scores", enabled=progress):
         saved = [m.weight.detach().clone() for m in mods]
         tot = 0.0
         for _ in range(samples):

@@ -1,0 +1,164 @@
+"""Package hygiene: no import circles, `sparselora --version`, progress bars only on a terminal,
+the README's Python examples run as written."""
+from __future__ import annotations
+
+import ast
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_graph(pkg_dir: Path) -> dict[str, set[str]]:
+    """Module -> sparselora modules it imports (module-level and inside functions alike: a lazy
+    import is still a dependency)."""
+    mods = {}
+    for f in pkg_dir.rglob("*.py"):
+        parts = list(f.relative_to(pkg_dir.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = f
+    graph = {}
+    for m, f in mods.items():
+        pkg = m.split(".") if f.name == "__init__.py" else m.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = pkg[:len(pkg) - node.level + 1] if node.level else []
+                b = ".".join(base + ([node.module] if node.module else []))
+                names = [b] + [f"{b}.{a.name}" for a in node.names]
+            else:
+                continue
+            # a submodule naming its own package (from . import x) is not a circle through the package
+            deps.update(n for n in names if n in mods and n != m and not m.startswith(n + "."))
+        graph[m] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_sees_a_circle(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..a import g\n")  # lazy: still a circle
+    (pkg / "c.py").write_text("from . import a\n")
+    assert _cycles(_import_graph(pkg)) == [["pkg.a", "pkg.sub.b"]]
+
+
+def test_no_import_circles():
+    graph = _import_graph(ROOT / "sparselora")
+    assert "sparselora.backends.cusparselt_backend" in graph["sparselora.backends.hybrid_backend"]  # the graph is real
+    assert _cycles(graph) == []
+
+
+def test_hybrid_registered_with_the_optional_backends():
+    from sparselora.backends import get_backend
+
+    assert get_backend("hybrid").name == "hybrid"
+
+
+def test_version():
+    import sparselora
+    from sparselora.cli import main
+
+    r = subprocess.run([sys.executable, "-m", "sparselora", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"sparselora {sparselora.__version__}"
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self):
+        return self._tty
+
+
+@pytest.mark.parametrize("tty,enabled,shown", [(True, True, True), (False, True, False), (True, False, False)])
+def test_progress_bar_only_on_a_terminal(monkeypatch, tty, enabled, shown):
+    from sparselora.progress import progress_bar
+
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert list(progress_bar(range(3), desc="work", enabled=enabled)) == [0, 1, 2]
+    assert ("work" in stream.getvalue()) == shown
+
+
+def test_pruning_quiet_when_not_a_terminal(monkeypatch):
+    from sparselora.pruning import prune
+    from sparselora.tiny_models import build
+
+    model = build("llava")
+    for tty in (False, True):
+        stream = _Stream(tty)
+        monkeypatch.setattr(sys, "stderr", stream)
+        prune(model, method="magnitude", progress=True)
+        assert ("magnitude" in stream.getvalue()) == tty, stream.getvalue()
+
+
+def _python_blocks(md: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", md, flags=re.S)
+
+
+def test_readme_python_examples_run_as_written(tmp_path, monkeypatch):
+    blocks = _python_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    for code in blocks:
+        ns: dict = {}
+        exec(compile(code, "README.md", "exec"), ns)
+        if "dense_teacher" in ns:  # the prune -> SparseLoRA -> sparsify -> save -> load example
+            from sparselora.patch import sparse_layers
+
+            model, reloaded, batches = ns["model"], ns["reloaded"], ns["batches"]
+            assert ns["report"].rows and sparse_layers(model)
+            assert set(sparse_layers(reloaded)) == set(sparse_layers(model))
+            with torch.no_grad():
+                assert torch.equal(model(**batches[0]).logits, reloaded(**batches[0]).logits)
+        if "layer" in ns:  # the SparseLinear example
+            assert ns["y"].shape == (8, 4096)

@@ -1,0 +1,102 @@
+"""Pruning models larger than the device: accelerate-dispatched models (disk / CPU offload) prune
+block by block to the same masks and weights as in memory, with the pruned weights stored back
+where the offload hooks read them, and only one module's or block's weights resident at a time."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparselora.format import SparsityError
+from sparselora.pruning import prune
+from sparselora.pruning.offload import layer_weight
+from sparselora.tiny_models import build, example_inputs
+
+
+@pytest.fixture(scope="module")
+def base():
+    model = build("llava", seed=5)
+    return model, [example_inputs("llava", model, batch=2, seed=40 + i) for i in range(2)]
+
+
+def _masked(model):
+    return {n: m.sparse_mask for n, m in model.named_modules() if isinstance(getattr(m, "sparse_mask", None), torch.Tensor)}
+
+
+def _block_map(model):
+    """accelerate device map: the language blocks on disk, everything else on the CPU."""
+    lm = model.model.language_model
+    dm = {f"model.language_model.layers.{i}": "disk" for i in range(len(lm.layers))}
+    for name, _ in model.named_children():
+        if name != "model":
+            dm[name] = "cpu"
+    for name, _ in model.model.named_children():
+        if name != "language_model":
+            dm[f"model.{name}"] = "cpu"
+    for name, _ in lm.named_children():
+        if name != "layers":
+            dm[f"model.language_model.{name}"] = "cpu"
+    return dm
+
+
+def _resident_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
+@pytest.mark.parametrize("dispatch", ["disk_offload", "device_map"])
+def test_offloaded_model_prunes_like_the_in_memory_one(base, tmp_path, monkeypatch, dispatch):
+    from accelerate import disk_offload, dispatch_model
+
+    model, batches = base
+    method = "sparsegpt" if dispatch == "disk_offload" else "wanda"
+    ref = copy.deepcopy(model)
+    prune(ref, method, strategy="both", calib=batches, progress=False)
+    off = copy.deepcopy(model)
+    if dispatch == "disk_offload":  # every module offloaded, a hook per module
+        disk_offload(off, tmp_path / "offload", execution_device="cpu")
+    else:  # block-level hooks: a language block is onloaded whole
+        dispatch_model(off, _block_map(off), main_device="cpu", offload_dir=str(tmp_path / "offload"))
+    target = "model.language_model.layers.0.mlp.up_proj"
+    assert off.get_submodule(target).weight.device.type == "meta"
+
+    # what is resident while the calibration runs: at most one block's weights (plus the resident CPU part)
+    always = _resident_bytes(off)
+    block = sum(p.numel() * p.element_size() for p in model.model.language_model.layers[0].parameters())
+    seen = []
+    real_linear = F.linear
+
+    def counting_linear(*a, **k):
+        seen.append(_resident_bytes(off) - always)
+        return real_linear(*a, **k)
+
+    monkeypatch.setattr(F, "linear", counting_linear)
+    prune(off, method, strategy="both", calib=batches, progress=False)
+    monkeypatch.setattr(F, "linear", real_linear)
+    assert seen and 0 < max(seen) <= block
+    assert off.get_submodule(target).weight.device.type == "meta"  # dropped again after pruning
+
+    want = _masked(ref)
+    assert set(_masked(off)) == set(want) and len(want) > 10
+    for name, mask in want.items():
+        with layer_weight(off, name) as lin:  # the stored weight, as the offload hook will load it
+            assert lin.sparse_mask.device.type == "cpu"
+            assert torch.equal(lin.sparse_mask, mask), name
+            assert torch.equal(lin.weight, ref.get_submodule(name).weight), name
+    with torch.no_grad():  # forwards read the pruned weights from the offload folder
+        assert torch.equal(off(**batches[0]).logits, ref(**batches[0]).logits)
+
+
+def test_offloaded_nan_weight_is_named_before_anything_is_pruned(base, tmp_path):
+    from accelerate import disk_offload
+
+    model, batches = base
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.model.language_model.layers[1].self_attn.q_proj.weight[3, 5] = float("nan")
+    disk_offload(bad, tmp_path / "offload", execution_device="cpu")
+    with pytest.raises(SparsityError, match="layers.1.self_attn.q_proj"):
+        prune(bad, "wanda", calib=batches, progress=False)
+    with layer_weight(bad, "model.language_model.layers.0.self_attn.q_proj") as lin:
+        assert not hasattr(lin, "sparse_mask") and (lin.weight != 0).all()  # nothing was pruned
