@@ -44,7 +44,7 @@ from .compressed_tensors_interop import packbits as _packbits, unpackbits as _un
 from .format import Packed24, SparsityError, check_packed
 from .modules import SparseLinear
 from .staging import new_file
-from .stream_io import CheckpointError, TensorInfo, iter_bytes, read_header, read_tensor
+from .stream_io import CheckpointError, TensorInfo, iter_bytes, read_header, read_tensor, tensor_sha256
 
 __all__ = ["save_sparse", "load_sparse", "read_metadata", "sparse_claim", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION",
            "WEIGHTS_NAME", "CT_FORMAT"]
@@ -205,6 +205,8 @@ def save_sparse(model: nn.Module, path, extra_config: Optional[dict] = None, for
             "sparse_layers": json.dumps(sparse_meta, sort_keys=True),
             "aliases": json.dumps(aliases, sort_keys=True),
             "checksum": checksum(tensors),
+            # per tensor too (same value as stream_io.tensor_sha256): a mismatch on load names the tensor
+            "tensor_checksums": json.dumps({k: tensor_sha256(t) for k, t in tensors.items()}, sort_keys=True),
             "extra_config": extra_json,
             "sparselora_version": sparselora.__version__,
         }
@@ -264,19 +266,24 @@ class _Source:
     def read_all(self) -> dict[str, torch.Tensor]:
         return {k: self.read(k) for k in self.infos}
 
-    def checksum(self) -> str:
-        """:func:`checksum` of the stored tensors, streamed from the files (16 MiB at a time)."""
+    def checksum(self) -> tuple[str, dict[str, str]]:
+        """(:func:`checksum` of the stored tensors, {name: per-tensor sha256}) in one streamed pass
+        over the files (16 MiB at a time)."""
         h = hashlib.sha256()
+        per: dict[str, str] = {}
         buf = memoryview(bytearray(16 << 20))
         for k in sorted(self.infos):
             f, info = self.infos[k]
             h.update(f"{k}|{_dtype_name(info.dtype)}|{list(info.shape)}|".encode())
+            t = hashlib.sha256(f"{_dtype_name(info.dtype)}|{list(info.shape)}|".encode())
             try:
                 for chunk in iter_bytes(f, info, buf):
                     h.update(chunk)
+                    t.update(chunk)
             except ValueError as e:
                 raise CheckpointError(f"{f}: {e}") from None
-        return h.hexdigest()
+            per[k] = t.hexdigest()
+        return h.hexdigest(), per
 
 
 class _LazyState(Mapping):
@@ -424,9 +431,15 @@ def _validated_sparselora(src: _Source) -> tuple[_LazyState, dict[str, dict]]:
     want = meta.get("checksum")
     if not want:
         raise CheckpointError(f"{file}: metadata has no checksum")
-    got = src.checksum()
+    got, per = src.checksum()
     if got != want:
-        raise CheckpointError(f"{file}: checksum mismatch (stored {want[:12]}..., computed {got[:12]}...): the file is corrupt")
+        try:  # files written since per-tensor checksums exist name the damaged tensor
+            stored = json.loads(meta.get("tensor_checksums", "{}"))
+        except json.JSONDecodeError:
+            stored = {}
+        bad = [k for k in sorted(per) if k in stored and stored[k] != per[k]]
+        which = f" in tensor '{bad[0]}'" if bad else ""
+        raise CheckpointError(f"{file}: checksum mismatch{which} (stored {want[:12]}..., computed {got[:12]}...): the file is corrupt")
     for alias, target in aliases.items():
         if target not in src.infos:
             raise CheckpointError(f"{file}: alias {alias!r} points to missing tensor {target!r}")

@@ -116,3 +116,18 @@ def test_meta_index_check_names_the_group_and_ignores_padding(tmp_path):
     save_file(t, tmp_path / "bad.safetensors", metadata=meta_info)
     with pytest.raises(CheckpointError, match=rf"layer '{name}': corrupt 2:4 meta: row 2, group 11 has indices \[1, 0\]"):
         load_sparse(_empty(model), tmp_path / "bad.safetensors")
+
+
+def test_corrupt_tensor_is_named(tmp_path):
+    from sparselora.stream_io import read_header
+
+    model, path = _saved(tmp_path, seed=4)
+    _, infos = read_header(path)
+    name = sorted(k for k in infos if k.endswith("mlp.up_proj.values"))[-1]
+    raw = bytearray(path.read_bytes())
+    raw[infos[name].start + 3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    empty = _empty(model)
+    with pytest.raises(CheckpointError, match=rf"checksum mismatch in tensor '{name}'"):
+        load_sparse(empty, path.parent)
+    assert not sparse_layers(empty)
