@@ -198,14 +198,14 @@ def test_cli_prune_sparsegpt_with_no_data_argument(llava_dir, tmp_path, processo
     from sparselora.pruning import prune
 
     out = tmp_path / "pruned"
-    assert main(["prune", str(llava_dir), "--method", "sparsegpt", "--strategy", "both", "-q", "--calib-batches", "2",
+    assert main(["prune", str(llava_dir), "--method", "sparsegpt", "-q", "--calib-batches", "2",
                  "--batch", "2", "--calib-seq-len", "5", "--out", str(out)]) == 0
     assert "offline default" in json.loads((out / "sparselora.json").read_text())["calib"]
     assert AutoProcessor.from_pretrained(out).chat_template  # the output is still a complete model directory
     # the same data through the Python API gives the same masks and weights: the CLI calibrated on the
     # default images and prompts, rendered by this model's processor
     ref = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
-    prune(ref, "sparsegpt", strategy="both", calib=render(load_calib(None, n=4), processor, batch=2, max_text_tokens=5), progress=False)
+    prune(ref, "sparsegpt", calib=render(load_calib(None, n=4), processor, batch=2, max_text_tokens=5), progress=False)
     got, _ = load_model(str(out), None)
     want, have = _masked(ref), _masked(got)
     assert want and set(want) == set(have)
@@ -213,7 +213,7 @@ def test_cli_prune_sparsegpt_with_no_data_argument(llava_dir, tmp_path, processo
         assert torch.equal(mask, have[n][0]) and torch.equal(w, have[n][1]), n
     # other data gives other weights (sparsegpt updates the kept ones from the calibration Hessian)
     other = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
-    prune(other, "sparsegpt", strategy="both", calib=render(load_calib(None, n=4), processor, batch=2, max_text_tokens=1), progress=False)
+    prune(other, "sparsegpt", calib=render(load_calib(None, n=4), processor, batch=2, max_text_tokens=1), progress=False)
     assert any(not torch.equal(w, _masked(other)[n][1]) for n, (_, w) in want.items())
 
 

@@ -100,3 +100,30 @@ def test_offloaded_nan_weight_is_named_before_anything_is_pruned(base, tmp_path)
         prune(bad, "wanda", calib=batches, progress=False)
     with layer_weight(bad, "model.language_model.layers.0.self_attn.q_proj") as lin:
         assert not hasattr(lin, "sparse_mask") and (lin.weight != 0).all()  # nothing was pruned
+
+
+def test_restore_with_a_disk_offloaded_teacher(base, tmp_path):
+    """SparseLoRA distillation whose teacher is disk-offloaded (its targets computed through the
+    offload hooks, one module resident at a time) trains the same adapters as with the teacher in memory."""
+    from accelerate import disk_offload
+
+    from sparselora.distill import distill
+    from sparselora.lora import add_sparse_lora, lora_parameters
+
+    model, batches = base
+    results = []
+    for offload in (False, True):
+        teacher = copy.deepcopy(model)
+        student = copy.deepcopy(model)
+        prune(student, "magnitude", strategy="both", progress=False)
+        if offload:
+            disk_offload(teacher, tmp_path / "teacher", execution_device="cpu")
+            assert teacher.model.language_model.layers[0].mlp.up_proj.weight.device.type == "meta"
+        torch.manual_seed(0)
+        add_sparse_lora(student, r=4, alpha=8)
+        distill(student, teacher, batches, steps=2, lr=1e-2, progress=False)
+        results.append([p.detach().clone() for p in lora_parameters(student)])
+    assert len(results[0]) > 4
+    assert any(p.abs().sum() > 0 for p in results[0])  # the adapters moved
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
