@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from .compressed_tensors_interop import CT_FORMAT, LEGACY_NOTE, check_ct_config, ct_config, from_compressed_tensors, to_compressed_tensors
 from .compressed_tensors_interop import packbits as _packbits, unpackbits as _unpackbits  # noqa: F401  (cli's masks)
-from .format import Packed24, SparsityError, check_packed
+from .format import Packed24, SparsityError, check_packed, validate_packed
 from .modules import SparseLinear
 from .staging import new_file
 from .stream_io import CheckpointError, TensorInfo, iter_bytes, read_header, read_tensor, tensor_sha256
@@ -675,10 +675,10 @@ def _plan(model: nn.Module, state, layers: dict[str, dict], where: str, backend:
         if (f"{name}.bias" in state) != has_bias:
             raise CheckpointError(f"{where}: layer '{name}': bias {'present' if has_bias else 'absent'} in the model but not in the checkpoint")
         packed = Packed24(values, meta, (n, k))
-        bad = _first_unordered_group(meta, k)  # i0 < i1 in every group, without unpacking (no dense-sized temporaries)
-        if bad is not None:
-            raise CheckpointError(f"{where}: layer '{name}': corrupt 2:4 meta: row {bad[0]}, group {bad[1]} has indices "
-                                  f"{list(bad[2:])} (need i0 < i1)")
+        try:  # i0 < i1 in every group, and finite values (naming the first bad one)
+            validate_packed(values, meta, name)
+        except SparsityError as e:  # e starts with the quoted layer name
+            raise CheckpointError(f"{where}: layer {e}") from None
         bias = state.get(f"{name}.bias")
         try:
             new[name] = SparseLinear(packed.to(device), bias.to(device) if bias is not None else None, backend=backend, name=name,

@@ -21,12 +21,30 @@ Canonical 2:4 layout of a weight ``W`` of shape ``[N, K]`` (``N`` = out_features
 
 For 16-bit types the packed weight takes ``K + K/8`` bytes per row instead of ``2K``:
 9/16 of the dense bytes (exactly, when ``K % 32 == 0``).
+
+Validation and trust: packed operands are validated where they *enter* the library: the
+``SparseLinear`` / ``SparseLoRALinear`` constructors, checkpoint loads, :func:`unpack_24`,
+:func:`mask_from_meta` and every public op taking ``(values, meta)`` from a caller
+(:func:`validate_packed`, :func:`check_meta`: shapes, dtypes, ``i0 < i1`` in every group, and at
+construction/load finite values). The check is a few integer operations per 32-bit meta word (1/16
+of the kept values), and the ops remember a validated meta tensor (:func:`check_meta_once`, keyed
+by the tensor and its version counter), so a layer's forward does not re-check, or sync the GPU,
+on every call. Kernels trust validated operands: they do not re-check indices (a corrupt group
+would make them read the wrong columns). Writes that bypass the version counter
+(``tensor.data.copy_(...)``) are not seen; validate again with :func:`check_meta` after them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+try:  # tensors under torch.compile tracing hold no data either
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # pragma: no cover - present in every supported torch
+    def _is_fake(t):
+        return False
 
 __all__ = [
     "SparsityError",
@@ -39,6 +57,9 @@ __all__ = [
     "mask_from_meta",
     "packed_nbytes",
     "check_packable",
+    "check_meta",
+    "check_meta_once",
+    "validate_packed",
     "SUPPORTED_DTYPES",
 ]
 
@@ -86,6 +107,12 @@ def _name(name: str | None) -> str:
     return f"'{name}'" if name else "tensor"
 
 
+def _has_data(t: torch.Tensor) -> bool:
+    """False for tensors without readable data (meta device, fake tensors of a torch.compile
+    trace): value checks are skipped for them (shape checks still run), as the ops' fake kernels do."""
+    return t.device.type != "meta" and not _is_fake(t)
+
+
 def _check_matrix(w: torch.Tensor, m: int, name: str | None) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{_name(name)} must be a torch.Tensor, got {type(w).__name__}")
@@ -100,6 +127,8 @@ def _check_matrix(w: torch.Tensor, m: int, name: str | None) -> None:
 
 def check_finite(w: torch.Tensor, name: str | None = None) -> None:
     """Raise if ``w`` holds NaN or Inf, naming the first bad (row, column)."""
+    if not _has_data(w):
+        return
     bad = ~torch.isfinite(w)
     if bad.any():
         idx = bad.nonzero()[0].tolist()
@@ -129,6 +158,8 @@ def check_nm(w: torch.Tensor, n: int = 2, m: int = 4, name: str | None = None) -
     """Raise :class:`SparsityError` unless every group of ``m`` inputs has at most ``n`` nonzeros
     (or, for a boolean tensor, at most ``n`` True). The message names the first bad row/group."""
     _check_matrix(w, m, name)
+    if not _has_data(w):
+        return
     nz = (w != 0).reshape(w.shape[0], w.shape[1] // m, m).sum(-1)
     bad = nz > n
     if bad.any():
@@ -175,7 +206,7 @@ def check_packable(w: torch.Tensor, mask: torch.Tensor | None = None, name: str 
             raise SparsityError(f"mask of {_name(name)} is on {mask.device}, weight on {w.device}")
         check_nm(mask.to(torch.bool), 2, 4, f"mask of {name}" if name else "mask")
         outside = (w != 0) & ~mask.to(torch.bool)
-        if outside.any():
+        if _has_data(outside) and outside.any():
             r, c = outside.nonzero()[0].tolist()
             raise SparsityError(
                 f"{_name(name)} has nonzeros outside its mask (first at row {r}, column {c}); "
@@ -214,7 +245,8 @@ def _pack_indices(idx: torch.Tensor) -> torch.Tensor:
 def _unpack_indices(meta: torch.Tensor, nvals: int) -> torch.Tensor:
     shifts = 2 * torch.arange(_IDX_PER_WORD, device=meta.device, dtype=torch.int32)
     idx = (meta.unsqueeze(-1) >> shifts) & 3  # arithmetic shift is fine: we mask 2 bits
-    return idx.reshape(meta.shape[0], -1)[:, :nvals].to(torch.int64)
+    # explicit width: reshape(rows, -1) is ambiguous for a layer with 0 rows
+    return idx.reshape(meta.shape[0], meta.shape[1] * _IDX_PER_WORD)[:, :nvals].to(torch.int64)
 
 
 def check_packed(values: torch.Tensor, meta: torch.Tensor, name: str | None = None) -> tuple[int, int]:
@@ -236,27 +268,98 @@ def check_packed(values: torch.Tensor, meta: torch.Tensor, name: str | None = No
     return rows, 2 * half
 
 
+# SWAR check of the 8 groups of a meta word: group p holds i0 at bits 4p..4p+1, i1 at 4p+2..4p+3.
+_I0_BITS = 0x33333333  # i0 of every group (and, shifted right by 2, i1)
+_GUARD = 0x44444444  # a 1 above each 2-bit field: the subtraction below never borrows across groups
+_LOW_BIT = 0x11111111  # bit 4p of every group
+#: meta tensors already validated, with (version counter, K) they were validated at
+_VALIDATED = WeakIdKeyDictionary()
+
+
+def _bad_words(meta: torch.Tensor, groups: int) -> torch.Tensor:
+    """Boolean ``[N, words]``: the word holds a group (among the first ``groups`` of the row)
+    whose indices are not ascending. Integer ops on the words only, no unpacking."""
+    i0 = meta & _I0_BITS
+    i1 = (meta >> 2) & _I0_BITS  # arithmetic shift: the copied sign bits fall outside the mask
+    d = (i1 | _GUARD) - i0  # per group: 4 + i1 - i0 in 1..7, >= 5 exactly when i1 > i0
+    ok = (d >> 2) & (d | (d >> 1)) & _LOW_BIT  # bit 4p: field p has bit 2 and (bit 1 or bit 0)
+    words = meta.shape[1]
+    need = torch.full((words,), _LOW_BIT, dtype=torch.int32, device=meta.device)
+    tail = groups - 8 * (words - 1)  # groups in the last word; the rest of it is padding
+    if words and tail < 8:
+        need[-1] = _LOW_BIT & ((1 << (4 * tail)) - 1)
+    return (ok & need) != need
+
+
+def check_meta(meta: torch.Tensor, cols: int, name: str | None = None) -> None:
+    """Raise :class:`SparsityError` unless every group of the ``[N, ceil(K/32)]`` int32 ``meta`` of
+    a ``K = cols``-column weight has ascending indices ``i0 < i1``; the message names the first bad
+    row and group and counts them. Padding bits past ``K/2`` values are not read. Vectorised: a few
+    integer operations per meta word. Tensors without data (meta device, fake) are not read."""
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int32 or meta.dim() != 2:
+        what = f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, torch.Tensor) else type(meta).__name__
+        raise SparsityError(f"meta of {_name(name)} must be a 2-D int32 tensor, got {what}")
+    if cols % 4 or meta.shape[1] != -(-(cols // 2) // _IDX_PER_WORD):
+        raise SparsityError(f"meta of {_name(name)} has {meta.shape[1]} words per row, which does not fit "
+                            f"in_features={cols} (expected {-(-(cols // 2) // _IDX_PER_WORD)}, K % 4 == 0)")
+    if not _has_data(meta):
+        return
+    if meta.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # reading the result would sync inside a CUDA graph capture: validated before it
+    groups = cols // 4
+    if meta.numel() and _bad_words(meta, groups).any():
+        rows = meta.shape[0]
+        idx = _unpack_indices(meta, cols // 2).reshape(rows, groups, 2)
+        bad = idx[..., 0] >= idx[..., 1]
+        r, g = bad.nonzero()[0].tolist()
+        raise SparsityError(
+            f"{_name(name)}: corrupt 2:4 meta: row {r}, group {g} (columns {4 * g}..{4 * g + 3}) has indices "
+            f"{idx[r, g].tolist()} (need i0 < i1; {int(bad.sum())} bad groups in all)")
+    _VALIDATED[meta] = (meta._version, cols)
+
+
+def check_meta_once(meta: torch.Tensor, cols: int, name: str | None = None) -> None:
+    """:func:`check_meta`, skipped for a tensor already validated at its current version: the
+    per-call form for ops (a dictionary lookup instead of a pass over meta and a GPU sync)."""
+    if _VALIDATED.get(meta) == (meta._version, cols):
+        return
+    check_meta(meta, cols, name)
+
+
+def validate_packed(values: torch.Tensor, meta: torch.Tensor, name: str | None = None, finite: bool = True) -> tuple[int, int]:
+    """Every check on a packed ``(values, meta)`` pair entering from outside: shapes and dtypes
+    (:func:`check_packed`), ascending indices in every group (:func:`check_meta`) and, with
+    ``finite``, no NaN/Inf among the values (the message gives the packed index and the dense
+    column). Returns the dense shape ``(N, K)``."""
+    rows, cols = check_packed(values, meta, name)
+    check_meta(meta, cols, name)
+    if finite and _has_data(values):
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            r, j = bad.nonzero()[0].tolist()
+            col = 4 * (j // 2) + int(_unpack_indices(meta[r:r + 1], cols // 2)[0, j])
+            raise SparsityError(f"{_name(name)}: packed values contain NaN/Inf: values[{r}, {j}] = "
+                                f"{values[r, j].item()} (weight row {r}, column {col}; {int(bad.sum())} in all)")
+    return rows, cols
+
+
 def unpack_24(packed: Packed24) -> torch.Tensor:
     """Dense ``[N, K]`` weight from the canonical layout: the bit-exact inverse of :func:`pack_24`
     (pruned positions come back as +0.0, also where they held -0.0)."""
     rows, cols = check_packed(packed.values, packed.meta)
+    check_meta_once(packed.meta, cols)
     idx = _unpack_indices(packed.meta, cols // 2).reshape(rows, cols // 4, 2)
-    _check_index_order(idx)
     dense = torch.zeros(rows, cols // 4, 4, dtype=packed.values.dtype, device=packed.values.device)
     dense.scatter_(-1, idx, packed.values.reshape(rows, cols // 4, 2))
     return dense.reshape(rows, cols)
 
 
-def _check_index_order(idx: torch.Tensor) -> None:
-    bad = idx[..., 0] >= idx[..., 1]
-    if bad.any():
-        r, g = bad.nonzero()[0].tolist()
-        raise SparsityError(f"corrupt 2:4 meta: row {r}, group {g} has indices {idx[r, g].tolist()} (need i0 < i1)")
-
-
-def mask_from_meta(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Boolean ``[N, K]`` mask of the kept positions (exactly 2 per group)."""
+def mask_from_meta(meta: torch.Tensor, shape: tuple[int, int], name: str | None = None) -> torch.Tensor:
+    """Boolean ``[N, K]`` mask of the kept positions (exactly 2 per group; corrupt meta raises)."""
     rows, cols = shape
+    if meta.dim() != 2 or meta.shape[0] != rows:
+        raise SparsityError(f"meta of {_name(name)} has shape {tuple(meta.shape)}, expected {rows} rows for a {rows}x{cols} weight")
+    check_meta_once(meta, cols, name)
     idx = _unpack_indices(meta, cols // 2).reshape(rows, cols // 4, 2)
     mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=meta.device)
     mask.scatter_(-1, idx, True)

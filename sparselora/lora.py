@@ -29,8 +29,8 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .format import Packed24, SparsityError, check_nm, mask_from_meta, pack_24, unpack_24
-from .ops import check_linear_inputs, sparse24_linear
+from .format import Packed24, SparsityError, check_nm, mask_from_meta, pack_24, unpack_24, validate_packed
+from .ops import _rows, check_linear_inputs, layer_bias, sparse24_linear
 
 __all__ = [
     "SparseLoRALinear",
@@ -133,8 +133,8 @@ def _sparse_lora_linear_op(x: torch.Tensor, xa: Optional[torch.Tensor], values: 
     if xa is not None and xa.shape != x.shape:
         raise ValueError(f"sparse_lora_linear: adapter input {tuple(xa.shape)} != input {tuple(x.shape)}")
     if _triton_ok(x, lora_A.shape[0]):
-        x2 = x.reshape(-1, k)
-        xa2 = xa.reshape(-1, k) if xa is not None else None
+        x2 = _rows(x, k)
+        xa2 = _rows(xa, k) if xa is not None else None
         y = _kernels().sparse_lora_fwd(x2, xa2, values, meta, lora_A, lora_B, scaling, bias)
         return y.reshape(*x.shape[:-1], n)
     return _ref_forward(x, xa, values, meta, lora_A, lora_B, scaling, bias)
@@ -150,7 +150,7 @@ def _(x, xa, values, meta, lora_A, lora_B, scaling, bias=None):
 def _sparse_lora_dx_op(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, lora_A: torch.Tensor,
                        lora_B: torch.Tensor, scaling: float, use_w: bool, use_lora: bool) -> torch.Tensor:
     n, k = values.shape[0], 2 * values.shape[1]
-    dy2 = dy.reshape(-1, n)
+    dy2 = _rows(dy, n)
     if _triton_ok(dy, lora_A.shape[0]):
         dx = _kernels().sparse_lora_dx(dy2.contiguous(), values, meta, lora_A, lora_B, scaling, use_w, use_lora)
     else:
@@ -168,7 +168,7 @@ def _(dy, values, meta, lora_A, lora_B, scaling, use_w, use_lora):
 def _sparse_lora_dab_op(dy: torch.Tensor, xa: torch.Tensor, meta: torch.Tensor, lora_A: torch.Tensor,
                         lora_B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = lora_B.shape[0], lora_A.shape[1]
-    dy2, xa2 = dy.reshape(-1, n), xa.reshape(-1, k)
+    dy2, xa2 = _rows(dy, n), _rows(xa, k)
     if _triton_ok(dy, lora_A.shape[0]):
         return _kernels().sparse_lora_dab(dy2.contiguous(), xa2.contiguous(), meta, lora_A, lora_B, scaling)
     return _kernels().reference_dab(dy2, xa2, _mask_of(meta, (n, k)), lora_A, lora_B, scaling)
@@ -200,7 +200,7 @@ def _backward(ctx, dy):
     if need[4] or need[5]:
         da, db = _sparse_lora_dab_op(dy, xa if separate else x, meta, a, b, s)
     if ctx.has_bias and need[7]:
-        dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
+        dbias = _rows(dy, dy.shape[-1]).sum(0)
     return dx, dxa, None, None, da, db, None, dbias
 
 
@@ -237,6 +237,10 @@ class SparseLoRALinear(nn.Module):
             raise ValueError(f"{label}: LoRA rank must be a positive integer, got {r!r}")
         if not (0.0 <= dropout < 1.0):
             raise ValueError(f"{label}: dropout must be in [0, 1), got {dropout}")
+        # packed operands enter here: the kernels trust them (sparselora.format, "Validation")
+        if validate_packed(packed.values, packed.meta, label) != tuple(packed.shape):
+            raise SparsityError(f"{label}: packed tensors do not fit the stated shape {packed.shape}")
+        bias = layer_bias(bias, packed.values, label)
         self.out_features, self.in_features = packed.shape
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
@@ -244,7 +248,7 @@ class SparseLoRALinear(nn.Module):
         self.register_buffer("meta", packed.meta)
         self.register_buffer("_orig_values", None, persistent=False)
         # the base layer is frozen: the bias too (peft's bias="none")
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         dev, dt = packed.values.device, packed.values.dtype
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))
@@ -337,6 +341,8 @@ class SparseLoRALinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            raise SparsityError(f"{self.layer_name or 'SparseLoRALinear'}: input is a 0-d tensor; expected [..., {self.in_features}]")
         if x.shape[-1] != self.in_features:
             raise SparsityError(f"{self.layer_name or 'SparseLoRALinear'}: input has {x.shape[-1]} features, "
                                 f"expected {self.in_features}")

@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from .backends import Backend, choose_backend
 from .backends.base import RESIDENT_OWN
-from .format import Packed24, SparsityError, check_packed, pack_24, unpack_24
+from .format import Packed24, SparsityError, check_packed, pack_24, unpack_24, validate_packed
+from .ops import layer_bias
 
 __all__ = ["SparseLinear"]
 
@@ -36,11 +37,15 @@ class SparseLinear(nn.Module):
     def __init__(self, packed: Packed24, bias: Optional[torch.Tensor] = None, backend: str = "auto", name: Optional[str] = None,
                  allow_extra_copy: bool = False):
         super().__init__()
+        # packed operands enter here: the kernels trust them (sparselora.format, "Validation")
+        if validate_packed(packed.values, packed.meta, name or "SparseLinear") != tuple(packed.shape):
+            raise SparsityError(f"{name or 'SparseLinear'}: packed tensors do not fit the stated shape {packed.shape}")
         self.out_features, self.in_features = packed.shape
         self.layer_name = name
         self.requested_backend = backend
         self.allow_extra_copy = bool(allow_extra_copy)
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        bias = layer_bias(bias, packed.values, name or "SparseLinear")  # in the weight's dtype, as nn.Linear
+        self.bias = nn.Parameter(bias) if bias is not None else None
         self._backend_keys: tuple[str, ...] = ()
         self._dtype = packed.dtype
         self._prepared_for: Optional[tuple] = None
@@ -195,8 +200,12 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.ensure_backend()
+        if x.dim() == 0:
+            raise SparsityError(f"{self.layer_name or 'SparseLinear'}: input is a 0-d tensor; expected [..., {self.in_features}]")
         if x.shape[-1] != self.in_features:
             raise SparsityError(f"{self.layer_name or 'SparseLinear'}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            raise SparsityError(f"{self.layer_name or 'SparseLinear'}: bias dtype {self.bias.dtype} != input dtype {x.dtype}")
         if self._own:
             return self.backend.linear(x, None, self._extra, self.bias, shape=(self.out_features, self.in_features))
         return self.backend.linear(x, self.packed, self._extra, self.bias)
@@ -225,7 +234,7 @@ class SparseLinear(nn.Module):
         try:
             values = state_dict[vk].to(device=device, dtype=dtype)
             meta = state_dict[mk].to(device=device)
-            shape = check_packed(values, meta, vk)
+            shape = validate_packed(values, meta, vk)  # the backend's kernels trust what enters here
             if shape != (self.out_features, self.in_features):
                 raise SparsityError(f"'{vk}' is a packed {shape[0]}x{shape[1]} weight, the layer is {self.out_features}x{self.in_features}")
             extra = self.backend.prepare(Packed24(values, meta, shape))

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparselora.format import SparsityError, check_packed
+from sparselora.format import SparsityError, check_meta_once, check_packed
 from sparselora.ops import check_linear_inputs
 
 from . import launch_guard
@@ -528,6 +528,7 @@ def sparse24_matmul_t_triton(dy: torch.Tensor, values: torch.Tensor, meta: torch
     ``split_k`` as in :func:`sparse24_linear_triton` (here the reduction runs over N)."""
     name = "sparse24_matmul_t (triton)"
     n, k = check_packed(values, meta, name)
+    check_meta_once(meta, k, name)
     if not isinstance(dy, torch.Tensor):
         raise TypeError(f"{name}: dy must be a torch.Tensor, got {type(dy).__name__}")
     if dy.shape[-1] != n:

@@ -99,7 +99,15 @@ def _sparse24_gemv_kernel(
     shifts = 2 * tl.arange(0, 16)
     tok = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # masked-dense semantics (sparselora.ops): x * 0 over every dense column of this K slice,
+    # pruned ones included, is 0 for a finite input and NaN for NaN/Inf; summed per token and
+    # added to every output of the token below. The columns are those the gathers just touched.
+    nonfinite = tl.zeros((BLOCK_M, 2 * BLOCK_KV), dtype=tl.float32)
     for it in range(start, end):
+        dcol = it * (2 * BLOCK_KV) + tl.arange(0, 2 * BLOCK_KV)
+        xs = tl.load(x_ptr + tok[:, None] * stride_xm + dcol[None, :],
+                     mask=(tok[:, None] < M) & (dcol[None, :] < K), other=0).to(tl.float32)
+        nonfinite += xs * 0.0
         j = it * BLOCK_KV + tl.arange(0, BLOCK_KV)  # kept-value index along the row
         j_mask = j < KV
         vals = tl.load(v_ptr + rows[:, None] * stride_vn + j[None, :],
@@ -118,6 +126,7 @@ def _sparse24_gemv_kernel(
             part = tl.sum(vals * xg, axis=1)  # [BLOCK_N]
             acc += tl.where(tok[None, :] == mi, part[:, None], 0.0)
 
+    acc += tl.sum(nonfinite, axis=1)[None, :]  # +0 per finite token, NaN per non-finite one
     out = y_ptr + tok.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
     out_mask = n_mask[:, None] & (tok[None, :] < M)
     _store_output_tile(out, acc, out_mask, b_ptr, offs_n, n_mask, HAS_BIAS, SPLIT_OUT)

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparselora.format import check_meta_once
+
 from .aot import AotSpec
 from .launch_guard import on_tensor_device
 
@@ -361,6 +363,7 @@ def _check_operands(values, meta, a, b, dtype, device):
     if values is not None:
         values = _check("values", values, (n, k // 2), dtype, device)
     meta = _check("meta", meta, (n, words), torch.int32, device)
+    check_meta_once(meta, k, "sparse_lora")  # kernels trust the indices: validated once per meta tensor
     a = _check("lora_A", a, (r, k), dtype, device)
     b = _check("lora_B", b, (n, r), dtype, device)
     return values, meta, a, b, n, k, r
@@ -466,7 +469,8 @@ def reference_dx(dy, w, mask, a, b, scaling, use_w=True, use_lora=True):
 
 def reference_dab(dy, xa, mask, a, b, scaling):
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    g = (dy.reshape(-1, dy.shape[-1]).to(acc).t() @ xa.reshape(-1, xa.shape[-1]).to(acc)) * mask * scaling
+    rows = dy.shape[:-1].numel()  # explicit: reshape(-1, 0) is ambiguous for N = 0
+    g = (dy.reshape(rows, dy.shape[-1]).to(acc).t() @ xa.reshape(rows, xa.shape[-1]).to(acc)) * mask * scaling
     return (b.to(acc).t() @ g).to(a.dtype), (g @ a.to(acc).t()).to(b.dtype)
 
 
