@@ -818,6 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-sentences", type=_positive_int, default=64, help="held-out sentences for the quality metric (default: 64)")
     sp.add_argument("--batch", type=_positive_int, default=8, help="training batch size (default: 8)")
     sp.add_argument("--iters", type=_positive_int, default=10, help="timing repetitions (default: 10)")
+    sp.add_argument("--threads", type=_positive_int, help="CPU threads (default: the idle cores, i.e. the CPUs "
+                                                           "available minus the 1-minute load average, at least 1)")
     sp.add_argument("--skip-llava", action="store_true", help="only the MiniLM part")
     sp.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

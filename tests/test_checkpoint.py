@@ -246,8 +246,27 @@ def test_corrupt_meta_indices_named(tmp_path):
         _untouched(lambda: load_sparse(fresh, bad), fresh)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_packed_values_named(tmp_path, bad):
+    model = _sparse_model()
+    path = save_sparse(model, tmp_path / "m.safetensors")
+    name = list(sparse_layers(model))[1]
+    with safe_open(str(path), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    t[f"{name}.values"][3, 5] = bad
+    from sparselora.checkpoint import checksum
+
+    bad_file = _rewrite(path, tmp_path / "nan.safetensors", {"checksum": checksum(t)}, t)  # a valid checksum
+    fresh = build("llava", seed=1)
+    with pytest.raises(CheckpointError, match=rf"layer '{name}': packed values contain NaN/Inf: values\[3, 5\]"):
+        _untouched(lambda: load_sparse(fresh, bad_file), fresh)
+
+
 # --- compressed-tensors interop -------------------------------------------------------------
-ct_utils = pytest.importorskip("compressed_tensors.utils")
+# compressed-tensors is in the [test] extra; without it these tests skip one by one (visibly),
+# never the whole module at import
+def _ct(module="compressed_tensors.utils"):
+    return pytest.importorskip(module, reason="compressed-tensors is not installed (pip install -e '.[test]')")
 
 
 def _their_compress(weight: torch.Tensor):
@@ -257,19 +276,19 @@ def _their_compress(weight: torch.Tensor):
     n, k = weight.shape
     groups = weight.reshape(-1, 4)
     bytemask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, dim=1).indices, True).reshape(n, k)
-    return weight[bytemask].reshape(n, k // 2), ct_utils.pack_bitmasks(bytemask), torch.tensor([n, k]).reshape(-1, 1)
+    return weight[bytemask].reshape(n, k // 2), _ct().pack_bitmasks(bytemask), torch.tensor([n, k]).reshape(-1, 1)
 
 
 def _their_decompress(compressed, bitmask, shape):
     shape = shape.flatten().tolist()
-    mask = ct_utils.unpack_bitmasks(bitmask, shape)
+    mask = _ct().unpack_bitmasks(bitmask, shape)
     dense = torch.zeros(shape, dtype=compressed.dtype)
     dense[mask] = compressed.flatten()
     return dense
 
 
 def test_compressed_tensors_checkpoint_loads(tmp_path, seed):
-    from compressed_tensors.config import Sparse24BitMaskConfig
+    Sparse24BitMaskConfig = _ct("compressed_tensors.config").Sparse24BitMaskConfig
 
     dense = build("llava", seed=seed % 10_000)
     masks = prune_24(dense, parts=("language",))
@@ -299,8 +318,8 @@ def test_compressed_tensors_checkpoint_loads(tmp_path, seed):
 
 
 def test_our_compressed_tensors_output_decompresses_with_theirs(tmp_path):
-    from compressed_tensors.config import SparsityCompressionConfig
-    from compressed_tensors.utils.safetensors_load import get_nested_weight_mappings
+    SparsityCompressionConfig = _ct("compressed_tensors.config").SparsityCompressionConfig
+    get_nested_weight_mappings = _ct("compressed_tensors.utils.safetensors_load").get_nested_weight_mappings
 
     model = _sparse_model()
     ckpt = tmp_path / "ct"

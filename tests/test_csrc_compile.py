@@ -4,6 +4,7 @@ CI runs the full check (``bash tools/compile_csrc.sh``); these tests prove that 
 to fail, and that its flags reach the cuSPARSELt header and both GPU architectures. They need nvcc
 (skipped without it) and take a few seconds each.
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,7 +24,26 @@ def _nvcc():
     return None
 
 
-pytestmark = pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (CI has it at /usr/local/cuda-13.0/bin)")
+def _cusparselt_missing():
+    """Why csrc/build_config.py finds no cuSPARSELt header/library here, or None."""
+    spec = importlib.util.spec_from_file_location("_sparselora_build_config", ROOT / "csrc" / "build_config.py")
+    build_config = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build_config  # its dataclasses look their module up there
+    spec.loader.exec_module(build_config)
+    try:
+        build_config.find_cusparselt()
+    except build_config.CusparseLtNotFound as e:
+        return str(e)
+    return None
+
+
+# each test is reported as skipped with its reason (never a module-level skip at import)
+pytestmark = [
+    pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (CI has it at /usr/local/cuda-13.0/bin)"),
+    pytest.mark.skipif(_nvcc() is not None and _cusparselt_missing() is not None,
+                       reason=f"nvcc found but no cuSPARSELt headers (pip install --no-deps nvidia-cusparselt-cu13): "
+                              f"{_cusparselt_missing()}"),
+]
 
 # A small source on the same include chain as csrc/ (the cuSPARSELt header found by
 # build_config, c10 headers, our check macro) with a kernel, so it compiles in seconds.

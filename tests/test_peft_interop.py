@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-peft = pytest.importorskip("peft")
+import peft  # a dependency of sparselora: never skipped
 from peft import LoraConfig, PeftModel  # noqa: E402
 
 from helpers import assert_close  # noqa: E402
