@@ -276,19 +276,52 @@ _LOW_BIT = 0x11111111  # bit 4p of every group
 _VALIDATED = WeakIdKeyDictionary()
 
 
-def _bad_words(meta: torch.Tensor, groups: int) -> torch.Tensor:
-    """Boolean ``[N, words]``: the word holds a group (among the first ``groups`` of the row)
-    whose indices are not ascending. Integer ops on the words only, no unpacking."""
-    i0 = meta & _I0_BITS
-    i1 = (meta >> 2) & _I0_BITS  # arithmetic shift: the copied sign bits fall outside the mask
-    d = (i1 | _GUARD) - i0  # per group: 4 + i1 - i0 in 1..7, >= 5 exactly when i1 > i0
-    ok = (d >> 2) & (d | (d >> 1)) & _LOW_BIT  # bit 4p: field p has bit 2 and (bit 1 or bit 0)
-    words = meta.shape[1]
-    need = torch.full((words,), _LOW_BIT, dtype=torch.int32, device=meta.device)
+#: meta words checked per step: the scratch is bounded (~0.6 MB), whatever the layer's size
+_CHUNK_WORDS = 1 << 16
+
+
+def _need(words: int, groups: int, device) -> torch.Tensor:
+    """Per word, the group bits that must be set: every group, except padding in the last word."""
+    need = torch.full((words,), _LOW_BIT, dtype=torch.int32, device=device)
     tail = groups - 8 * (words - 1)  # groups in the last word; the rest of it is padding
     if words and tail < 8:
         need[-1] = _LOW_BIT & ((1 << (4 * tail)) - 1)
-    return (ok & need) != need
+    return need
+
+
+def _bad_words_into(meta: torch.Tensor, need: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` (bool, meta's shape) = the word holds a group whose indices are not ascending.
+    Integer ops on the words only, written into the scratch ``a``/``b``: nothing is allocated."""
+    torch.bitwise_and(meta, _I0_BITS, out=a)  # i0 of each group
+    torch.bitwise_right_shift(meta, 2, out=b)  # arithmetic: the copied sign bits fall outside the mask
+    b &= _I0_BITS  # i1 of each group
+    b |= _GUARD
+    b -= a  # per group: 4 + i1 - i0 in 1..7, >= 5 exactly when i1 > i0
+    torch.bitwise_right_shift(b, 1, out=a)
+    a |= b  # bit 4p: bit 0 or bit 1 of group p
+    b >>= 2  # bit 4p: bit 2 of group p
+    b &= a
+    b &= need
+    torch.ne(b, need, out=out)
+
+
+def _any_bad_word(meta: torch.Tensor, groups: int) -> bool:
+    """Whether any word of ``meta`` holds a bad group; row chunks through fixed scratch buffers, one
+    host sync at the end."""
+    rows, words = meta.shape
+    step = max(1, _CHUNK_WORDS // words)
+    size = min(step, rows) * words
+    a, b = (torch.empty(size, dtype=torch.int32, device=meta.device) for _ in range(2))
+    flag = torch.empty(size, dtype=torch.bool, device=meta.device)
+    need = _need(words, groups, meta.device)
+    bad = torch.zeros((), dtype=torch.bool, device=meta.device)
+    for r0 in range(0, rows, step):
+        chunk = meta[r0:r0 + step]
+        n = chunk.numel()
+        shape = chunk.shape
+        _bad_words_into(chunk, need, a[:n].view(shape), b[:n].view(shape), flag[:n].view(shape))
+        bad |= flag[:n].any()
+    return bool(bad)
 
 
 def check_meta(meta: torch.Tensor, cols: int, name: str | None = None) -> None:
@@ -307,7 +340,7 @@ def check_meta(meta: torch.Tensor, cols: int, name: str | None = None) -> None:
     if meta.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # reading the result would sync inside a CUDA graph capture: validated before it
     groups = cols // 4
-    if meta.numel() and _bad_words(meta, groups).any():
+    if meta.numel() and _any_bad_word(meta, groups):
         rows = meta.shape[0]
         idx = _unpack_indices(meta, cols // 2).reshape(rows, groups, 2)
         bad = idx[..., 0] >= idx[..., 1]
@@ -333,7 +366,9 @@ def validate_packed(values: torch.Tensor, meta: torch.Tensor, name: str | None =
     column). Returns the dense shape ``(N, K)``."""
     rows, cols = check_packed(values, meta, name)
     check_meta(meta, cols, name)
-    if finite and _has_data(values):
+    # a float64 sum is finite exactly when every value is (no overflow below float64): one pass
+    # that allocates a scalar; only a non-finite sum pays for locating the first bad value
+    if finite and _has_data(values) and values.numel() and not torch.isfinite(values.sum(dtype=torch.float64)):
         bad = ~torch.isfinite(values)
         if bad.any():
             r, j = bad.nonzero()[0].tolist()

@@ -2,7 +2,7 @@
 
 Corrupt meta (a group whose two indices are equal or descending) is rejected by the constructors,
 ``mask_from_meta``, every public op and the Triton launchers, with the tensor's name and the first
-bad row and group; the vectorised word check (``format._bad_words``) agrees with unpacking on
+bad row and group; the vectorised word check (``format._bad_words_into``) agrees with unpacking on
 random words; validated meta is re-checked after an in-place write. Edge shapes: a 0-d input,
 zero output features, modules on the meta device, a float64 bias with a float32 weight.
 """
@@ -12,8 +12,9 @@ import torch.nn as nn
 
 from helpers import assert_close_ref, random_24, ref_linear
 from sparselora import SparseLinear
-from sparselora.format import (Packed24, SparsityError, _bad_words, _unpack_indices, check_meta, mask_from_meta,
-                               pack_24, validate_packed)
+import sparselora.format as fmt
+from sparselora.format import (Packed24, SparsityError, _unpack_indices, check_meta, mask_from_meta, pack_24,
+                               validate_packed)
 from sparselora.lora import SparseLoRALinear, sparse_lora_linear, use_triton_on_cpu
 from sparselora.ops import sparse24_linear, sparse24_matmul_t
 from sparselora.triton_kernels.sparse24_gemm import sparse24_linear_triton, sparse24_matmul_t_triton
@@ -47,7 +48,23 @@ def test_word_check_agrees_with_unpacking(seed):
         words = torch.zeros(64, meta.shape[1], dtype=torch.bool)
         for g in range(k // 4):
             words[:, g // 8] |= want[:, g]
-        assert torch.equal(_bad_words(meta, k // 4), words), k
+        out = torch.empty(meta.shape, dtype=torch.bool)
+        fmt._bad_words_into(meta, fmt._need(meta.shape[1], k // 4, "cpu"), torch.empty_like(meta), torch.empty_like(meta), out)
+        assert torch.equal(out, words), k
+        assert fmt._any_bad_word(meta, k // 4) == bool(words.any())
+
+
+def test_chunked_check_sees_every_chunk(monkeypatch):
+    # 3 words per step: rows are checked a few at a time through the same scratch buffers
+    monkeypatch.setattr(fmt, "_CHUNK_WORDS", 3)
+    _, _, p, _ = _corrupt(n=7, k=136)  # 5 words per row: one row per step
+    check_meta(p.meta, 136, "fc")
+    for row in (0, 3, 6):
+        with pytest.raises(SparsityError, match=f"row {row}, group 9"):
+            check_meta(_set_group(p.meta, row, 9, 1, 1), 136, "fc")
+    _, _, p, _ = _corrupt(n=9, k=8, row=0, group=0)  # 1 word per row: 3 rows per step, the last step partial
+    with pytest.raises(SparsityError, match="row 8, group 1"):
+        check_meta(_set_group(p.meta, 8, 1, 2, 0), 8, "fc")
 
 
 @pytest.mark.parametrize("i0,i1", [(2, 2), (0, 0), (3, 3), (3, 1), (1, 0)])
