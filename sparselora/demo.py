@@ -296,17 +296,23 @@ def _markdown(results: dict) -> str:
         if "generate_matches_masked_dense" in r:
             lines.append(f"- generate() of the packed model equals the masked dense model: {r['generate_matches_masked_dense']}")
         if "layer_latency" in r:
-            lines += ["", "CPU latency, median ms on this machine. Reference backend = decompress + dense matmul: these timings "
-                          "are NOT the product's speed (the GPU kernels'; see benchmarks/), and on shared CPUs they are noisy: "
-                          "the sparse/dense ratio can flip between runs. They show that the flow runs.", "",
-                      "| layer shape | tokens | dense ms | sparse ms | sparse/dense |", "|---|---:|---:|---:|---:|"]
-            for row in r["layer_latency"]:
-                lines.append(f"| {row['shape']} | {row['tokens']} | {row['dense_ms']:.3f} | {row['sparse_ms']:.3f} | {row['sparse_ms'] / row['dense_ms']:.2f} |")
-            ml = r["model_latency_ms"]
-            lines.append(f"| whole model, batch {ml['batch']} | - | {ml['dense']:.1f} | {ml['sparse']:.1f} | {ml['sparse'] / ml['dense']:.2f} |")
+            lines += _latency_lines(r["layer_latency"], r["model_latency_ms"])
         lines.append("")
     lines.append(f"total demo time: {results['seconds']:.1f} s")
     return "\n".join(lines)
+
+
+def _latency_lines(layer_latency: list[dict], model_ms: dict) -> list[str]:
+    """The CPU latency table of results.md, with what it is not."""
+    lines = ["", "CPU latency, median ms on this machine. Reference backend = decompress + dense matmul: these timings "
+                 "are NOT the product's speed (the GPU kernels'; see benchmarks/), and on shared CPUs they are noisy: "
+                 "the sparse/dense ratio can flip between runs. They show that the flow runs.", "",
+             "| layer shape | tokens | dense ms | sparse ms | sparse/dense |", "|---|---:|---:|---:|---:|"]
+    for row in layer_latency:
+        lines.append(f"| {row['shape']} | {row['tokens']} | {row['dense_ms']:.3f} | {row['sparse_ms']:.3f} | {row['sparse_ms'] / row['dense_ms']:.2f} |")
+    lines.append(f"| whole model, batch {model_ms['batch']} | - | {model_ms['dense']:.1f} | {model_ms['sparse']:.1f} | "
+                 f"{model_ms['sparse'] / model_ms['dense']:.2f} |")
+    return lines
 
 
 def _plot(results: dict, path: Path) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparselora.cli import build_parser
-from sparselora.demo import _markdown, pick_threads
+from sparselora.demo import _latency_lines, pick_threads
 
 
 @pytest.mark.parametrize("cpus,load,want", [(2, 13.2, 1), (2, 0.1, 2), (2, 0.9, 1), (16, 3.4, 13), (4, 9.0, 1)])
@@ -34,9 +34,5 @@ def test_threads_option():
 
 def test_latency_table_says_it_is_not_the_products_speed():
     row = {"shape": "384x384", "tokens": 256, "dense_ms": 1.0, "sparse_ms": 2.0, "backend": "reference"}
-    r = {"model": "m", "stages": [{"stage": "dense", "cosine_mean": 1.0, "cosine_min": 1.0}],
-         "bytes": {"linear_weights_dense": 2**20, "linear_weights_packed": 2**19, "file_dense": 2**20, "file_sparse": 2**19},
-         "verify_max_rel_err_per_module": 1e-7, "reload_identical": True, "exact_24_after_merge": 3,
-         "restore": {"ran": True}, "layer_latency": [row], "model_latency_ms": {"dense": 1.0, "sparse": 2.0, "batch": [4, 8]}}
-    md = _markdown({"env": "env", "minilm": r, "seconds": 1.0})
-    assert "NOT the product's speed" in md and "noisy" in md and "| 384x384 | 256 |" in md
+    md = "\n".join(_latency_lines([row], {"dense": 1.0, "sparse": 2.0, "batch": [4, 8]}))
+    assert "NOT the product's speed" in md and "noisy" in md and "| 384x384 | 256 | 1.000 | 2.000 | 2.00 |" in md

@@ -102,12 +102,19 @@ def _sparse24_gemv_kernel(
     # masked-dense semantics (sparselora.ops): x * 0 over every dense column of this K slice,
     # pruned ones included, is 0 for a finite input and NaN for NaN/Inf; summed per token and
     # added to every output of the token below. The columns are those the gathers just touched.
+    # Up to BLOCK_M = 8 an elementwise accumulator, reduced once after the loop (no shuffles or
+    # barriers in the loop; ptxas sm_90: +0..8 registers); at 16 it would double the registers
+    # (64 -> 128), so that tile reduces per iteration instead (72).
     nonfinite = tl.zeros((BLOCK_M, 2 * BLOCK_KV), dtype=tl.float32)
+    nonfinite_tok = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for it in range(start, end):
         dcol = it * (2 * BLOCK_KV) + tl.arange(0, 2 * BLOCK_KV)
         xs = tl.load(x_ptr + tok[:, None] * stride_xm + dcol[None, :],
                      mask=(tok[:, None] < M) & (dcol[None, :] < K), other=0).to(tl.float32)
-        nonfinite += xs * 0.0
+        if BLOCK_M >= 16:
+            nonfinite_tok += tl.sum(xs * 0.0, axis=1)
+        else:
+            nonfinite += xs * 0.0
         j = it * BLOCK_KV + tl.arange(0, BLOCK_KV)  # kept-value index along the row
         j_mask = j < KV
         vals = tl.load(v_ptr + rows[:, None] * stride_vn + j[None, :],
@@ -126,7 +133,7 @@ def _sparse24_gemv_kernel(
             part = tl.sum(vals * xg, axis=1)  # [BLOCK_N]
             acc += tl.where(tok[None, :] == mi, part[:, None], 0.0)
 
-    acc += tl.sum(nonfinite, axis=1)[None, :]  # +0 per finite token, NaN per non-finite one
+    acc += (nonfinite_tok + tl.sum(nonfinite, axis=1))[None, :]  # +0 per finite token, NaN per non-finite one
     out = y_ptr + tok.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
     out_mask = n_mask[:, None] & (tok[None, :] < M)
     _store_output_tile(out, acc, out_mask, b_ptr, offs_n, n_mask, HAS_BIAS, SPLIT_OUT)
