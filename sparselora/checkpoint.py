@@ -616,30 +616,6 @@ def _load_rest(model: nn.Module, state, keys: list[str], device: torch.device) -
     return assigned
 
 
-def _first_unordered_group(meta: torch.Tensor, k: int) -> Optional[tuple[int, int, int, int]]:
-    """(row, group, i0, i1) of the first group whose indices are not ascending, or None. Works on
-    the int32 words one 4-bit group field at a time: temporaries the size of ``meta`` (1/8 of the
-    packed values' bytes for 16-bit types), never the dense ``[N, K]``. In numpy for host tensors
-    (single-threaded: torch's threaded small ops crawl on a busy machine)."""
-    import numpy as np
-
-    groups = k // 4
-    host = meta.device.type == "cpu"
-    words = meta.numpy() if host else meta
-    first = None
-    for p in range(8):  # group field p of every word: groups 8w + p
-        field = (words >> (4 * p)) & 0xF
-        bad = (field & 3) >= (field >> 2)
-        n_real = max(0, -(-(groups - p) // 8))  # words holding a real group in field p (the rest is padding)
-        bad = bad[:, :n_real]
-        if bool(bad.any()):
-            r, w = (np.argwhere(bad)[0] if host else bad.nonzero()[0]).tolist()
-            g, f = w * 8 + p, int(field[r, w])
-            if first is None or (r, g) < first[:2]:
-                first = (r, g, f & 3, f >> 2)
-    return first
-
-
 def _plan(model: nn.Module, state, layers: dict[str, dict], where: str, backend: str, strict: bool,
           fallback: torch.device = torch.device("cpu"), allow_extra_copy: bool = False) -> dict[str, SparseLinear]:
     """Check ``state`` fits ``model`` with ``layers`` packed; return the SparseLinear modules to install

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -289,39 +290,58 @@ def _need(words: int, groups: int, device) -> torch.Tensor:
     return need
 
 
-def _bad_words_into(meta: torch.Tensor, need: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+def _bad_words_into(meta, need, a, b, out) -> None:
     """``out`` (bool, meta's shape) = the word holds a group whose indices are not ascending.
-    Integer ops on the words only, written into the scratch ``a``/``b``: nothing is allocated."""
-    torch.bitwise_and(meta, _I0_BITS, out=a)  # i0 of each group
-    torch.bitwise_right_shift(meta, 2, out=b)  # arithmetic: the copied sign bits fall outside the mask
+    Integer ops on the words only, written into the scratch ``a``/``b``: nothing is allocated.
+    Takes numpy arrays (host) or torch tensors (devices) alike."""
+    if isinstance(meta, np.ndarray):
+        and_, shr, ne = np.bitwise_and, np.right_shift, np.not_equal
+    else:
+        and_, shr, ne = torch.bitwise_and, torch.bitwise_right_shift, torch.ne
+    and_(meta, _I0_BITS, out=a)  # i0 of each group
+    shr(meta, 2, out=b)  # arithmetic: the copied sign bits fall outside the mask
     b &= _I0_BITS  # i1 of each group
     b |= _GUARD
     b -= a  # per group: 4 + i1 - i0 in 1..7, >= 5 exactly when i1 > i0
-    torch.bitwise_right_shift(b, 1, out=a)
+    shr(b, 1, out=a)
     a |= b  # bit 4p: bit 0 or bit 1 of group p
     b >>= 2  # bit 4p: bit 2 of group p
     b &= a
     b &= need
-    torch.ne(b, need, out=out)
+    ne(b, need, out=out)
 
 
 def _any_bad_word(meta: torch.Tensor, groups: int) -> bool:
     """Whether any word of ``meta`` holds a bad group; row chunks through fixed scratch buffers, one
-    host sync at the end."""
+    host sync at the end. Host tensors go through numpy (single-threaded: torch's threaded small
+    ops crawl on a busy machine; a 1B-parameter load measured 60 s)."""
     rows, words = meta.shape
     step = max(1, _CHUNK_WORDS // words)
     size = min(step, rows) * words
-    a, b = (torch.empty(size, dtype=torch.int32, device=meta.device) for _ in range(2))
-    flag = torch.empty(size, dtype=torch.bool, device=meta.device)
     need = _need(words, groups, meta.device)
-    bad = torch.zeros((), dtype=torch.bool, device=meta.device)
+    if meta.device.type == "cpu":
+        meta, need = meta.numpy(), need.numpy()
+        a, b, flag = np.empty(size, np.int32), np.empty(size, np.int32), np.empty(size, np.bool_)
+        bad = False
+    else:
+        a, b = (torch.empty(size, dtype=torch.int32, device=meta.device) for _ in range(2))
+        flag = torch.empty(size, dtype=torch.bool, device=meta.device)
+        bad = torch.zeros((), dtype=torch.bool, device=meta.device)
     for r0 in range(0, rows, step):
         chunk = meta[r0:r0 + step]
-        n = chunk.numel()
-        shape = chunk.shape
-        _bad_words_into(chunk, need, a[:n].view(shape), b[:n].view(shape), flag[:n].view(shape))
-        bad |= flag[:n].any()
+        n, shape = chunk.shape[0] * words, chunk.shape
+        _bad_words_into(chunk, need, a[:n].reshape(shape), b[:n].reshape(shape), flag[:n].reshape(shape))
+        bad = bad | flag[:n].any()
     return bool(bad)
+
+
+def _version(t: torch.Tensor) -> int:
+    """The version counter (bumped by in-place writes); -1 for inference tensors, which have none
+    (an in-place write to one inside ``torch.inference_mode`` is not seen: validate again)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def check_meta(meta: torch.Tensor, cols: int, name: str | None = None) -> None:
@@ -348,13 +368,13 @@ def check_meta(meta: torch.Tensor, cols: int, name: str | None = None) -> None:
         raise SparsityError(
             f"{_name(name)}: corrupt 2:4 meta: row {r}, group {g} (columns {4 * g}..{4 * g + 3}) has indices "
             f"{idx[r, g].tolist()} (need i0 < i1; {int(bad.sum())} bad groups in all)")
-    _VALIDATED[meta] = (meta._version, cols)
+    _VALIDATED[meta] = (_version(meta), cols)
 
 
 def check_meta_once(meta: torch.Tensor, cols: int, name: str | None = None) -> None:
     """:func:`check_meta`, skipped for a tensor already validated at its current version: the
     per-call form for ops (a dictionary lookup instead of a pass over meta and a GPU sync)."""
-    if _VALIDATED.get(meta) == (meta._version, cols):
+    if _VALIDATED.get(meta) == (_version(meta), cols):
         return
     check_meta(meta, cols, name)
 
@@ -365,7 +385,7 @@ def validate_packed(values: torch.Tensor, meta: torch.Tensor, name: str | None =
     ``finite``, no NaN/Inf among the values (the message gives the packed index and the dense
     column). Returns the dense shape ``(N, K)``."""
     rows, cols = check_packed(values, meta, name)
-    check_meta(meta, cols, name)
+    check_meta_once(meta, cols, name)
     # a float64 sum is finite exactly when every value is (no overflow below float64): one pass
     # that allocates a scalar; only a non-finite sum pays for locating the first bad value
     if finite and _has_data(values) and values.numel() and not torch.isfinite(values.sum(dtype=torch.float64)):
