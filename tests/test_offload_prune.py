@@ -127,3 +127,44 @@ def test_restore_with_a_disk_offloaded_teacher(base, tmp_path):
     assert any(p.abs().sum() > 0 for p in results[0])  # the adapters moved
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_host_model_calibrated_on_a_device_one_module_at_a_time(base, monkeypatch):
+    """prune(device=...): the model stays on the host, accelerate's cpu_offload hooks bring one
+    module's weights to the device per forward; afterwards the model is its own host tensors again
+    (same Parameter objects, ties kept, no hooks), pruned exactly as in memory."""
+    model, batches = base
+    ref = copy.deepcopy(model)
+    prune(ref, "sparsegpt", calib=batches, progress=False)
+    host = copy.deepcopy(model)
+    before = dict(host.named_parameters(remove_duplicate=False))
+    resident = []
+    real_linear = F.linear
+
+    def counting_linear(*a, **k):
+        resident.append(_resident_bytes(host))
+        return real_linear(*a, **k)
+
+    monkeypatch.setattr(F, "linear", counting_linear)
+    prune(host, "sparsegpt", calib=batches, progress=False, device="cpu")
+    monkeypatch.setattr(F, "linear", real_linear)
+    biggest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in host.modules())
+    assert resident and max(resident) <= biggest  # one module's own weights at a time
+    after = dict(host.named_parameters(remove_duplicate=False))
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert not any(hasattr(m, "_hf_hook") for m in host.modules())
+    for name, mask in _masked(ref).items():
+        lin = host.get_submodule(name)
+        assert torch.equal(lin.sparse_mask, mask) and torch.equal(lin.weight, ref.get_submodule(name).weight), name
+    with torch.no_grad():
+        assert torch.equal(host(**batches[0]).logits, ref(**batches[0]).logits)
+
+
+def test_ecoflap_refuses_offloaded_layers(base, tmp_path):
+    from accelerate import disk_offload
+
+    model, batches = base
+    off = copy.deepcopy(model)
+    disk_offload(off, tmp_path / "offload", execution_device="cpu")
+    with pytest.raises(ValueError, match="ecoflap.*offloaded"):
+        prune(off, "wanda", pattern=0.5, ratios="ecoflap", calib=batches, progress=False)

@@ -27,7 +27,7 @@ from ..progress import progress_bar
 from .calibrate import (MemoryProbe, StatsCollector, as_batches, calibration_batches, capture_block_inputs, check_sequential,
                         find_block_lists, run_block, run_model)
 from .ecoflap import allocate_ratios, zeroth_order_scores
-from .offload import layer_weight
+from .offload import host_model_on_device, is_offloaded, layer_weight
 from .methods import Pattern, magnitude_mask, parse_pattern, sparsegpt_prune, wanda_mask
 from .report import LayerRow, PruneReport
 from .strategy import Target, select_targets
@@ -77,6 +77,7 @@ def prune(
     ecoflap_batches: Optional[int] = None,
     loss_fn: Optional[Callable] = None,
     seed: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> PruneReport:
     """Prune the Linear layers a strategy selects, in place.
 
@@ -96,6 +97,11 @@ def prune(
             ``config.model_type``); unknown models need ``custom_family(...)``.
         skip: layer names to leave dense (exact name, prefix, or ``.suffix``).
         percdamp, blocksize: SparseGPT dampening (fraction of mean diag H) and lazy block width.
+        device: calibrate a model that lives on the host on this device, one module's weights
+            there at a time (accelerate's ``cpu_offload`` hooks for the duration; the pruned
+            weights are the host tensors afterwards). A model already dispatched by accelerate
+            (``device_map`` with CPU/disk offload) is pruned as it is, through its own hooks,
+            with ``device=None``.
         ecoflap_*: ECoFLaP per-layer max/min ratio, perturbation size, random directions,
             ``"block"`` or ``"layer"`` granularity, temperature, and how many of the
             calibration batches score importance (None: all; it costs
@@ -103,6 +109,12 @@ def prune(
             replaces its default loss.
     Returns: a :class:`PruneReport`.
     """
+    if device is not None:
+        with host_model_on_device(model, device):
+            return prune(model, method, pattern, calib, strategy, ratios, family, skip, progress, percdamp=percdamp,
+                         blocksize=blocksize, ecoflap_max=ecoflap_max, ecoflap_min=ecoflap_min, ecoflap_eps=ecoflap_eps,
+                         ecoflap_samples=ecoflap_samples, ecoflap_granularity=ecoflap_granularity,
+                         ecoflap_temperature=ecoflap_temperature, ecoflap_batches=ecoflap_batches, loss_fn=loss_fn, seed=seed)
     t_start = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {METHODS}")
@@ -112,6 +124,11 @@ def prune(
     for name, t in targets.items():  # fail before anything is modified (offloaded layers: onloaded one at a time)
         with layer_weight(model, name) as lin:
             check_finite(lin.weight.detach(), name)
+    if ratios == "ecoflap":
+        offloaded = [n for n in targets if is_offloaded(model, n)]
+        if offloaded:  # its zeroth-order scores perturb the weights in place, between forwards
+            raise ValueError(f"ratios='ecoflap' needs resident weights; {len(offloaded)} target layers are offloaded by "
+                             f"accelerate (first: {offloaded[0]}); use ratios='uniform' or load the model without offload")
     need_calib = method != "magnitude" or ratios == "ecoflap"
     batches = as_batches(calib) if need_calib else None
 

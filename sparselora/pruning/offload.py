@@ -125,3 +125,33 @@ def _copy_into(store, key: str, value: torch.Tensor) -> None:
             old.copy_(value)
     else:
         store[key] = value.to("cpu").clone()
+
+
+@contextlib.contextmanager
+def host_model_on_device(model: nn.Module, device) -> Iterator[nn.Module]:
+    """Calibrate a model that lives on the host on ``device``, one module at a time.
+
+    For the duration, accelerate's ``cpu_offload`` hooks move each module's weights to ``device``
+    for its forward only (the host tensors are the offload store: no copy). Afterwards the hooks are
+    removed and every parameter and buffer is the host object it was before (pruned in place through
+    :func:`store_weight`), ties included."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        raise ValueError("prune(device=...): the model is already dispatched by accelerate; its hooks decide where it runs "
+                         "(pass device=None)")
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False)}
+    bad = sorted({p.device.type for p in params.values()} - {"cpu"})
+    if bad:
+        raise ValueError(f"prune(device=...): the model must live on the host (its parameters are on {', '.join(bad)})")
+    cpu_offload(model, execution_device=torch.device(device))
+    try:
+        yield model
+    finally:
+        remove_hook_from_module(model, recurse=True)
+        for table, attr in ((params, "_parameters"), (buffers, "_buffers")):
+            for name, t in table.items():
+                mod, _, leaf = name.rpartition(".")
+                getattr(model.get_submodule(mod) if mod else model, attr)[leaf] = t
