@@ -444,6 +444,7 @@ def cmd_env(args) -> int:
 
 def cmd_prune(args) -> int:
     _check_prune_options(args.pattern, args.strategy)
+    calib_device = _check_device(args.device) if args.device else None  # before the model loads
     if args.family:
         from .families import FAMILIES
 
@@ -466,6 +467,7 @@ def cmd_prune(args) -> int:
                                         processor_dirs=(args.model,), max_text_tokens=args.calib_seq_len)
         t = time.time()
         rows, used, md = prune_model(model, args.method, args.pattern, args.strategy, fam, calib, progress=not args.quiet,
+                                     device=calib_device if args.method != "magnitude" else None,
                                      skip=args.skip)
         state = dict(info, stage="pruned", method=used, pattern=args.pattern, strategy=args.strategy,
                      source=args.model or f"tiny:{args.tiny}")
@@ -755,6 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib-batches", type=_positive_int, default=8, help="calibration batches for wanda/sparsegpt (default: 8)")
     sp.add_argument("--batch", type=_positive_int, default=4, help="calibration batch size (default: 4)")
     calib_args(sp)
+    sp.add_argument("--device", type=_device,
+                    help="calibrate on this device (cpu, cuda, cuda:N) while the model stays in host memory: one module's "
+                         "weights on the device at a time (default: where the model is loaded, the CPU)")
     sp.add_argument("--out", required=True, help="output directory")
     sp.set_defaults(fn=cmd_prune)
 

@@ -168,3 +168,34 @@ def test_ecoflap_refuses_offloaded_layers(base, tmp_path):
     disk_offload(off, tmp_path / "offload", execution_device="cpu")
     with pytest.raises(ValueError, match="ecoflap.*offloaded"):
         prune(off, "wanda", pattern=0.5, ratios="ecoflap", calib=batches, progress=False)
+
+
+def test_cli_prune_device_calibrates_the_host_model_there(tmp_path, monkeypatch, capsys):
+    import sparselora.pruning
+    from sparselora.cli import load_model, main
+
+    seen = []
+    real = sparselora.pruning.prune
+
+    def spy(model, *a, **k):
+        seen.append(str(k.get("device")))
+        if k.get("device") is not None:  # inside prune(device=...): the model's weights are offloaded to meta
+            import sparselora.pruning.offload as off
+
+            with off.host_model_on_device(model, k["device"]):
+                seen.append(model.model.language_model.layers[0].mlp.up_proj.weight.device.type)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(sparselora.pruning, "prune", spy)
+    outs = []
+    for extra in ([], ["--device", "cpu"]):
+        out = tmp_path / f"p{len(extra)}"
+        assert main(["prune", "--tiny", "llava", "--method", "wanda", "-q", "--calib-batches", "2", *extra, "--out", str(out)]) == 0
+        outs.append(load_model(str(out), None)[0])
+    # plain run; --device run: offloaded inside, then prune's own call on the hooked model
+    assert seen == ["None", "cpu", "meta", "None"]
+    a, b = (_masked(m) for m in outs)
+    assert a and set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    if not torch.cuda.is_available():
+        assert main(["prune", "--tiny", "llava", "--method", "wanda", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
+        assert "--device cuda" in capsys.readouterr().err and not (tmp_path / "x").exists()
