@@ -10,7 +10,9 @@ builds the model on the meta device, replaces every packed layer (named in ``con
 ``quantization_config.sparse_layers``) by a meta-device packed slot, lets transformers stream the
 packed tensors in (its device map, dtype and key renamings apply as for any weight), then turns
 each slot into a :class:`~sparselora.SparseLinear` sharing the loaded tensors. The dense weight of a
-packed layer never exists, on the host or on a device.
+packed layer never exists, on the host or on a device. A ``device_map`` that offloads to disk
+leaves packed layers whole in host memory (their tensors are buffers, which accelerate does not
+offload unless ``offload_buffers=True``, refused by name).
 
 On disk (``model*.safetensors``), a packed layer ``L`` is ``L.weight`` = the canonical packed
 values ``[N, K/2]`` and ``L.weight_meta`` = the int32 in-group indices (see :mod:`sparselora.format`),
@@ -18,7 +20,8 @@ plus ``L.bias``. Storing the values under the dense name is deliberate: transfor
 sparselora does not know the method (it only warns and skips unknown ones), but it then finds
 ``L.weight`` with half the expected columns and refuses the directory with a size-mismatch error
 instead of loading random weights. Every tensor's sha256 is in the safetensors header
-(``sparselora_checksums``) and is checked, streaming and before any weight is loaded.
+(``sparselora_checksums``) and is checked in one streamed pass over the shards (16 MiB at a time)
+before any weight is loaded, so a damaged file is named and nothing is half-loaded.
 
 ``save_pretrained`` writes this format for a model that :func:`sparselora.sparsify` packed (it
 attaches the quantizer, :func:`attach`) or that was loaded this way.
@@ -204,9 +207,6 @@ class SparseLoraHfQuantizer(HfQuantizer):
                 cfg = self.quantization_config
                 _set_module(model, name, slot.to_sparse_linear(name, cfg.backend, getattr(cfg, "allow_extra_copy", False)))
         return model
-
-    def update_dtype(self, dtype):
-        return dtype
 
     # -- saving -------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, model):
