@@ -320,7 +320,7 @@ def calibration_batches(model, info: dict, model_dir: str | None, n: int, batch:
                         processor_dirs: tuple = (), max_text_tokens: int | None = None) -> list[dict]:
     """Forward-kwargs batches: ``data`` (from :func:`check_calib`) rendered with the processor of the
     first of ``processor_dirs`` that has one; random inputs for a tiny model; text for a text model."""
-    from .calib_data import (CalibDataError, docstring_sentences, has_processor, load_processor, render, split_text, text_batches,
+    from .calib_data import (CalibDataError, has_processor, load_processor, render, text_batches,
                              tiny_batches)
 
     if info.get("tiny"):
@@ -339,8 +339,9 @@ def calibration_batches(model, info: dict, model_dir: str | None, n: int, batch:
         except Exception:
             tok = None
         if tok is not None and getattr(model.config, "model_type", "") in ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet", "llama", "gemma", "qwen2", "opt", "mistral"):
-            text, _ = split_text(docstring_sentences(), 64)
-            return text_batches(tok, text[: n * batch], batch, max_length)
+            from .text_sources import calibration_texts  # several text sources mixed (see sparselora.restore)
+
+            return text_batches(tok, calibration_texts(n * batch), batch, max_length)
     raise CLIError(f"this command needs calibration inputs and {model_dir} has no processor (processor_config.json or "
                    "preprocessor_config.json) to make them with: copy the original model's processor files into it, or call "
                    "the Python API with your own batches")
@@ -494,7 +495,7 @@ def cmd_restore(args) -> int:
         raise CLIError("give the pruned model directory (the output of 'sparselora prune')")
     if bool(args.teacher) == bool(args.teacher_tiny):
         raise CLIError("give the dense teacher: exactly one of --teacher DIR or --teacher-tiny FAMILY")
-    lora, distill = _lora()
+    lora, _ = _lora()
     tiny = args.teacher_tiny or _read_state(_model_dir(args.model, "model")).get("tiny")
     if args.teacher:
         _model_dir(args.teacher, "--teacher")
@@ -514,8 +515,9 @@ def cmd_restore(args) -> int:
         names = lora.add_sparse_lora(student, r=args.rank, alpha=args.alpha)
         print(f"distilling {args.steps} steps into {len(names)} SparseLoRA layers ...", file=sys.stderr, flush=True)
         try:
-            stats = distill.distill(student, teacher, batches, steps=args.steps, lr=args.lr, loss=args.loss,
-                                    output_fn=_output_fn, progress=not args.quiet)
+            stats = _need("sparselora.restore", "SparseLoRA restoration").restore(  # default recipe: block-wise distillation
+                student, teacher, batches, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, loss=args.loss,
+                output_fn=_output_fn, progress=not args.quiet)
         except FloatingPointError as e:
             raise CLIError(f"{e}; try a smaller --lr (now {args.lr})") from None
         state["lora"] = {"r": args.rank, "alpha": args.alpha, "names": list(names), "steps": args.steps, "loss": args.loss}
@@ -769,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--teacher", help="dense teacher model directory")
     sp.add_argument("--teacher-tiny", choices=TINY_FAMILIES, help="teacher is the built-in tiny model the student was pruned from")
     sp.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: 200)")
-    sp.add_argument("--lr", type=_positive_float, default=1e-3)
+    sp.add_argument("--lr", type=_positive_float, default=4e-3, help="peak learning rate (default: 4e-3; warm-up, then cosine)")
     sp.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default: 16)")
     sp.add_argument("--alpha", type=_positive_float, default=32, help="LoRA alpha (default: 32)")
     sp.add_argument("--loss", default="mse", choices=["kl", "mse", "cosine"], help="distillation loss (default: mse)")
