@@ -192,6 +192,18 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+DISPLAY = {
+    "dense": "dense",
+    "sparsegpt": "one-shot SparseGPT 2:4 (no restoration)",
+    "sparselora-v0": "+ SparseLoRA, previous recipe (stdlib text, final-output cosine, lr 2e-3 constant), merged",
+    "lora-reprune-v0": "+ ordinary LoRA, previous recipe, merged, re-pruned by SparseGPT",
+    "A:mixed-data": "+ SparseLoRA, mixed text, final-output cosine",
+    "B:A+blocks": "+ SparseLoRA, mixed text, every block matched",
+    "C:B+cosine-lr": "**+ SparseLoRA, new default** (mixed text, every block matched, warm-up + cosine lr 4e-3), merged",
+    "lora-reprune-C": "+ ordinary LoRA, new default recipe, merged, re-pruned by SparseGPT",
+}
+
+
 def readme_table(table: list[dict]) -> list[str]:
     """The compact table the README shows (mean ± sd over seeds)."""
     lines = ["| all-MiniLM-L6-v2, 2:4 (all 37 Linears) | seeds | held-out cosine, 5 domains | retrieval acc@1 | acc@1 − dense | "
@@ -199,7 +211,7 @@ def readme_table(table: list[dict]) -> list[str]:
     for r in table:
         def cell(m):
             return r.get(m + " ±sd", "")
-        lines.append(f"| {r['variant']} | {r['seeds']} | {cell('cos_mixed')} | {cell('acc1')} | {cell('acc1_vs_dense')} | "
+        lines.append(f"| {DISPLAY.get(r['variant'], r['variant'])} | {r['seeds']} | {cell('cos_mixed')} | {cell('acc1')} | {cell('acc1_vs_dense')} | "
                      f"{cell('nn_agree')} | {cell('train_cpu_s')} |")
     return lines
 
@@ -210,6 +222,7 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=["dense", "sparsegpt", *VARIANTS])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="discard earlier rows")
+    ap.add_argument("--report", action="store_true", help="only rewrite the tables from the rows measured so far")
     ap.add_argument("--log", default=str(RESULTS / "eval_ood.jsonl"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -222,8 +235,8 @@ def main(argv=None):
         log.unlink()
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
     have = {(r["seed"], r["variant"]) for r in done}
-    dense, tok = load()
-    for seed in args.seeds:
+    dense, tok = load() if not args.report else (None, None)
+    for seed in [] if args.report else args.seeds:
         todo = [v for v in args.variants if (seed, v) not in have]
         if not todo:
             continue
@@ -255,7 +268,7 @@ def main(argv=None):
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             done.append(row)
-    rows = [r for r in done if r["variant"] in args.variants]
+    rows = [r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds]
     table = summarize(rows)
     metrics = ["cos_mixed", *(f"cos_{d}" for d in EVAL_DOMAINS), "cos_p10", "acc1", "acc1_vs_dense", "mrr", "nn_agree",
                "train_s", "train_cpu_s"]
