@@ -50,9 +50,10 @@ def test_offloaded_model_prunes_like_the_in_memory_one(base, tmp_path, monkeypat
     from accelerate import disk_offload, dispatch_model
 
     model, batches = base
-    method = "sparsegpt" if dispatch == "disk_offload" else "wanda"
+    # sparsegpt (weights updated) on the language part with a hook per module; wanda on both parts with block hooks
+    method, strategy = ("sparsegpt", "language") if dispatch == "disk_offload" else ("wanda", "both")
     ref = copy.deepcopy(model)
-    prune(ref, method, strategy="both", calib=batches, progress=False)
+    prune(ref, method, strategy=strategy, calib=batches, progress=False)
     off = copy.deepcopy(model)
     if dispatch == "disk_offload":  # every module offloaded, a hook per module
         disk_offload(off, tmp_path / "offload", execution_device="cpu")
@@ -72,13 +73,13 @@ def test_offloaded_model_prunes_like_the_in_memory_one(base, tmp_path, monkeypat
         return real_linear(*a, **k)
 
     monkeypatch.setattr(F, "linear", counting_linear)
-    prune(off, method, strategy="both", calib=batches, progress=False)
+    prune(off, method, strategy=strategy, calib=batches, progress=False)
     monkeypatch.setattr(F, "linear", real_linear)
     assert seen and 0 < max(seen) <= block
     assert off.get_submodule(target).weight.device.type == "meta"  # dropped again after pruning
 
     want = _masked(ref)
-    assert set(_masked(off)) == set(want) and len(want) > 10
+    assert set(_masked(off)) == set(want) and len(want) >= 14
     for name, mask in want.items():
         with layer_weight(off, name) as lin:  # the stored weight, as the offload hook will load it
             assert lin.sparse_mask.device.type == "cpu"
