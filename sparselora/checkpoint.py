@@ -44,7 +44,7 @@ from .compressed_tensors_interop import packbits as _packbits, unpackbits as _un
 from .format import Packed24, SparsityError, check_packed, validate_packed
 from .modules import SparseLinear
 from .staging import new_file
-from .stream_io import CheckpointError, TensorInfo, iter_bytes, read_header, read_tensor, tensor_sha256
+from .stream_io import CheckpointError, TensorInfo, iter_bytes, read_header, read_tensor, release_freed_heap, tensor_sha256
 
 __all__ = ["save_sparse", "load_sparse", "read_metadata", "sparse_claim", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION",
            "WEIGHTS_NAME", "CT_FORMAT"]
@@ -662,6 +662,7 @@ def _plan(model: nn.Module, state, layers: dict[str, dict], where: str, backend:
         except (SparsityError, ValueError, KeyError) as e:
             raise CheckpointError(f"{where}: layer '{name}': no backend {backend!r} for it: {e}") from None
         new[name].train(mod.training)
+        release_freed_heap()  # this layer's validation temporaries, before the next layer's reads (see stream_io)
 
     # expected keys after the swap: the model's, with weight -> values/meta for the sparse layers
     # (shape, dtype) only: a SparseLinear whose backend keeps its own layout would rebuild the

@@ -41,6 +41,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .format import Packed24, SparsityError, check_packed
 from .modules import SparseLinear
+from .stream_io import release_freed_heap
 
 __all__ = ["QUANT_METHOD", "FORMAT_VERSION", "SparseLoraConfig", "SparseLoraHfQuantizer", "PackedSlot", "attach", "detach", "is_packed_dir",
            "register"]
@@ -206,6 +207,7 @@ class SparseLoraHfQuantizer(HfQuantizer):
             if isinstance(slot, PackedSlot):
                 cfg = self.quantization_config
                 _set_module(model, name, slot.to_sparse_linear(name, cfg.backend, getattr(cfg, "allow_extra_copy", False)))
+                release_freed_heap()  # the layer's validation temporaries (see stream_io)
         return model
 
     # -- saving -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-__all__ = ["CheckpointError", "TensorInfo", "read_header", "tensor_sha256", "hash_file_tensors", "iter_bytes", "read_tensor", "ST_DTYPES"]
+__all__ = ["CheckpointError", "TensorInfo", "read_header", "tensor_sha256", "hash_file_tensors", "iter_bytes", "read_tensor", "release_freed_heap", "ST_DTYPES"]
 
 # safetensors dtype names -> torch dtypes (the ones a model checkpoint holds)
 ST_DTYPES = {
@@ -49,6 +49,29 @@ class TensorInfo:
     def meta_tensor(self) -> torch.Tensor:
         """A meta-device stand-in with the stored shape and dtype (for checks that read no data)."""
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+
+def release_freed_heap() -> None:
+    """Give the malloc heap's free pages back to the OS (glibc ``malloc_trim``; nothing elsewhere).
+
+    Why: a load interleaves tensors it keeps with temporaries of similar sizes (validation sums,
+    index checks, backend preparation, some on torch's worker threads), and glibc keeps the freed
+    ones resident as fragments between kept blocks: on a 1B-parameter load that was +0.4x to +1x
+    the checkpoint of RSS, all of it returned by one ``malloc_trim(0)``. Loaders call this after each
+    packed layer."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def read_header(file) -> tuple[dict[str, str], dict[str, TensorInfo]]:
