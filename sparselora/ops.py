@@ -15,7 +15,8 @@ validated operands. Semantics on every backend are those of the masked dense mod
 inputs, pruned columns included, gets a non-finite value in every one of its N outputs (the
 dense product has ``inf·0 = NaN`` there), and a token with finite inputs gets finite outputs
 unless the sum overflows. Whether a non-finite output is NaN or ±Inf is not specified (kernels
-that skip pruned columns report such tokens as NaN: :func:`propagate_nonfinite`).
+that skip pruned columns report such tokens as NaN: the mma.sp kernels in themselves, cuSPARSELt
+through :func:`propagate_nonfinite`).
 """
 from __future__ import annotations
 

@@ -105,6 +105,54 @@ def test_prefill_kernel_source_matches_float64(sim, tmp_path, seed, config):
         assert_linear(y, x, w, b, what=f"prefill config {config}, {n}x{k}, M={m}, {dtype}")
 
 
+# Masked-dense non-finite semantics (ops.py, docs/EXTENDING.md): mma.sp never multiplies x at a
+# pruned column (nor does the host sim), so a NaN/Inf there reaches the outputs only through the
+# kernels' fold (mma_sp.h nonfinite_halves / nan_flagged_tokens).
+def _nonfinite_case(n, k, m, dtype):
+    w, mask, b = random_24(n, k, dtype)
+    x = torch.randn(m, k, dtype=torch.float64).to(dtype)
+    pruned0 = (mask[0] == 0).nonzero().flatten()
+    pruned1 = (mask[n - 1] == 0).nonzero().flatten()
+    flagged = {m // 2: (int(pruned0[-1]), float("nan")), m - 1: (int(pruned1[0]), float("-inf"))}
+    for tok, (col, v) in flagged.items():  # a pruned column: the last one of row 0, the first of row n-1
+        x[tok, col] = v
+    return w, b, x, sorted(flagged)
+
+
+def check_nonfinite(y, x, w, b, flagged, what):
+    assert y is not None
+    for tok in flagged:
+        assert not torch.isfinite(y[tok]).any(), f"{what}: token {tok} has a non-finite input but finite outputs"
+    keep = [t for t in range(x.shape[0]) if t not in flagged]
+    assert_linear(y[keep], x[keep], w, b, what=what)
+
+
+NONFINITE_CASES = [(33, 520, 13, torch.bfloat16, [c.id for c in CONFIGS]),
+                   (136, 520, 70, torch.float16, [c.id for c in PREFILL_CONFIGS])]
+
+
+@pytest.mark.parametrize("case", range(len(NONFINITE_CASES)))
+def test_nonfinite_input_at_pruned_column(sim, tmp_path, seed, case):
+    n, k, m, dtype, configs = NONFINITE_CASES[case]
+    for config in configs:
+        for dt in (dtype, torch.float16 if dtype == torch.bfloat16 else torch.bfloat16):
+            w, b, x, flagged = _nonfinite_case(n, k, m, dt)
+            y, log = run_sim(sim, tmp_path, x, to_gpu_layout(pack_24(w)), b, config)
+            assert y is not None and f"OK config {config}" in log, log
+            check_nonfinite(y, x, w, b, flagged, f"config {config}, {n}x{k}, M={m}, {dt}")
+
+
+def test_without_the_fold_pruned_nonfinite_is_lost(tmp_path):
+    exe = _broken_build(tmp_path, "if ((i & 1 ? f1 : f0) & (0x80008000u >> nt)) acc[mt][nt][i] = nan_f32();", "(void)f0, (void)f1;",
+                        where="mma_sp.h")
+    for n, k, m, dtype, configs in NONFINITE_CASES:
+        w, b, x, flagged = _nonfinite_case(n, k, m, dtype)
+        y, log = run_sim(exe, tmp_path, x, to_gpu_layout(pack_24(w)), b, configs[0])
+        assert y is not None, log
+        with pytest.raises(AssertionError, match="non-finite input but finite outputs"):
+            check_nonfinite(y, x, w, b, flagged, "fold removed")
+
+
 def test_auto_config_and_launcher_checks(sim, tmp_path):
     w, _, b = random_24(64, 256, torch.bfloat16)
     g = to_gpu_layout(pack_24(w))

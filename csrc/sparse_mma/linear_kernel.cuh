@@ -67,7 +67,7 @@ __device__ __forceinline__ void load_stage(const LinearParams& p, uint4* st, int
 
 template <typename T, int MT, int NT, int WK, int S>
 __device__ __forceinline__ void compute_stage(const LinearParams& p, const uint4* st, int kq, int mt0, int lane,
-                                              float (&acc)[MT][NT][4]) {
+                                              float (&acc)[MT][NT][4], uint32_t& nf) {
   using C = TileConfig<MT, NT, WK, S>;
   const uint4* sv = st;
   const uint4* sm = st + C::kValChunks;
@@ -87,6 +87,8 @@ __device__ __forceinline__ void compute_stage(const LinearParams& p, const uint4
         for (int nt = 0; nt < NT; ++nt) {
           const int row = nt * kTileN + ldm_row(lane);
           ldmatrix_x4(b[nt], sx + row * kXChunksPerRow + x_smem_chunk(row, x_chunk_of_ktile(j, lane)));
+          nf |= tile_flag<NT>(nonfinite_halves<T>(b[nt][0]) | nonfinite_halves<T>(b[nt][1]) |
+                                 nonfinite_halves<T>(b[nt][2]) | nonfinite_halves<T>(b[nt][3]), nt);
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -124,6 +126,7 @@ __global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const Line
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+  uint32_t nf = 0;  // non-finite x seen, per token tile (mma_sp.h: nonfinite_halves, tile_flag)
 
   const int count = warp < p.KQ ? (p.KQ - warp + WK - 1) / WK : 0;  // k-blocks of this warp
 #pragma unroll
@@ -137,8 +140,11 @@ __global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const Line
     const int nxt = it + S - 1;
     if (nxt < count) load_stage<T, MT, NT, WK, S>(p, ws + (nxt % S) * C::kStageChunks, warp + nxt * WK, mt0, n0, lane);
     cp_async_commit();
-    compute_stage<T, MT, NT, WK, S>(p, ws + (it % S) * C::kStageChunks, warp + it * WK, mt0, lane, acc);
+    compute_stage<T, MT, NT, WK, S>(p, ws + (it % S) * C::kStageChunks, warp + it * WK, mt0, lane, acc, nf);
   }
+  // every warp saw all of x's columns of its k-blocks for all NT tiles' tokens, and the WK warps
+  // together all K: a flagged partial makes the reduced sum NaN
+  nan_flagged_tokens<MT, NT>(nf, acc, lane);
   cp_async_wait<0>();
   __syncthreads();  // every warp done with its pipeline: reuse shared memory for the reduction
 

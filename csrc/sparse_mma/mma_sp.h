@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "sparse_mma/layout.h"
+
 namespace sparselora {
 namespace sparse_mma {
 
@@ -23,6 +25,9 @@ void cp_async_wait();
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem);
 template <typename T, int SEL>
 void mma_sp_m16n8k32(float (&d)[4], const uint4& a, const uint32_t (&b)[4], uint32_t e);
+uint32_t shfl_xor(uint32_t v, int mask);
+uint32_t shfl_idx(uint32_t v, int src_lane);
+float nan_f32();
 #else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -75,7 +80,56 @@ __device__ __forceinline__ void mma_sp_m16n8k32(float (&d)[4], const uint4& a, c
 SPARSELORA_MMA_SP(__half, "f16")
 SPARSELORA_MMA_SP(__nv_bfloat16, "bf16")
 #undef SPARSELORA_MMA_SP
+
+__device__ __forceinline__ uint32_t shfl_xor(uint32_t v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+__device__ __forceinline__ uint32_t shfl_idx(uint32_t v, int src_lane) { return __shfl_sync(0xffffffffu, v, src_lane); }
+__device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fffffff); }
 #endif  // SPARSELORA_SPARSE_MMA_HOST_SIM
+
+// Non-finite flag of x (masked-dense semantics: a token with a NaN/Inf at ANY column, pruned ones
+// included, gets NaN in every output, which mma.sp alone cannot give since it never multiplies x at
+// pruned columns). For a register of two 16-bit halves: bit 15 / bit 31 set iff that half has an
+// all-ones exponent. u = (w & E) ^ E is 0 in a half exactly then; u - 1 borrows into bit 15 only
+// for a 0 half (a non-zero u half is >= the exponent's lowest bit, so the borrow from the low half
+// cannot reach bit 31 either). Three integer ops per register; OR-accumulated, tested once.
+template <typename T> struct ExpMask;
+template <> struct ExpMask<__half> { static constexpr uint32_t value = 0x7C007C00u; };
+template <> struct ExpMask<__nv_bfloat16> { static constexpr uint32_t value = 0x7F807F80u; };
+template <typename T>
+SPARSE_MMA_HD uint32_t nonfinite_halves(uint32_t w) {
+  const uint32_t u = (w & ExpMask<T>::value) ^ ExpMask<T>::value;
+  return (u - 0x00010001u) & 0x80008000u;
+}
+
+// The flags of up to 8 token tiles packed in one register (registers are what the prefill tiles
+// run out of): token tile nt's nonfinite_halves, shifted right by nt, lands in bits 15 - nt and
+// 31 - nt. Applied after the main loop: the lane's flag covers token lane_group(lane) of every tile
+// and a quarter of the columns; the accumulators of every flagged token are set to NaN, so that
+// the split-K sum, bias and cast keep it non-finite.
+template <int NT>
+SPARSE_MMA_HD uint32_t tile_flag(uint32_t halves_flag, int nt) {
+  static_assert(NT <= 8, "one flag register holds 8 token tiles");
+  return halves_flag >> nt;
+}
+template <int MT, int NT>
+#ifdef SPARSELORA_SPARSE_MMA_HOST_SIM
+inline
+#else
+__device__ __forceinline__
+#endif
+void nan_flagged_tokens(uint32_t nf, float (&acc)[MT][NT][4], int lane) {
+  nf |= shfl_xor(nf, 1);  // the 4 lanes of a group: same tokens, other columns
+  nf |= shfl_xor(nf, 2);
+  const uint32_t f0 = shfl_idx(nf, 4 * (2 * lane_in_group(lane)));      // tokens c_col(lane, 0)
+  const uint32_t f1 = shfl_idx(nf, 4 * (2 * lane_in_group(lane) + 1));  // tokens c_col(lane, 1)
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if ((i & 1 ? f1 : f0) & (0x80008000u >> nt)) acc[mt][nt][i] = nan_f32();
+}
 
 }  // namespace sparse_mma
 }  // namespace sparselora

@@ -99,7 +99,8 @@ __device__ __forceinline__ void prefill_load_stage(const LinearParams& p, uint4*
 
 template <typename T, int WM, int WN, int WMT, int WNT, int S>
 __device__ __forceinline__ void prefill_compute_stage(const LinearParams& p, const uint4* st, int stage, int mt0,
-                                                      int wmt0, int wnt0, int lane, float (&acc)[WMT][WNT][4]) {
+                                                      int wmt0, int wnt0, int lane, float (&acc)[WMT][WNT][4],
+                                                      uint32_t& nf) {
   using C = PrefillTile<WM, WN, WMT, WNT, S>;
   const uint4* sv = st;
   const uint4* sm = st + C::kValChunks;
@@ -130,6 +131,8 @@ __device__ __forceinline__ void prefill_compute_stage(const LinearParams& p, con
           uint32_t b[4];
           const int row = (wnt0 + nt) * kTileN + ldm_row(lane);
           ldmatrix_x4(b, sx + row * kPrefillXChunks + ((j * (kTileK / 8) + ldm_matrix(lane)) ^ (row & 7)));
+          nf |= tile_flag<WNT>(nonfinite_halves<T>(b[0]) | nonfinite_halves<T>(b[1]) |
+                                 nonfinite_halves<T>(b[2]) | nonfinite_halves<T>(b[3]), nt);
 #pragma unroll
           for (int mt = 0; mt < WMT; ++mt) {
             if (s == 0) mma_sp_m16n8k32<T, 0>(acc[mt][nt], a[mt], b, pr ? e[mt].y : e[mt].x);
@@ -160,6 +163,7 @@ __global__ void __launch_bounds__(WM * WN * kWarp, 1) mma_sp_prefill_kernel(cons
     for (int nt = 0; nt < WNT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+  uint32_t nf = 0;  // non-finite x seen, per token tile (mma_sp.h: nonfinite_halves, tile_flag)
 
   const int count = (p.KT + kPrefillKTiles - 1) / kPrefillKTiles;
 #pragma unroll
@@ -175,8 +179,9 @@ __global__ void __launch_bounds__(WM * WN * kWarp, 1) mma_sp_prefill_kernel(cons
     const int nxt = it + S - 1;
     if (nxt < count) prefill_load_stage<T, WM, WN, WMT, WNT, S>(p, smem + (nxt % S) * C::kStageChunks, nxt, mt0, n0);
     cp_async_commit();
-    prefill_compute_stage<T, WM, WN, WMT, WNT, S>(p, smem + (it % S) * C::kStageChunks, it, mt0, wmt0, wnt0, lane, acc);
+    prefill_compute_stage<T, WM, WN, WMT, WNT, S>(p, smem + (it % S) * C::kStageChunks, it, mt0, wmt0, wnt0, lane, acc, nf);
   }
+  nan_flagged_tokens<WMT, WNT>(nf, acc, lane);  // this warp saw all K of its tokens
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory is reused for the output tile
 

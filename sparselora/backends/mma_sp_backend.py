@@ -11,11 +11,12 @@ state dict, checkpoints and backend switches.
   reorders back to canonical and runs the reference) and ``torch.compile`` traces it;
 * the CUDA kernel comes from the extension ``sparselora._C`` (``csrc/bindings.cpp``), built on a
   machine with CUDA torch and nvcc.
-* non-finite inputs: ``mma.sp`` never reads x at pruned columns, so ``linear`` calls
-  :func:`sparselora.ops.propagate_nonfinite` after the kernel (masked-dense semantics, one more
-  launch reading x). Predicted, not measured: at decode that launch (~2 us in a CUDA graph) is a
-  large fraction of a ~6 us 4096x4096 GEMV; folding a per-token ``x*0`` sum into the kernel, which
-  already holds x's K-slices in registers (as the Triton GEMV does), would remove it.
+* non-finite inputs: ``mma.sp`` never reads x at pruned columns, so the kernels (decode and
+  prefill) fold the masked-dense rule in themselves: every x fragment they load is tested for an
+  all-ones exponent (3 integer ops per register, ``csrc/sparse_mma/mma_sp.h``
+  ``nonfinite_halves``), and a flagged token's accumulators are set to NaN before the split-K sum
+  and bias. Each CTA reads all K columns of its tokens (no config splits K across CTAs), so the
+  flag is complete; no extra launch (``propagate_nonfinite`` is not called).
 
 ``config`` (-1 = the generated table's choice, see :mod:`sparselora.mma_sp_configs`) forces a tile
 config, for tests. Decode configs serve M < 64 (8..32 tokens per CTA); from M = 64 on the table picks
@@ -34,7 +35,7 @@ import torch
 from ..format import Packed24, SparsityError, unpack_24
 from ..gpu_layout import GpuPacked24, from_gpu_layout, gpu_layout_sizes, to_gpu_layout
 from ..mma_sp_configs import CONFIGS, PREFILL_CONFIGS
-from ..ops import propagate_nonfinite, sparse24_linear
+from ..ops import sparse24_linear
 from .base import Backend, register_backend
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -162,10 +163,9 @@ class MmaSpBackend(Backend):
         dtype = extra["mma_sp_values"].dtype
         if x.dtype != dtype:
             raise SparsityError(f"mma-sp backend: input dtype {x.dtype} != weight dtype {dtype}")
-        y = mma_sp_linear(x, extra["mma_sp_values"], extra["mma_sp_meta"], bias, shape[0], config)
-        if y.is_cuda:  # the sparse MMA never reads x at pruned columns (the CPU kernel is the dense reference)
-            propagate_nonfinite(y, x)
-        return y
+        # non-finite x at pruned columns: the CUDA kernels fold the flag in, the CPU kernel is the
+        # dense reference
+        return mma_sp_linear(x, extra["mma_sp_values"], extra["mma_sp_meta"], bias, shape[0], config)
 
 
 MMA_SP = register_backend(MmaSpBackend())

@@ -31,6 +31,7 @@ struct WarpExchange {
   const void* addr[32];
   uint32_t a[32][4], b[32][4], e[32];
   float c[32][4], d[32][4];
+  uint32_t s[32];
 };
 std::barrier<>* cta_barrier = nullptr;
 std::barrier<>* warp_barrier[kMaxThreads / 32];
@@ -78,6 +79,17 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   __syncwarp();
 }
 
+uint32_t shfl_idx(uint32_t v, int src_lane) {
+  auto& x = simrt::exchange[simrt::warp()];
+  x.s[simrt::lane()] = v;
+  __syncwarp();
+  const uint32_t r = x.s[src_lane & 31];
+  __syncwarp();
+  return r;
+}
+uint32_t shfl_xor(uint32_t v, int mask) { return shfl_idx(v, simrt::lane() ^ mask); }
+float nan_f32() { return __builtin_nanf(""); }
+
 template <typename T>
 float half_of(uint32_t reg, int h) {
   uint16_t bits = static_cast<uint16_t>(h ? reg >> 16 : reg & 0xFFFF);
@@ -96,6 +108,7 @@ void mma_sp_m16n8k32(float (&d)[4], const uint4& a, const uint32_t (&b)[4], uint
   __syncwarp();
   if (l == 0) {
     float comp[16][16], A[16][32] = {}, B[32][8], D[16][8];
+    bool kept[16][32] = {};  // mma.sp reads B only at the kept columns (x at pruned ones is never used)
     for (int ln = 0; ln < 32; ++ln) {
       const int g = ln >> 2, t = ln & 3;
       for (int i = 0; i < 8; ++i) {
@@ -120,12 +133,14 @@ void mma_sp_m16n8k32(float (&d)[4], const uint4& a, const uint32_t (&b)[4], uint
         }
         A[r][4 * q + i0] = comp[r][2 * q];
         A[r][4 * q + i1] = comp[r][2 * q + 1];
+        kept[r][4 * q + i0] = kept[r][4 * q + i1] = true;
       }
     }
     for (int r = 0; r < 16; ++r)
       for (int n = 0; n < 8; ++n) {
         float acc = D[r][n];
-        for (int k = 0; k < 32; ++k) acc += A[r][k] * B[k][n];
+        for (int k = 0; k < 32; ++k)
+          if (kept[r][k]) acc += A[r][k] * B[k][n];
         D[r][n] = acc;
       }
     for (int ln = 0; ln < 32; ++ln)
