@@ -488,6 +488,23 @@ def _lora():
     return _need("sparselora.lora", "SparseLoRA"), _need("sparselora.distill", "SparseLoRA distillation")
 
 
+def _offloaded_teacher(args, stack):
+    """The dense teacher with every weight in an accelerate disk-offload folder (``--teacher-offload``):
+    its parameters stay on meta and each module's weights are read back only for its own forward, so
+    the teacher is never resident next to the student (only while it loads, before the student does).
+    Without a folder a temporary one is used and removed at the end."""
+    import tempfile
+
+    from accelerate import disk_offload
+
+    folder = Path(args.teacher_offload) if args.teacher_offload else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sparselora-teacher-")))
+    if folder.exists() and any(folder.iterdir()):
+        raise CLIError(f"--teacher-offload {folder}: not empty; give a new or empty folder (its files would be overwritten)")
+    teacher, _ = load_model(args.teacher, args.teacher_tiny, args.dtype, what="--teacher")
+    disk_offload(teacher, str(folder), execution_device="cpu")
+    return teacher
+
+
 def cmd_restore(args) -> int:
     import torch
 
@@ -500,9 +517,13 @@ def cmd_restore(args) -> int:
     if args.teacher:
         _model_dir(args.teacher, "--teacher")
     data = check_calib(args, [args.model, args.teacher], tiny)  # before either model loads
-    with _staged(args.out) as tmp:
+    with _staged(args.out) as tmp, contextlib.ExitStack() as stack:
+        teacher = None
+        if args.teacher_offload is not None:  # teacher first, so it is on disk before the student loads
+            teacher = _offloaded_teacher(args, stack)
         student, info = load_model(args.model, None, args.dtype)
-        teacher, _ = load_model(args.teacher, args.teacher_tiny, args.dtype, what="--teacher")
+        if teacher is None:
+            teacher, _ = load_model(args.teacher, args.teacher_tiny, args.dtype, what="--teacher")
         teacher.eval()
         if not any(isinstance(getattr(m, "sparse_mask", None), torch.Tensor) for m in student.modules()):
             raise CLIError(f"{args.model} has no pruned layers (no {MASKS_FILE}); run 'sparselora prune' first")
@@ -770,6 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp, tiny=False)
     sp.add_argument("--teacher", help="dense teacher model directory")
     sp.add_argument("--teacher-tiny", choices=TINY_FAMILIES, help="teacher is the built-in tiny model the student was pruned from")
+    sp.add_argument("--teacher-offload", nargs="?", const="", metavar="DIR",
+                    help="keep the teacher's weights on disk (accelerate disk offload into DIR, new or empty; a temporary "
+                         "folder, removed afterwards, if DIR is omitted): one teacher module resident at a time")
     sp.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: 200)")
     sp.add_argument("--lr", type=_positive_float, default=4e-3, help="peak learning rate (default: 4e-3; warm-up, then cosine)")
     sp.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default: 16)")

@@ -200,3 +200,44 @@ def test_cli_prune_device_calibrates_the_host_model_there(tmp_path, monkeypatch,
     if not torch.cuda.is_available():
         assert main(["prune", "--tiny", "llava", "--method", "wanda", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
         assert "--device cuda" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_cli_restore_with_teacher_offload(tmp_path, monkeypatch, capsys):
+    """``sparselora restore --teacher-offload``: the dense teacher's weights stay on disk (its Linear
+    weights on meta while the distillation runs) and the adapters are the ones trained with the
+    teacher in memory; a non-empty offload folder is refused before anything is written."""
+    import sparselora.restore as restore_mod
+    from safetensors.torch import load_file
+
+    from sparselora.cli import main
+
+    p = tmp_path / "p"
+    assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(p)]) == 0
+    common = ["--teacher-tiny", "llava", "--steps", "3", "--rank", "4", "--lr", "1e-2", "--calib-batches", "2", "--batch", "2", "-q"]
+    real_restore, seen = restore_mod.restore, []
+
+    def spying_restore(student, teacher, *a, **k):
+        lin = [m.weight for m in teacher.modules() if isinstance(m, torch.nn.Linear)]
+        seen.append((len(lin), sum(w.device.type == "meta" for w in lin)))
+        return real_restore(student, teacher, *a, **k)
+
+    monkeypatch.setattr(restore_mod, "restore", spying_restore)
+    torch.manual_seed(0)
+    assert main(["restore", str(p), *common, "--out", str(tmp_path / "mem")]) == 0
+    torch.manual_seed(0)
+    assert main(["restore", str(p), *common, "--teacher-offload", str(tmp_path / "off"), "--out", str(tmp_path / "disk")]) == 0
+    torch.manual_seed(0)
+    assert main(["restore", str(p), *common, "--teacher-offload", "--out", str(tmp_path / "tmpdir")]) == 0
+    assert seen[0][0] > 10 and seen[0][1] == 0  # in memory: every teacher weight resident
+    assert seen[1] == (seen[0][0], seen[0][0]) and seen[2] == seen[1]  # offloaded: none
+    assert any((tmp_path / "off").glob("*.dat"))
+    want = load_file(tmp_path / "mem" / "sparselora_adapters.safetensors")
+    for out in ("disk", "tmpdir"):
+        got = load_file(tmp_path / out / "sparselora_adapters.safetensors")
+        assert set(got) == set(want) and want
+        for name, t in want.items():
+            torch.testing.assert_close(got[name], t, rtol=1e-5, atol=1e-6, msg=name)
+
+    capsys.readouterr()
+    assert main(["restore", str(p), *common, "--teacher-offload", str(tmp_path / "off"), "--out", str(tmp_path / "again")]) == 2
+    assert "--teacher-offload" in capsys.readouterr().err and not (tmp_path / "again").exists()
