@@ -43,7 +43,7 @@ from .compressed_tensors_interop import CT_FORMAT, LEGACY_NOTE, check_ct_config,
 from .compressed_tensors_interop import packbits as _packbits, unpackbits as _unpackbits  # noqa: F401  (cli's masks)
 from .format import Packed24, SparsityError, check_packed, validate_packed
 from .modules import SparseLinear
-from .staging import new_file
+from .staging import fsync_path, new_file
 from .stream_io import CheckpointError, TensorInfo, iter_bytes, read_header, read_tensor, release_freed_heap, tensor_sha256
 
 __all__ = ["save_sparse", "load_sparse", "read_metadata", "sparse_claim", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION",
@@ -77,19 +77,6 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_all(files: list[tuple[Path, object]]) -> None:
     """Write several files as one save: every ``write_fn(tmp_path)`` runs and is fsynced first,
     and only then are the temps renamed over their targets, back to back. Any error while writing
@@ -117,7 +104,7 @@ def _atomic_write_all(files: list[tuple[Path, object]]) -> None:
                 pass
         raise
     for parent in {path.parent for _, path in staged}:
-        _fsync_dir(parent)
+        fsync_path(parent, directory=True)
 
 
 def _atomic_write(path: Path, write_fn) -> None:

@@ -87,7 +87,7 @@ def new_dir(directory, prefix: str = ".", suffix: str = ".tmp") -> Path:
     return _unique(directory, prefix, suffix, lambda p: os.mkdir(p, 0o777))
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
+def fsync_path(path: Path, directory: bool = False) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     except OSError:  # some platforms cannot open directories
@@ -120,8 +120,8 @@ def _finish_tree(root: Path) -> None:
             mode = stat.S_IMODE(p.lstat().st_mode)
             if not p.is_symlink() and mode | want != mode:
                 os.chmod(p, mode | want)
-            _fsync(p)
-        _fsync(Path(dirpath), directory=True)
+            fsync_path(p)
+        fsync_path(Path(dirpath), directory=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -217,7 +217,7 @@ def _commit(tmp: Path, target: Path) -> None:
                 if old is not None:
                     os.rename(old, target)
                 raise
-            _fsync(target.parent, directory=True)
+            fsync_path(target.parent, directory=True)
     finally:  # a Ctrl-C held back above arrives here, after the swap
         if old is not None:
             if committed:
