@@ -18,7 +18,7 @@ import transformers
 
 import sparselora.checkpoint
 import sparselora.cli as cli
-import sparselora.distill
+import sparselora.restore
 import sparselora.lora
 import sparselora.stream_io
 from sparselora.cli import main
@@ -79,8 +79,9 @@ INJECTIONS = [
     (["prune", "--tiny", "llava", "--method", "magnitude", "-q"], "s", (cli, "save_model", "after")),
     (["prune", "--tiny", "llava", "--method", "magnitude", "-q"], "s", (cli, "_write_state", _boom)),
     (["restore", "IN:p"] + RESTORE, "m", (sparselora.lora, "add_sparse_lora", _boom)),
-    (["restore", "IN:p"] + RESTORE, "m", (sparselora.distill, "distill", _boom)),
-    (["restore", "IN:p"] + RESTORE, "m", (sparselora.distill, "distill", KeyboardInterrupt)),
+    # the restore stage distils through sparselora.restore (the default recipe), which binds distill there
+    (["restore", "IN:p"] + RESTORE, "m", (sparselora.restore, "distill", _boom)),
+    (["restore", "IN:p"] + RESTORE, "m", (sparselora.restore, "distill", KeyboardInterrupt)),
     (["restore", "IN:p"] + RESTORE, "m", (sparselora.checkpoint, "_atomic_write", "after")),
     (["restore", "IN:p", "--merge"] + RESTORE, "r", (sparselora.lora, "merge_sparse_lora", "after")),
     (["merge", "IN:r"], "s", (sparselora.lora, "merge_sparse_lora", _boom)),
