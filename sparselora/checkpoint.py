@@ -224,6 +224,14 @@ def _config_dict(model: nn.Module) -> Optional[dict]:
 
 # ---------------------------------------------------------------------------------------
 # load: headers first, tensors one at a time (no mmap: see stream_io), never the dense weights
+
+def _checked_header(f: Path):
+    """``read_header`` with the one error every reader gives for an unreadable file."""
+    try:
+        return read_header(f)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+
 class _Source:
     """A checkpoint on disk (one file or the shards of an index): tensor names, shapes and dtypes
     from the headers; data read on request, one tensor at a time."""
@@ -235,10 +243,7 @@ class _Source:
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"no checkpoint file {f}")
-            try:
-                m, infos = read_header(f)
-            except (ValueError, OSError) as e:
-                raise CheckpointError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+            m, infos = _checked_header(f)
             self.meta.update(m)
             self.infos.update({k: (f, i) for k, i in infos.items()})
 
@@ -371,10 +376,7 @@ def sparse_claim(path) -> Optional[str]:
     for file in files:
         if not file.exists():
             raise CheckpointError(f"{file}: listed in {index.name} but missing")
-        try:
-            meta, infos = read_header(file)
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+        meta, infos = _checked_header(file)
         ours = sorted(k for k in ("format_version", "sparse_layers", "checksum", "sparselora_version", "sparselora_checksums")
                       if k in meta)
         if str(meta.get("format", "")).startswith("sparselora") or ours:
