@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .backends import choose_backend
+from .backends.speed import choose_for_speed
 from .format import SUPPORTED_DTYPES, SparsityError, check_nm, pack_24
 from .memory import dense_linear_bytes, resident_bytes
 from .modules import SparseLinear
@@ -252,11 +253,13 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
         on_unsupported: ``"dense"`` leaves a layer no backend can run dense, with the reason in the
             report; ``"raise"`` raises instead.
         tokens: with ``backend="auto"``, the tokens per call (M) the model will run, e.g.
-            ``[1, 8]`` for decode or ``4096`` for prefill. A layer whose chosen backend has a
-            measured table saying dense ``F.linear`` is faster at any of them stays dense ("auto is
-            never slower than dense"); ``None`` leaves dense only layers that lost at every
-            measured M. Backends without measurements (CPU, or a GPU with no tuned table) are not
-            second-guessed. An explicit backend is always honoured.
+            ``[1, 8]`` for decode or ``4096`` for prefill. ``auto`` takes, per layer, a backend
+            only where its measured per-device table (or, without one, its documented
+            conservative prior) says it beats dense ``F.linear`` at every one of them; otherwise
+            the layer stays dense (an ``nn.Linear``, holding nothing sparse) and the report says
+            which table or prior decided (:mod:`sparselora.backends.speed`). ``None`` leaves
+            dense only layers that lose at every M. On CPU nothing is measured and layers are
+            packed. An explicit backend is always honoured.
         allow_extra_copy: let ``auto`` pick backends that hold a second copy of the weight next to
             the canonical one (``Backend.copies == 2``: ``cusparselt``, ``hybrid``; about 1.125x the
             dense bytes instead of 0.5625x for 16-bit weights). Off by default: memory is a reason
@@ -320,29 +323,35 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
             continue
         mask = _layer_mask(name, lin, explicit)
         try:
-            choice = choose_backend(w.device, w.dtype, out_f, in_f, backend, allow_extra_copy=allow_extra_copy)
+            if backend == "auto":  # the speed policy: a sparse backend only where it beats dense
+                choice = choose_for_speed(w.device, w.dtype, out_f, in_f, tokens, allow_extra_copy=allow_extra_copy)
+            else:
+                choice = choose_backend(w.device, w.dtype, out_f, in_f, backend, allow_extra_copy=allow_extra_copy)
         except ValueError as e:  # explicit backend that cannot run this layer
             leave_dense(str(e))
             continue
         if choice.backend is None:
-            leave_dense(choice.reason)
+            if choice.dense_is_faster:  # a speed decision, not an unsupported layer: never raises
+                row.reason = choice.reason
+            else:
+                leave_dense(choice.reason)
             continue
+        # the layer re-chooses on .to()/casts: keep "auto" when the policy took auto's own pick
+        as_named = backend
         if backend == "auto":
-            slower = choice.backend.dense_faster_reason(w.device, w.dtype, out_f, in_f, tokens)
-            if slower:  # a speed decision, not an unsupported layer: never raises
-                row.reason = f"auto: {choice.backend.name}: {slower}"
-                continue
-        planned.append((name, lin, mask, row))
+            plain = choose_backend(w.device, w.dtype, out_f, in_f, "auto", allow_extra_copy=allow_extra_copy).backend
+            as_named = "auto" if plain is choice.backend else choice.backend.name
+        planned.append((name, lin, mask, row, as_named, choice.reason))
 
     # every layer validated: now build and swap (SparseLinear construction packs and prepares)
     built = []
-    for name, lin, mask, row in planned:
-        new = SparseLinear.from_linear(lin, mask=mask, backend=backend, name=name, allow_extra_copy=allow_extra_copy)
+    for name, lin, mask, row, as_named, reason in planned:
+        new = SparseLinear.from_linear(lin, mask=mask, backend=as_named, name=name, allow_extra_copy=allow_extra_copy)
         new.train(lin.training)
-        built.append((name, new, row))
-    for name, new, row in built:
+        built.append((name, new, row, reason if backend == "auto" else new.backend_reason))
+    for name, new, row, reason in built:
         _set_module(model, name, new)
-        row.action, row.backend, row.reason = "sparse", new.backend.name, new.backend_reason
+        row.action, row.backend, row.reason = "sparse", new.backend.name, reason
         row.resident_bytes, row.weight_copies = resident_bytes(new), new.weight_copies
     if built and "transformers" in sys.modules:  # a transformers model: save_pretrained writes the packed format
         from .hf_quantizer import attach

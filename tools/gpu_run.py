@@ -91,6 +91,8 @@ COMMANDS: dict[str, list[Stage]] = {
     "e2e": [Stage("e2e", 330, _py("benchmarks/bench_e2e.py"), results=["e2e_llava.json", "e2e_llava.md", "e2e_llava.png"])],
     "tune": [Stage("tune_hybrid", 200, _py("benchmarks/tune_hybrid.py"), results=["tune_hybrid.json", "tune_hybrid.md"]),
              Stage("tune_gemv", 130, _py("benchmarks/tune_gemv.py"), results=["tune_gemv.json", "tune_gemv.md"])],
+    # the mma-sp table auto reads (sparselora/backends/mma_sp_policy.py); the table comes back in results.tgz
+    "tune_mma": [Stage("tune_mma_sp", 330, _py("benchmarks/tune_mma_sp.py"), results=["tune_mma_sp.json", "tune_mma_sp.md"])],
     "tests": [Stage("pytest_all", 330, ["{PY}", "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider",
                                         "--junitxml={WORK}/pytest_all.xml", "tests/"], results=["pytest_all.xml"])],
     "sanitize": [
@@ -350,7 +352,7 @@ def render_summary(command: str, status: dict, work: Path, py: str, env: dict, e
     lines += ["", "## Stages", "", "| stage | status | seconds | budget s | note |", "|---|---|---|---|---|"]
     for name, st in status.items():
         lines.append(f"| {name} | {st['status']} | {st.get('seconds', '')} | {st.get('budget_s', '')} | {st.get('note', '')} |")
-    for name in ("decode", "prefill", "gemm", "smoke", "lora", "sparse_lora", "e2e_llava", "tune_hybrid", "tune_gemv"):
+    for name in ("decode", "prefill", "gemm", "smoke", "lora", "sparse_lora", "e2e_llava", "tune_hybrid", "tune_gemv", "tune_mma_sp"):
         path = work / f"{name}.json"
         if not path.is_file():
             continue

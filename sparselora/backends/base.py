@@ -81,8 +81,50 @@ class Backend:
         """
         return None
 
+    def speed_verdict(self, profile: "DeviceProfile", dtype: torch.dtype, out_features: int, in_features: int,
+                      tokens: Optional[list[int]] = None) -> Optional["SpeedVerdict"]:
+        """Is this backend faster than dense ``F.linear`` for this layer (``auto``'s speed policy,
+        :func:`sparselora.backends.speed.choose_for_speed`)? A :class:`SpeedVerdict` saying which
+        source decided (a measured table or a documented prior), or None: nothing known (the
+        layer then stays sparse when nothing before it said dense). ``tokens`` as in
+        :meth:`dense_faster_reason`. The default turns :meth:`dense_faster_reason` into a verdict."""
+        why = self.dense_faster_reason(profile.device, dtype, out_features, in_features, tokens)
+        return SpeedVerdict(True, "measured", why) if why else None
+
     def __repr__(self) -> str:
         return f"<Backend {self.name}>"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the speed policy knows of the device a layer sits on (resolved once per layer, by
+    :func:`device_profile`; tests simulate a GPU by replacing that function)."""
+
+    device: torch.device
+    kind: str  # torch device type: "cpu", "cuda", ...
+    name: str = ""  # torch.cuda.get_device_name for CUDA, "" elsewhere
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability, (0, 0) elsewhere
+
+
+def device_profile(device) -> DeviceProfile:
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return DeviceProfile(device, "cuda", torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+    return DeviceProfile(device, device.type)
+
+
+@dataclass(frozen=True)
+class SpeedVerdict:
+    """A backend's answer to "faster than dense for this layer?"."""
+
+    dense_faster: bool
+    source: str  # "measured" (a per-device table written by a tuning run) or "prior" (documented, unmeasured)
+    detail: str  # which table or which prediction, and what it says
+
+    def text(self, backend: str) -> str:
+        side = "dense F.linear faster" if self.dense_faster else "faster than dense"
+        return f"{backend} {side} ({self.source}: {self.detail})"
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -136,6 +178,7 @@ def list_backends() -> list[Backend]:
 class BackendChoice:
     backend: Optional[Backend]  # None: leave the layer dense
     reason: str
+    dense_is_faster: bool = False  # None backend because of the speed policy, not because nothing supports the layer
 
 
 def extra_copy_reason(backend: Backend) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -47,6 +46,7 @@ from ..ops import sparse24_linear
 from .base import Backend, get_backend, register_backend
 from .cusparselt_backend import CUSPARSELT
 from .device_tables import TABLE_DIR, slug as _slug
+from .speed import nearest_measured
 
 __all__ = ["HybridBackend", "HEURISTIC_MIN_M", "TABLE_DIR", "table_path", "load_table", "cusparselt_min_m",
            "choose", "dense_faster_at", "derive_thresholds"]
@@ -100,9 +100,7 @@ def choose(device_name: str, n: int, k: int, m: int, table_dir: Path = TABLE_DIR
     return "cusparselt" if m >= cusparselt_min_m(device_name, n, k, table_dir)[0] else "triton"
 
 
-def _nearest(measured: list[int], m: int) -> int:
-    # GEMM time scales with M roughly geometrically between tile-size steps: nearest in log space
-    return min(measured, key=lambda v: (abs(math.log2(max(v, 1)) - math.log2(max(m, 1))), -v))
+_nearest = nearest_measured  # the shared rule of every measured table (sparselora.backends.speed)
 
 
 def dense_faster_at(device_name: str, n: int, k: int, tokens: Optional[list[int]] = None,

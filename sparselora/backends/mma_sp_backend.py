@@ -24,7 +24,9 @@ a prefill config (``csrc/sparse_mma/prefill_kernel.cuh``: 128 rows x 64..128 tok
 GPU layout, no second copy). Prefill speed is a static prediction, not measured yet, which is why the backend's
 priority (25) sits above ``triton`` and below ``cusparselt``/``hybrid`` until a GPU measurement
 says otherwise (those two hold a second weight copy, so ``auto`` takes them only with
-``allow_extra_copy=True``).
+``allow_extra_copy=True``). Whether ``sparsify(backend="auto")`` takes it for a layer at all, or
+leaves the layer dense, is its speed verdict (:mod:`sparselora.backends.mma_sp_policy`: a measured
+per-device table, else a documented conservative prior).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from ..gpu_layout import GpuPacked24, from_gpu_layout, gpu_layout_sizes, to_gpu_
 from ..mma_sp_configs import CONFIGS, PREFILL_CONFIGS
 from ..ops import sparse24_linear
 from .base import Backend, register_backend
+from .mma_sp_policy import mma_sp_verdict
 
 DTYPES = (torch.float16, torch.bfloat16)
 SCHEMA = "mma_sp_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, int config=-1) -> Tensor"
@@ -142,6 +145,9 @@ class MmaSpBackend(Backend):
             if major < 8:
                 return f"compute capability {major}.{minor} < 8.0 (no sparse tensor cores)"
         return None
+
+    def speed_verdict(self, profile, dtype, out_features, in_features, tokens=None):
+        return mma_sp_verdict(profile, out_features, in_features, tokens)
 
     def prepare(self, packed: Packed24) -> dict[str, torch.Tensor]:
         gpu = to_gpu_layout(packed)

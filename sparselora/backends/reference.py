@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..format import SUPPORTED_DTYPES
 from ..ops import reference_sparse24_linear, sparse24_linear
-from .base import Backend, register_backend
+from .base import Backend, SpeedVerdict, register_backend
 
 
 class ReferenceBackend(Backend):
@@ -23,6 +23,13 @@ class ReferenceBackend(Backend):
         if in_features % 4:
             return f"in_features={in_features} not a multiple of 4"
         return None
+
+    def speed_verdict(self, profile, dtype, out_features, in_features, tokens=None):
+        # on CPU there is no fast kernel to compare (a packed layer is there for memory and
+        # correctness); on an accelerator, decompress + F.linear is slower than F.linear alone
+        if profile.kind in ("cpu", "meta"):
+            return None
+        return SpeedVerdict(True, "prior", "decompresses the weight per call, then the same dense matmul")
 
     def linear(self, x, packed, extra, bias):
         if x.device.type in ("cpu", "meta"):  # meta: the op's fake kernel gives the output's shape

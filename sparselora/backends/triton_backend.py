@@ -18,7 +18,7 @@ import torch
 
 from ..ops import reference_sparse24_linear, sparse24_linear, sparse24_matmul_t
 from ..format import Packed24, SparsityError, check_packed, unpack_24
-from .base import Backend, register_backend
+from .base import Backend, SpeedVerdict, register_backend
 
 try:
     import triton  # noqa: F401
@@ -50,6 +50,14 @@ class TritonBackend(Backend):
         if in_features % 4:
             return f"in_features={in_features} not a multiple of 4 (the 2:4 group size)"
         return None
+
+    def speed_verdict(self, profile, dtype, out_features, in_features, tokens=None):
+        # No measured table of its own. Prior: issue 11's static analysis of the shipped configs'
+        # SASS (integer-pipe bound expansion) predicts 0.6-1.0x dense at decode and ~0.5x at prefill.
+        if profile.kind != "cuda":
+            return None
+        return SpeedVerdict(True, "prior", "no measured table; static analysis (issue 11) predicts 0.6-1.0x dense at "
+                                           "decode, ~0.5x at prefill")
 
     def linear(self, x: torch.Tensor, packed: Packed24, extra: dict, bias: Optional[torch.Tensor]) -> torch.Tensor:
         # through the op: its cuda kernel is the Triton launcher, and it carries autograd
