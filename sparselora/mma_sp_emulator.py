@@ -11,7 +11,8 @@ rejects the encodings the ISA calls undefined (``0b0000``, ``0b0101``, ``0b1010`
 index math (``csrc/sparse_mma/layout.h``, mirrored in :mod:`sparselora.gpu_layout`): per k-tile,
 each lane's 16-byte value load, its metadata word and selector, x staged in swizzled shared memory
 and read back through an emulated ``ldmatrix.x4``, split-K over the CTA's warps reduced in warp
-order. A layout bug anywhere on that path changes the result, on the CPU.
+order. A layout bug anywhere on that path changes the result, on the CPU. It also folds the
+kernels' per-token non-finite flag in (``mma_sp.h``), so NaN/Inf in x give the kernels' outputs.
 """
 from __future__ import annotations
 
@@ -91,15 +92,18 @@ def mma_sp_m16n8k32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.
     if (i0 >= i1).any():  # ::ordered_metadata: indices ascending
         where = (i0 >= i1).nonzero()[0].tolist()
         raise InvalidMetadata(f"metadata indices not ascending at row {where[-2]}, group {where[-1]}")
-    dense = torch.zeros(*batch, 16, 8, 4, dtype=dt)
-    dense.scatter_(-1, i0.unsqueeze(-1), comp[..., 0::2].unsqueeze(-1))
-    dense.scatter_(-1, i1.unsqueeze(-1), comp[..., 1::2].unsqueeze(-1))
-    A = dense.reshape(*batch, 16, 32)
     B = torch.zeros(*batch, 32, 8, dtype=dt)
     B[..., ix["b_k"], ix["b_n"]] = b.to(dt)
+    # The sparse tensor core multiplies each kept A value only by the B row its metadata selects:
+    # B at a pruned position is never read (an Inf there does not reach D; a dense A·B would
+    # give 0·Inf = NaN, which the hardware does not). Kept value 2q+h of a row pairs with B row
+    # 4q + (i0, i1)[h].
+    kidx = torch.stack((i0, i1), dim=-1) + 4 * torch.arange(8).view(8, 1)  # [..., 16, 8, 2]
+    kidx = kidx.reshape(*batch, 16, 16)
+    bsel = torch.gather(B.unsqueeze(-3).expand(*batch, 16, 32, 8), -2, kidx.unsqueeze(-1).expand(*batch, 16, 16, 8))
     C = torch.zeros(*batch, 16, 8, dtype=dt)
     C[..., ix["c_rows"], ix["c_cols"]] = c
-    D = A @ B + C
+    D = (comp.unsqueeze(-1) * bsel).sum(-2) + C
     return D[..., ix["c_rows"], ix["c_cols"]]
 
 
@@ -130,12 +134,18 @@ def _ldmatrix_x4(smem: torch.Tensor, row_base: int, j: int) -> torch.Tensor:
 
 def emulate_linear(x: torch.Tensor, gpu: "L.GpuPacked24", bias: Optional[torch.Tensor] = None, *,
                    warps_k: int = 4, tokens_per_cta: int = 8, acc_dtype: torch.dtype = torch.float64,
-                   flip_selector: bool = False) -> torch.Tensor:
+                   flip_selector: bool = False, fold_nonfinite: bool = True) -> torch.Tensor:
     """``x @ W.T + bias`` computed through :func:`mma_sp_m16n8k32` with the kernel's data movement.
 
     x: [M, K]; returns [M, N] in ``acc_dtype``. ``warps_k``: warps of a CTA splitting K (warp w
     takes k-blocks w, w + warps_k, ...); ``tokens_per_cta``: 8 NT (NT token tiles per CTA).
-    ``flip_selector`` deliberately breaks the kernel's selector choice (for the tests)."""
+    ``flip_selector`` deliberately breaks the kernel's selector choice (for the tests).
+
+    Non-finite x (the masked-dense rule of :mod:`sparselora.ops`): like the kernels, each warp
+    flags the tokens whose x fragments it loaded hold a NaN/Inf (``nonfinite_halves``) and sets
+    their accumulators to NaN before the split-K sum (``nan_flagged_tokens``), so such a token
+    gets NaN in every output, also when its only non-finite input sits at a pruned column.
+    ``fold_nonfinite=False`` leaves the fold out (the bare ``mma.sp`` result, for the tests)."""
     n, k = gpu.shape
     m = x.shape[0]
     Mt, KT, KQ = L.gpu_layout_sizes(n, k)
@@ -152,9 +162,11 @@ def emulate_linear(x: torch.Tensor, gpu: "L.GpuPacked24", bias: Optional[torch.T
     xp[:m, :k] = x
     rows_t = torch.arange(tokens_per_cta)
     swz = torch.tensor([[L.x_smem_chunk(r, c) for c in range(32)] for r in range(tokens_per_cta)])
+    c_tok = torch.tensor([[L.c_col(l, i) for i in range(4)] for l in range(32)])  # token (in its tile) of acc[l, i]
     for cta in range(n_ctas):  # grid.y; grid.x (row tiles) is batched
         tok0 = cta * tokens_per_cta
         acc = torch.zeros(warps_k, Mt, NT, 32, 4, dtype=acc_dtype)
+        nf = torch.zeros(warps_k, NT, 32, dtype=torch.bool)  # per warp and lane: a non-finite x fragment seen
         for kq in range(KQ):
             w = kq % warps_k
             # stage x: rows = tokens, 32 chunks of 8 columns, zero-filled past M and K; swizzled
@@ -171,7 +183,17 @@ def emulate_linear(x: torch.Tensor, gpu: "L.GpuPacked24", bias: Optional[torch.T
                 e = mwords[:, :, jj >> 1]  # word w = jj // 2 serves k-tiles 2w + s
                 for nt in range(NT):
                     b = _ldmatrix_x4(smem, nt * 8, jj)  # [32, 8]
+                    if fold_nonfinite:  # mma_sp.h nonfinite_halves: an all-ones exponent in the lane's b
+                        nf[w, nt] |= ~torch.isfinite(b).all(-1)
                     acc[w, :, nt] = mma_sp_m16n8k32(a, b.expand(Mt, 32, 8), acc[w, :, nt], e, sel)
+        if fold_nonfinite:
+            # mma_sp.h nan_flagged_tokens, per warp before the split-K sum: the 4 lanes of a group
+            # hold the same token (ldmatrix row lane // 4); a flagged token's accumulators become
+            # NaN, so the sum over warps and the bias keep it NaN (the masked-dense rule: mma.sp
+            # alone never sees x at pruned columns)
+            tok_flag = nf.view(warps_k, NT, 8, 4).any(-1)  # [warps, NT, token in tile]
+            flagged = tok_flag[:, :, c_tok]  # [warps, NT, 32, 4]
+            acc = acc.masked_fill(flagged.unsqueeze(1), float("nan"))
         total = acc[0]
         for w in range(1, warps_k):  # the kernel's in-CTA split-K reduction order
             total = total + acc[w]

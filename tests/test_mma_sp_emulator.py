@@ -103,3 +103,55 @@ def test_undefined_or_unordered_metadata_raises(nibble):
     e[6] = (0x44444444 & ~0xF) | nibble
     with pytest.raises(InvalidMetadata, match="row 1, group 0|not ascending"):
         mma_sp_m16n8k32(torch.zeros(32, 8), torch.zeros(32, 8), torch.zeros(32, 4, dtype=torch.float64), e, 1)
+
+
+def test_b_at_pruned_positions_is_never_read():
+    # every group keeps dense indices (0, 1): B rows 2, 3 of each group of 4 are pruned positions
+    e = torch.full((32,), 0x44444444, dtype=torch.int64)
+    a = torch.ones(32, 8)
+    b = torch.ones(32, 8)
+    b[4 * 2 + 1, 1] = float("inf")  # lane 9 (t = 1), b1: k = 3 (pruned), token g = 2
+    d = mma_sp_m16n8k32(a, b, torch.zeros(32, 4, dtype=torch.float64), e, 0)
+    assert torch.isfinite(d).all()  # a dense A·B would give 0·Inf = NaN in every row of token 2
+    b[4 * 2 + 1, 1], b[4 * 2 + 0, 0] = 1.0, float("inf")  # lane 8, b0: k = 0 (kept), token 2
+    d = mma_sp_m16n8k32(a, b, torch.zeros(32, 4, dtype=torch.float64), e, 0)
+    tokens = torch.tensor([[(l & 3) * 2 + (i & 1) for i in range(4)] for l in range(32)])
+    assert torch.isinf(d[tokens == 2]).all() and torch.isfinite(d[tokens != 2]).all()
+
+
+@pytest.mark.parametrize("tokens,warps", [(8, 4), (16, 2), (32, 1)])
+def test_nonfinite_x_gives_the_reference_backends_semantics(seed, tokens, warps):
+    """The kernels' in-kernel fold (mma_sp.h nonfinite_halves / nan_flagged_tokens), emulated: a
+    token with NaN/Inf anywhere in x, pruned columns included, is non-finite in every output, exactly
+    where the reference backend's is; finite tokens are unchanged; the emulator's (like the
+    kernels') non-finite outputs are NaN."""
+    from sparselora.backends import get_backend
+
+    n, k, m = 40, 328, 37  # 2 k-blocks (split over the warps), 2..5 CTAs of tokens, M not a multiple
+    w = torch.randn(n, k)
+    w[:, 300] = 0  # column 300 (k-block 1) is pruned in every row: mma.sp never reads x there
+    w[:, 40] = 0  # and column 40 (k-block 0)
+    w = (w * nm_mask(w.abs())).bfloat16()
+    assert (w[:, 300] == 0).all() and (w[:, 40] == 0).all()
+    x, b = torch.randn(m, k).bfloat16(), torch.randn(n).bfloat16()
+    kept = int((w[0] != 0).nonzero()[0])
+    x[1, 300] = float("inf")  # only at a pruned column, in the k-block warp 1 reads (warps > 1)
+    x[9, 40] = float("-inf")  # pruned column, k-block 0
+    x[17, kept] = float("nan")  # a kept column
+    x[36, 300], x[36, 301] = float("nan"), float("inf")  # the last token, past a whole tile
+    bad = {1, 9, 17, 36}
+    packed = pack_24(w)
+    # the reference backend on the same values in float32: torch 2.13's CPU bf16 GEMM leaks a NaN
+    # row into its neighbour for K % 16 == 8 and M >= 17 (measured here), which is not the rule
+    ref = get_backend("reference").linear(x.float(), pack_24(w.float()), {}, b.float())
+    y = emulate_linear(x, to_gpu_layout(packed), b, warps_k=warps, tokens_per_cta=tokens)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(ref)), "non-finite pattern differs from the reference backend"
+    assert {int(t) for t in (~torch.isfinite(y)).any(1).nonzero()} == bad
+    assert torch.isnan(y[sorted(bad)]).all()  # every output of a flagged token: NaN, as the kernels write
+    good = [t for t in range(m) if t not in bad]
+    ref64 = x[good].double() @ w.double().T + b.double()
+    assert ((y[good] - ref64).norm() / ref64.norm()).item() < 1e-12
+    # the bare mma.sp result (no fold) misses the tokens whose only non-finite input is pruned
+    raw = emulate_linear(x, to_gpu_layout(packed), b, warps_k=warps, tokens_per_cta=tokens, fold_nonfinite=False)
+    assert torch.isfinite(raw[1]).all() and torch.isfinite(raw[9]).all()
+    assert not torch.equal(torch.isfinite(raw), torch.isfinite(ref))

@@ -159,6 +159,9 @@ MUTANTS = [
     Mutant("speed-walk-none", "dispatch", "auto takes a backend nothing is known of after another said dense",
            "sparselora/backends/speed.py", "if verdict is None and dense_said:", "if False:",
            ("tests/test_patch.py::test_auto_leaves_dense_where_measurements_say_dense_is_faster",)),
+    Mutant("emulator-no-fold", "emulator", "the mma.sp emulator drops the kernels' non-finite fold",
+           "sparselora/mma_sp_emulator.py", 'acc = acc.masked_fill(flagged.unsqueeze(1), float("nan"))', "acc = acc",
+           ("tests/test_mma_sp_emulator.py::test_nonfinite_x_gives_the_reference_backends_semantics",)),
     # -- pruning -------------------------------------------------------------------------------
     Mutant("wanda-no-norm", "pruning", "Wanda scores |W| without the activation norm",
            "sparselora/pruning/methods.py",
