@@ -29,31 +29,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-MiB = 2**20
+from memprobe import MiB, build_llava, llava_config, run_child  # noqa: E402  (no torch import: see memprobe)
 
 
 def llava_1b_config():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              image_size=224, patch_size=16, projection_dim=768)
-    text = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=18,
-                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999, image_seq_length=196)
+    return llava_config(image_size=224, hidden_size=2048, intermediate_size=5504, num_hidden_layers=18, num_attention_heads=16)
 
 
 def build(workdir: Path) -> dict:
     """Write the three checkpoints (once; reused when present)."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     import sparselora
     from sparselora.checkpoint import save_sparse
@@ -63,9 +54,8 @@ def build(workdir: Path) -> dict:
     dense_dir, hf_dir, single_dir = workdir / "dense", workdir / "packed_hf", workdir / "packed_single"
     if (single_dir / "model.safetensors").exists() and (hf_dir / "config.json").exists() and (dense_dir / "config.json").exists():
         return {"dense": dense_dir, "packed_hf": hf_dir, "packed_single": single_dir}
-    torch.manual_seed(0)
     t = time.time()
-    model = LlavaForConditionalGeneration(llava_1b_config()).to(torch.bfloat16).eval()
+    model = build_llava(llava_1b_config())
     params = sum(p.numel() for p in model.parameters())
     print(f"built {params / 1e9:.3f}B parameters in {time.time() - t:.0f}s", flush=True)
     pruned = 0
@@ -87,7 +77,8 @@ def build(workdir: Path) -> dict:
 
 
 _CHILD = r'''
-import json, resource, sys, time
+import json, sys, time
+from memprobe import peak_rss as hwm, ru_maxrss as maxrss  # VmHWM starts afresh at exec, unlike ru_maxrss
 import torch
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 kind, path, device = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -95,11 +86,6 @@ if kind != "dense":
     import sparselora
     from sparselora.checkpoint import load_sparse
     from sparselora.patch import sparse_layers
-def hwm():  # peak RSS of this process image (VmHWM starts afresh at exec, unlike ru_maxrss)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 before, before_maxrss = hwm(), maxrss()
 cuda = device == "cuda"
 t = time.time()
@@ -138,12 +124,7 @@ print("RESULT " + json.dumps(out))
 
 
 def measure(kind: str, path: Path, device: str) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
-    r = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path), device], capture_output=True, text=True, env=env, timeout=3600)
-    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if r.returncode or line is None:
-        raise RuntimeError(f"{kind}: load failed (status {r.returncode}):\n{r.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return run_child(_CHILD, kind, str(path), device, what=f"{kind} load")
 
 
 def _dir_bytes(d: Path) -> int:

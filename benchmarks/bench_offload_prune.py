@@ -24,36 +24,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-MiB = 2**20
+from memprobe import MiB, build_llava, llava_config, run_child  # noqa: E402  (no torch import: see memprobe)
 
 
 def llava_half_b_config():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                              image_size=112, patch_size=16, projection_dim=768)
-    text = LlamaConfig(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
-                       num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999, image_seq_length=49)
+    return llava_config(image_size=112, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=12)
 
 
 def build(workdir: Path) -> Path:
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
     dense = workdir / "dense"
     if (dense / "config.json").exists():
         return dense
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(llava_half_b_config()).to(torch.bfloat16).eval()
+    model = build_llava(llava_half_b_config())
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(dense)
     (workdir / "params.json").write_text(json.dumps({"parameters": params}))
@@ -62,26 +49,14 @@ def build(workdir: Path) -> Path:
 
 
 _CHILD = r'''
-import json, resource, sys, tempfile, time
+import json, sys, tempfile, time
+# RssAnon: anonymous pages only (VmHWM also counts file pages of memory-mapped safetensors / offload files)
+from memprobe import AnonPeak, peak_rss as hwm, rss_anon, ru_maxrss
 import torch
 from transformers import LlavaForConditionalGeneration
 from sparselora.pruning import prune
 kind, path, n_batches = sys.argv[1], sys.argv[2], int(sys.argv[3])
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-def rss_anon():  # anonymous pages only: VmHWM also counts file pages of memory-mapped safetensors / offload files
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-import threading
-anon_peak = [0]
-def sample():  # the kernel keeps no peak of RssAnon: sample it
-    while True:
-        anon_peak[0] = max(anon_peak[0], rss_anon())
-        time.sleep(0.02)
-threading.Thread(target=sample, daemon=True).start()
+anon = AnonPeak()
 before, anon_before = hwm(), rss_anon()
 t = time.time()
 if kind == "in_memory":
@@ -110,18 +85,13 @@ t = time.time()
 prune(model, "wanda", strategy="both", calib=batches, progress=False)
 masked = sum(isinstance(getattr(m, "sparse_mask", None), torch.Tensor) for m in model.modules())
 print("RESULT " + json.dumps({"kind": kind, "rss_before": before, "peak_after_load": loaded, "peak_rss": hwm(),
-      "anon_before": anon_before, "anon_peak": max(anon_peak[0], rss_anon()), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "resident_param_bytes": resident,
+      "anon_before": anon_before, "anon_peak": anon.final(), "ru_maxrss": ru_maxrss(), "resident_param_bytes": resident,
       "load_s": load_s, "prune_s": time.time() - t, "pruned_layers": masked}))
 '''
 
 
 def measure(kind: str, path: Path, n_batches: int) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
-    r = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path), str(n_batches)], capture_output=True, text=True, env=env, timeout=3600)
-    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if r.returncode or line is None:
-        raise RuntimeError(f"{kind}: failed (status {r.returncode}):\n{r.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return run_child(_CHILD, kind, str(path), str(n_batches), what=kind)
 
 
 def main(argv=None) -> int:
