@@ -824,8 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip", nargs="+", action="extend", metavar="NAME",
                     help="layers to leave dense: a module name, a prefix or a .suffix (repeatable)")
     sp.add_argument("--tokens", nargs="*", type=_positive_int, metavar="M",
-                    help="with --backend auto: tokens per call you will run (e.g. 1 8 for decode); layers whose tuned "
-                         "table says dense is faster at any of them stay dense")
+                    help="with --backend auto: tokens per call you will run (e.g. 1 8 for decode); on a GPU a layer stays "
+                         "dense unless a backend's measured table (or, without one, its documented prior) says it "
+                         "beats dense at all of them; the report says which decided")
     sp.add_argument("--allow-extra-copy", action="store_true", help=EXTRA_COPY_HELP)
     sp.add_argument("-v", "--verbose", action="store_true", help="print the per-layer report")
     sp.add_argument("--out", required=True, help="output directory")

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .backends import Backend, choose_backend
 from .backends.base import RESIDENT_OWN
+from .backends.speed import packed_arrival_note
 from .format import Packed24, SparsityError, check_packed, pack_24, unpack_24, validate_packed
 from .ops import layer_bias
 
@@ -174,7 +175,10 @@ class SparseLinear(nn.Module):
         for key, t in extra.items():  # never saved: the state dict is canonical (see _save_to_state_dict)
             self.register_buffer(_BACKEND_PREFIX + key, t, persistent=False)
         self._backend_keys = tuple(extra)
-        self.backend, self.backend_reason = backend, choice.reason
+        note = ""
+        if self.requested_backend == "auto":  # say so when the speed policy would have left it dense
+            note = packed_arrival_note(packed.device, packed.dtype, self.out_features, self.in_features, backend)
+        self.backend, self.backend_reason = backend, choice.reason + note
         self._dtype = packed.dtype
         self._prepared_for = self._key()
 

@@ -186,3 +186,16 @@ def test_cpu_keeps_packing_without_a_verdict():
     # no GPU: nothing is measured or predicted, the reference backend packs every layer as before
     report = sparsify(_model(), tokens=[4096])
     assert report.sparse == ["0", "2"] and "no table or prior" in report["0"].reason
+
+
+def test_a_layer_arriving_packed_stays_sparse_and_says_dense_would_be_faster(gpu, caplog):
+    # e.g. load_sparse / from_pretrained / a CPU-sparsified model moved to the GPU: no dense weight
+    # to keep, so auto keeps the priority pick; the verdict is in backend_reason and logged
+    w = _model()[2].weight.detach()  # SMALL: the prior says dense at every M
+    with caplog.at_level(logging.INFO, logger="sparselora.backends.speed"):
+        layer = SparseLinear(pack_24(w))
+        big = SparseLinear(pack_24(_model()[0].weight.detach()))
+    assert layer.backend.name == "mma-sp" and "arrived packed" in layer.backend_reason
+    assert "mma-sp dense F.linear faster (prior" in layer.backend_reason
+    assert big.backend.name == "mma-sp" and "arrived packed" not in big.backend_reason
+    assert sum("arrived packed" in r.getMessage() for r in caplog.records) == 1

@@ -18,7 +18,9 @@ would have to expand the packed weight on the fly (an extra read and write of th
 than either kernel at decode) or keep a dense copy next to the sparse one (two copies, which the
 project forbids). Layers that arrive packed (``load_sparse``, ``from_pretrained``, a model
 sparsified on CPU and moved to the GPU) have no dense weight to keep, so they stay sparse on the
-highest-priority backend; sparsify on the device (with ``tokens``) to get the speed policy.
+highest-priority backend (:func:`packed_arrival_note` puts the verdict in their
+``backend_reason`` and the log when it says dense would be faster); sparsify on the device (with
+``tokens``) to get the speed policy.
 
 Measured tables share one per-shape format (``tables/<backend>_<device>.json``)::
 
@@ -42,7 +44,7 @@ from .base import Backend, BackendChoice, DeviceProfile, SpeedVerdict, device_pr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["choose_for_speed", "table_verdict", "load_speed_table", "nearest_measured"]
+__all__ = ["choose_for_speed", "packed_arrival_note", "table_verdict", "load_speed_table", "nearest_measured"]
 
 
 def nearest_measured(measured: list[int], m: int) -> int:
@@ -97,6 +99,20 @@ def _log_once(profile: DeviceProfile, dtype, n: int, k: int, tokens, reason: str
         where = profile.name or profile.kind
         log.info("auto, %dx%d %s on %s, tokens %s: %s", n, k, str(dtype).replace("torch.", ""), where,
                  tokens if tokens is not None else "any", reason)
+
+
+def packed_arrival_note(device, dtype, out_features: int, in_features: int, backend: Backend) -> str:
+    """For a layer that arrives packed and took ``backend`` by plain ``auto`` (no dense weight to
+    keep): "" unless the backend's verdict for any M says dense is faster, then that verdict
+    (logged at INFO once per shape), so the layer's ``backend_reason`` does not hide it."""
+    profile = device_profile(device)
+    verdict = backend.speed_verdict(profile, dtype, out_features, in_features, None)
+    if verdict is None or not verdict.dense_faster:
+        return ""
+    note = (f"arrived packed, so kept sparse (a dense fallback would need a second, dense copy); "
+            f"{verdict.text(backend.name)}")
+    _log_once(profile, dtype, out_features, in_features, None, note)
+    return "; " + note
 
 
 def choose_for_speed(device, dtype: torch.dtype, out_features: int, in_features: int,
