@@ -51,6 +51,7 @@ TORCH_LIBRARY_FRAGMENT(sparselora, m) {
   m.def("cslt_version(int device) -> int", &version_op);
   m.def("cslt_header_version() -> int", &header_version_op);
   m.def("cslt_m_bucket(int m) -> int", &m_bucket_op);
+  m.def("mma_sp_workspace_bytes(int device, bool allocate=False) -> int", &sparselora::sparse_mma::workspace_bytes);
 }
 
 TORCH_LIBRARY_IMPL(sparselora, CUDA, m) {

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["TileConfig", "CONFIGS", "CHOICE", "SMEM_LIMIT", "smem_bytes", "choose_config", "arch_class",
-           "PrefillConfig", "PREFILL_CONFIGS", "PREFILL_CHOICE", "PREFILL_MIN_M", "PREFILL_MIN_CTAS", "config_by_id", "config_smem_bytes"]
+           "PrefillConfig", "PREFILL_CONFIGS", "PREFILL_CHOICE", "PREFILL_MIN_M", "PREFILL_MIN_CTAS", "config_by_id", "config_smem_bytes",
+           "SMEM_PER_SM", "ctas_per_sm", "decode_tiles", "choose_splits", "splits_fit", "WORKSPACE_BYTES"]
 
 
 @dataclass(frozen=True)
@@ -163,3 +164,52 @@ def config_by_id(cid: int) -> "TileConfig | PrefillConfig":
 
 def config_smem_bytes(cfg: "TileConfig | PrefillConfig") -> int:
     return prefill_smem_bytes(cfg) if isinstance(cfg, PrefillConfig) else smem_bytes(cfg)
+
+
+# --- split-K across CTAs (decode configs): the mirror of csrc/sparse_mma/split_k.h -----------------
+#: the per-device workspace of ops.cpp: fp32 partial tiles, then int32 arrival counters (one per tile)
+WORKSPACE_PARTIAL_BYTES = 2 << 20
+WORKSPACE_COUNTERS = 8192
+WORKSPACE_BYTES = WORKSPACE_PARTIAL_BYTES + 4 * WORKSPACE_COUNTERS
+MAX_AUTO_SPLITS = 16
+SPLIT_COST_KBLOCKS = 1
+#: shared memory per SM by arch class (A100 164 KB, sm_86/89 100 KB, H100/H200 228 KB); 1 KB of it
+#: is reserved per resident CTA
+SMEM_PER_SM = {"sm80": 167936, "sm86": 102400, "sm90": 233472}
+SMEM_RESERVED_PER_CTA = 1024
+
+
+def ctas_per_sm(cfg: TileConfig, arch: str) -> int:
+    """Resident CTAs per SM of a decode config, from shared memory (what the occupancy API gives for
+    these 32-64-thread CTAs: registers allow 4 or more)."""
+    return max(1, SMEM_PER_SM[arch] // (smem_bytes(cfg) + SMEM_RESERVED_PER_CTA))
+
+
+def decode_tiles(cfg: TileConfig, m: int, n: int) -> int:
+    """(row block, token block) tiles of a decode launch: its grid without split-K."""
+    return -(-(-(-n // 16)) // cfg.mt) * -(-m // cfg.tokens)
+
+
+def _k_blocks(k: int) -> int:
+    return -(-(-(-k // 64) * 2) // 8)  # k-tiles of 32 (K padded to 64), 8 per 256-column k-block
+
+
+def splits_fit(tiles: int, kq: int, splits: int, cfg: TileConfig) -> bool:
+    """split_k.h splits_fit: at least one k-block per split, and the launch fits the workspace."""
+    part = cfg.mt * cfg.nt * 32 * 16
+    return 1 <= splits <= kq and (splits == 1 or (tiles <= WORKSPACE_COUNTERS and tiles * splits * part <= WORKSPACE_PARTIAL_BYTES))
+
+
+def choose_splits(cfg: TileConfig, m: int, n: int, k: int, sm_count: int, arch: str) -> int:
+    """The split count the launcher picks (split_k.h choose_splits, integer for integer): the one
+    that minimises waves x (k-blocks per CTA + SPLIT_COST_KBLOCKS for a split), a wave being
+    ``sm_count * ctas_per_sm(cfg, arch)`` CTAs; ties go to fewer splits, every warp gets a k-block."""
+    tiles, kq, slots = decode_tiles(cfg, m, n), _k_blocks(k), sm_count * ctas_per_sm(cfg, arch)
+    best, best_cost = 1, -(-tiles // slots) * kq
+    for s in range(2, min(MAX_AUTO_SPLITS, kq // cfg.wk) + 1):
+        if not splits_fit(tiles, kq, s, cfg):
+            break
+        cost = -(-(tiles * s) // slots) * (-(-kq // s) + SPLIT_COST_KBLOCKS)
+        if cost < best_cost:
+            best, best_cost = s, cost
+    return best

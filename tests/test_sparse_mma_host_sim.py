@@ -3,8 +3,10 @@ csrc/sparse_mma/linear_kernel.cuh, the launcher (launch.cu), the generated dispa
 generated instantiation with the host compiler, one thread per CUDA thread, cp.async/ldmatrix/
 mma.sp/__syncwarp implemented from the PTX ISA (see that file). Outputs are compared with the
 float64 oracle: a bug in the kernel's index math, pipeline waits, split-K reduction, guards or
-epilogue fails here without a GPU. Deliberately broken kernels (a wrong wait depth, a swapped
-selector, a dropped split-K partial) are shown to fail."""
+epilogue fails here without a GPU. Split-K across CTAs runs its CTAs in grid order and in shuffled
+orders on one workspace: every order must give the same bits and leave the arrival counters at 0.
+Deliberately broken kernels (a wrong wait depth, a swapped selector, a dropped split-K partial,
+an arrival-order sum, a counter left set) are shown to fail."""
 import os
 import shutil
 import struct
@@ -18,7 +20,8 @@ import torch
 from helpers import assert_linear, random_24
 from sparselora.format import nm_mask, pack_24
 from sparselora.gpu_layout import to_gpu_layout
-from sparselora.mma_sp_configs import CONFIGS, PREFILL_CONFIGS, PREFILL_MIN_M, choose_config
+from sparselora.mma_sp_configs import (CONFIGS, PREFILL_CONFIGS, PREFILL_MIN_M, SMEM_PER_SM, arch_class, choose_config,
+                                       choose_splits)
 
 ROOT = Path(__file__).resolve().parent.parent
 CXX = os.environ.get("CXX") or shutil.which("g++")
@@ -53,11 +56,16 @@ def sim(tmp_path_factory):
     return build(tmp_path_factory.mktemp("sim"))
 
 
-def run_sim(exe: Path, tmp: Path, x, g, bias, config: int, sm=(9, 0)):
+def run_sim(exe: Path, tmp: Path, x, g, bias, config: int, sm=(9, 0), splits=-1, sm_count=132, runs=1):
+    """Run the simulated launch: `splits` -1 lets the launcher choose for a device of `sm_count` SMs
+    of arch `sm`; `runs` > 1 repeats it on the same workspace in shuffled CTA orders (the sim fails
+    unless every run gives the first run's bits and leaves every split-K counter at 0)."""
     m, k = x.shape
     n = g.shape[0]
     mt, kt, kq = g.values.shape[0], g.values.shape[1], g.meta.shape[1]
-    hdr = struct.pack("<12q", m, n, k, mt, kt, kq, bias is not None, x.dtype == torch.bfloat16, config, k, *sm)
+    smem_per_sm = SMEM_PER_SM[arch_class(*sm)]
+    hdr = struct.pack("<16q", m, n, k, mt, kt, kq, bias is not None, x.dtype == torch.bfloat16, config, k, *sm,
+                      splits, sm_count, smem_per_sm, runs)
     blobs = [hdr, x.contiguous().view(torch.int16).numpy().tobytes(), g.values.view(torch.int16).numpy().tobytes(),
              g.meta.numpy().tobytes()]
     if bias is not None:
@@ -153,6 +161,70 @@ def test_without_the_fold_pruned_nonfinite_is_lost(tmp_path):
             check_nonfinite(y, x, w, b, flagged, "fold removed")
 
 
+# split-K across CTAs (split_k.h), forced: (N, K, M, splits) with uneven contiguous ranges (5 and 9
+# k-blocks in 3 and 4 splits, one split of a single k-block: a warp of WK = 2 idle), every k-block
+# its own split, several token blocks (grid.y > 1 for the 8- and 16-token configs)
+SPLIT_CASES = [(72, 1032, 9, 3), (40, 2056, 17, 4), (24, 1032, 5, 5)]
+
+
+def _cancelling_case(dtype=torch.float16):
+    """5 k-blocks (5 splits of one each) where k-blocks 0 and 1 hold the same large products with
+    opposite signs: their partials cancel exactly when summed in split order, while any other
+    order loses the small ones to rounding (plain fp32 sum-order effects hide under the cast)."""
+    n, k, m = 72, 1280, 9
+    w, _, b = random_24(n, k, dtype)
+    w[:, 256:512] = w[:, :256] = w[:, :256] * 4096
+    x = torch.randn(m, k, dtype=torch.float64).to(dtype)
+    x[:, :256] *= 4096
+    x[:, 256:512] = -x[:, :256]
+    return w, b, x
+
+
+@pytest.mark.parametrize("config", [c.id for c in CONFIGS])
+def test_split_k_matches_float64_in_any_cta_order(sim, tmp_path, seed, config):
+    w, b, x = _cancelling_case()
+    y, log = run_sim(sim, tmp_path, x, to_gpu_layout(pack_24(w)), b, config, splits=5, runs=3)
+    assert y is not None and f"OK config {config} splits 5" in log, log
+    assert_linear(y, x, w, b, what=f"config {config}, 5 splits, cancelling partials")
+    for i, (n, k, m, splits) in enumerate(SPLIT_CASES):
+        dtype = (torch.float16, torch.bfloat16)[(i + config) % 2]
+        w, _, b = random_24(n, k, dtype, bias=i != 1)
+        x = torch.randn(m, k, dtype=torch.float64).to(dtype)
+        # 3 runs on one workspace: grid order, then two shuffles (any split may arrive last); the sim
+        # fails on other bits than the first run's or a counter left nonzero
+        y, log = run_sim(sim, tmp_path, x, to_gpu_layout(pack_24(w)), b, config, splits=splits, runs=3)
+        assert y is not None, log
+        assert f"OK config {config} splits {splits}" in log, log
+        assert_linear(y, x, w, b, what=f"config {config}, {splits} splits, {n}x{k}, M={m}, {dtype}")
+
+
+def test_split_k_keeps_the_nonfinite_fold(sim, tmp_path, seed):
+    # the flagged pruned columns are the last (last split) and the first (first split) of K
+    n, k, m = 33, 1032, 13
+    for config, dtype in ((2, torch.bfloat16), (4, torch.float16)):
+        w, b, x, flagged = _nonfinite_case(n, k, m, dtype)
+        y, log = run_sim(sim, tmp_path, x, to_gpu_layout(pack_24(w)), b, config, splits=3, runs=2)
+        assert y is not None and f"OK config {config} splits 3" in log, log
+        check_nonfinite(y, x, w, b, flagged, f"config {config}, 3 splits, {dtype}")
+
+
+def test_auto_splits_follow_the_python_mirror(sim, tmp_path):
+    # the launcher's choice (split_k.h, occupancy from shared memory in the sim) equals
+    # sparselora.mma_sp_configs.choose_splits; small simulated devices make these shapes split
+    chosen = set()
+    for sm, arch in (((9, 0), "sm90"), ((8, 0), "sm80"), ((8, 6), "sm86")):
+        for n, k, m, sms in ((64, 2056, 1, 4), (256, 1032, 12, 2), (48, 4104, 20, 1), (40, 520, 3, 132)):
+            cfg = choose_config(m, n, arch)
+            want = choose_splits(cfg, m, n, k, sms, arch)
+            chosen.add(want)
+            w, _, b = random_24(n, k, torch.float16)
+            x = torch.randn(m, k, dtype=torch.float64).half()
+            y, log = run_sim(sim, tmp_path, x, to_gpu_layout(pack_24(w)), b, -1, sm, sm_count=sms)
+            assert y is not None and f"OK config {cfg.id} splits {want}" in log, (sm, n, k, m, sms, log)
+            assert_linear(y, x, w, b, what=f"auto splits on sm_{sm[0]}{sm[1]} x {sms} SMs, {n}x{k}, M={m}")
+    assert 1 in chosen and max(chosen) > 2, chosen  # both paths were taken
+
+
 def test_auto_config_and_launcher_checks(sim, tmp_path):
     w, _, b = random_24(64, 256, torch.bfloat16)
     g = to_gpu_layout(pack_24(w))
@@ -186,6 +258,14 @@ def test_auto_config_and_launcher_checks(sim, tmp_path):
     w2, _, _ = random_24(32, 60, torch.float16, bias=False)
     y, log = run_sim(sim, tmp_path, torch.randn(5, 60).half(), to_gpu_layout(pack_24(w2)), None, 1)
     assert y is None and "M=5, N=32, K=60, f16, config 1" in log and "multiple of 8" in log, log
+    # forced splits the launcher refuses, naming them: more than the k-blocks (1032 columns: 5), a
+    # prefill config, zero
+    w3, _, _ = random_24(32, 1032, torch.float16, bias=False)
+    g3, x3 = to_gpu_layout(pack_24(w3)), torch.randn(4, 1032).half()
+    for config, splits, why in ((2, 6, "more splits than 256-column k-blocks"), (100, 2, "prefill configs do not split K"),
+                                (2, 0, "splits must be -1 (choose) or >= 1")):
+        y, log = run_sim(sim, tmp_path, x3, g3, None, config, splits=splits)
+        assert y is None and f"config {config}, splits {splits}): {why}" in log, log
 
 
 def _broken_build(tmp_path, old, new, where="linear_kernel.cuh"):
@@ -233,3 +313,22 @@ def test_broken_prefill_kernel_fails(tmp_path, old, new, why):
         return
     with pytest.raises(AssertionError):
         assert_linear(y, x, w, b, what=why)
+
+
+# split-K across CTAs (one build each, ~15 s): the sum must not depend on which split arrives last,
+# and the last CTA must leave its counter at 0 for the next launch (the sim checks both)
+@pytest.mark.parametrize("old,new,why", [
+    ("for (int s = 0; s < p.splits; ++s) {  // split order", "for (int r = 0, s = split; r < p.splits; ++r, s = (s + 1) % p.splits) {  // split order",
+     "CTA order 1 gives other bits"),
+    ("  if (threadIdx.x == 0) p.counters[tile] = 0;", "", "after the launch (run 0), not 0"),
+])
+def test_broken_split_k_fails(tmp_path, old, new, why):
+    exe = _broken_build(tmp_path, old, new)
+    w, b, x = _cancelling_case()
+    g = to_gpu_layout(pack_24(w))
+    y, log = run_sim(exe, tmp_path, x, g, b, 2, splits=5, runs=3)
+    assert y is None and why in log, log
+    y, log = run_sim(exe, tmp_path, x, g, b, 2, splits=5)  # one run, no order check: y itself is wrong
+    if y is not None:
+        with pytest.raises(AssertionError):
+            assert_linear(y, x, w, b, what="broken split-K")

@@ -60,7 +60,7 @@ def generate() -> dict[Path, str]:
     for cfg in m.CONFIGS:
         for _, ctype, _ in DTYPES:
             lines.append(f"extern template cudaError_t launch_linear_cfg<{ctype}, {cfg.mt}, {cfg.nt}, {cfg.wk}, "
-                         f"{cfg.stages}>(const LinearParams&, cudaStream_t);\n")
+                         f"{cfg.stages}>(LinearParams, int, cudaStream_t, int*);\n")
     for cfg in m.PREFILL_CONFIGS:
         for _, ctype, _ in DTYPES:
             lines.append(f"extern template cudaError_t launch_prefill_cfg<{ctype}, {_prefill_args(cfg)}>"
@@ -107,15 +107,19 @@ def generate() -> dict[Path, str]:
         lines.append(f"  if (arch == {arch_id[arch]} && bucket == {bucket} && wide == {'true' if wide else 'false'}) "
                      f"return {cid};  // {arch}\n")
     lines.append("  return 0;\n}\n\n")
-    lines.append("cudaError_t dispatch(const LinearParams& p, DType dtype, int config, cudaStream_t stream) {\n"
+    lines.append("// *splits: split-K across CTAs, -1 = choose (decode configs; prefill ones have none: 1)\n"
+                 "cudaError_t dispatch(const LinearParams& p, DType dtype, int config, int sm_count, cudaStream_t stream,\n"
+                 "                     int* splits) {\n"
                  "  switch (config) {\n")
     for cfg in m.CONFIGS:
         args = f"{cfg.mt}, {cfg.nt}, {cfg.wk}, {cfg.stages}"
-        lines.append(f"    case {cfg.id}:\n      return dtype == DType::kBF16 ? launch_linear_cfg<__nv_bfloat16, {args}>(p, stream)\n"
-                     f"                                   : launch_linear_cfg<__half, {args}>(p, stream);\n")
+        lines.append(f"    case {cfg.id}:\n      return dtype == DType::kBF16\n"
+                     f"                 ? launch_linear_cfg<__nv_bfloat16, {args}>(p, sm_count, stream, splits)\n"
+                     f"                 : launch_linear_cfg<__half, {args}>(p, sm_count, stream, splits);\n")
     for cfg in m.PREFILL_CONFIGS:
         args = _prefill_args(cfg)
-        lines.append(f"    case {cfg.id}:\n      return dtype == DType::kBF16 ? launch_prefill_cfg<__nv_bfloat16, {args}>(p, stream)\n"
+        lines.append(f"    case {cfg.id}:\n      *splits = 1;\n"
+                     f"      return dtype == DType::kBF16 ? launch_prefill_cfg<__nv_bfloat16, {args}>(p, stream)\n"
                      f"                                   : launch_prefill_cfg<__half, {args}>(p, stream);\n")
     lines.append("    default:\n      return cudaErrorInvalidValue;\n  }\n}\n")
     files[OUT / "dispatch.inc"] = "".join(lines)

@@ -7,7 +7,14 @@
 // all copied in 16-byte pieces. Values and metadata go straight from shared memory to registers
 // (each lane reads back only what it copied); x goes through ldmatrix.x4 (swizzled rows). The WK
 // partial sums are reduced through shared memory in warp order (deterministic), bias is added in
-// fp32 and the output cast to T. One launch, no workspace, no atomics: graph capturable.
+// fp32 and the output cast to T.
+//
+// Split-K across CTAs (split_k.h; the launcher picks `splits` to fill whole waves): grid.z = splits
+// CTAs per tile, split z taking a contiguous range of k-blocks. Each writes its fp32 partial tile to
+// the workspace, fences, and counts its arrival at the tile's counter; the CTA that arrives last
+// sums every split's partial in split order (its own from shared memory), so the result has the
+// same bits whatever the arrival order, adds bias, casts, writes y and resets the counter to 0.
+// One launch, no memset or finalize kernel: graph capturable. splits = 1 touches no workspace.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,6 +22,7 @@
 #include "sparse_mma/layout.h"
 #include "sparse_mma/mma_sp.h"
 #include "sparse_mma/params.h"
+#include "sparse_mma/split_k.h"
 
 namespace sparselora {
 namespace sparse_mma {
@@ -31,6 +39,7 @@ struct TileConfig {
   static constexpr int kReduceBytes = WK * MT * NT * kWarp * 4 * 4;
   static constexpr int kPipeBytes = WK * kWarpChunks * 16;
   static constexpr int kSmemBytes = kPipeBytes > kReduceBytes ? kPipeBytes : kReduceBytes;
+  static constexpr int kTileFloat4s = MT * NT * kWarp;  // one CTA's partial tile (split-K)
   // weight bytes one warp keeps in flight while it computes (S - 1 stages)
   static constexpr int kWeightBytesInFlight = WK * (S - 1) * (kValChunks + kMetaChunks) * 16;
 };
@@ -108,6 +117,36 @@ __device__ __forceinline__ void compute_stage(const LinearParams& p, const uint4
   }
 }
 
+// The CTA's sum over its WK warps of accumulator group idx (mt, nt, lane), in warp order.
+template <int MT, int NT, int WK>
+__device__ __forceinline__ float4 warp_sum(const float4* red, int idx) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int w = 0; w < WK; ++w) {  // fixed order: deterministic
+    const float4 f = red[w * MT * NT * kWarp + idx];
+    v.x += f.x; v.y += f.y; v.z += f.z; v.w += f.w;
+  }
+  return v;
+}
+
+// Bias (fp32), cast and store of accumulator group idx = (mt * NT + nt) * 32 + lane.
+template <typename T, int MT, int NT>
+__device__ __forceinline__ void store_outputs(const LinearParams& p, const float4& sum, int mt0, int n0, int idx) {
+  const int l = idx % kWarp, mn = idx / kWarp, mt = mn / NT, nt = mn % NT;
+  const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = (mt0 + mt) * kTileM + c_row(l, i);
+    const int tok = n0 + nt * kTileN + c_col(l, i);
+    if (row < p.N && tok < p.M) {
+      float out = v[i];
+      if (bias) out += static_cast<float>(bias[row]);
+      y[static_cast<long long>(tok) * p.ldy + row] = static_cast<T>(out);
+    }
+  }
+}
+
 template <typename T, int MT, int NT, int WK, int S>
 __global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const LinearParams p) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SPARSELORA_SPARSE_MMA_HOST_SIM)
@@ -117,6 +156,10 @@ __global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const Line
   const int warp = threadIdx.x / kWarp;
   const int mt0 = blockIdx.x * MT;
   const int n0 = blockIdx.y * (NT * kTileN);
+  // this CTA's split of K: k-blocks [kb0, kb0 + nkb), contiguous, sizes differ by at most one
+  const int split = blockIdx.z;
+  const int kb0 = split * p.KQ / p.splits;
+  const int nkb = (split + 1) * p.KQ / p.splits - kb0;
   uint4* ws = smem + warp * C::kWarpChunks;
 
   float acc[MT][NT][4];
@@ -128,22 +171,23 @@ __global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const Line
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
   uint32_t nf = 0;  // non-finite x seen, per token tile (mma_sp.h: nonfinite_halves, tile_flag)
 
-  const int count = warp < p.KQ ? (p.KQ - warp + WK - 1) / WK : 0;  // k-blocks of this warp
+  const int count = warp < nkb ? (nkb - warp + WK - 1) / WK : 0;  // k-blocks of this warp
+  const int kw = kb0 + warp;                                      // its first one
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (s < count) load_stage<T, MT, NT, WK, S>(p, ws + s * C::kStageChunks, warp + s * WK, mt0, n0, lane);
+    if (s < count) load_stage<T, MT, NT, WK, S>(p, ws + s * C::kStageChunks, kw + s * WK, mt0, n0, lane);
     cp_async_commit();  // empty groups keep the wait_group arithmetic uniform
   }
   for (int it = 0; it < count; ++it) {
     cp_async_wait<S - 2>();
     __syncwarp();  // stage `it` visible to the whole warp; stage `it - 1` no longer read by anyone
     const int nxt = it + S - 1;
-    if (nxt < count) load_stage<T, MT, NT, WK, S>(p, ws + (nxt % S) * C::kStageChunks, warp + nxt * WK, mt0, n0, lane);
+    if (nxt < count) load_stage<T, MT, NT, WK, S>(p, ws + (nxt % S) * C::kStageChunks, kw + nxt * WK, mt0, n0, lane);
     cp_async_commit();
-    compute_stage<T, MT, NT, WK, S>(p, ws + (it % S) * C::kStageChunks, warp + it * WK, mt0, lane, acc, nf);
+    compute_stage<T, MT, NT, WK, S>(p, ws + (it % S) * C::kStageChunks, kw + it * WK, mt0, lane, acc, nf);
   }
-  // every warp saw all of x's columns of its k-blocks for all NT tiles' tokens, and the WK warps
-  // together all K: a flagged partial makes the reduced sum NaN
+  // every warp saw all of x's columns of its k-blocks for all NT tiles' tokens, and the warps of
+  // the splits together all K: a flagged partial makes the reduced sum NaN
   nan_flagged_tokens<MT, NT>(nf, acc, lane);
   cp_async_wait<0>();
   __syncthreads();  // every warp done with its pipeline: reuse shared memory for the reduction
@@ -156,26 +200,30 @@ __global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const Line
       red[((warp * MT + mt) * NT + nt) * kWarp + lane] =
           make_float4(acc[mt][nt][0], acc[mt][nt][1], acc[mt][nt][2], acc[mt][nt][3]);
   __syncthreads();
-  const T* bias = static_cast<const T*>(p.bias);
-  T* y = static_cast<T*>(p.y);
-  for (int idx = threadIdx.x; idx < MT * NT * kWarp; idx += C::kThreads) {
-    const int l = idx % kWarp, mn = idx / kWarp, mt = mn / NT, nt = mn % NT;
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int w = 0; w < WK; ++w) {  // fixed order: deterministic
-      const float4 f = red[(w * MT * NT + mn) * kWarp + l];
-      v[0] += f.x; v[1] += f.y; v[2] += f.z; v[3] += f.w;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = (mt0 + mt) * kTileM + c_row(l, i);
-      const int tok = n0 + nt * kTileN + c_col(l, i);
-      if (row < p.N && tok < p.M) {
-        float out = v[i];
-        if (bias) out += static_cast<float>(bias[row]);
-        y[static_cast<long long>(tok) * p.ldy + row] = static_cast<T>(out);
-      }
-    }
+  if (p.splits == 1) {
+    for (int idx = threadIdx.x; idx < C::kTileFloat4s; idx += C::kThreads)
+      store_outputs<T, MT, NT>(p, warp_sum<MT, NT, WK>(red, idx), mt0, n0, idx);
+    return;
   }
+
+  // split-K across CTAs: publish this split's partial, count the arrival; the last CTA reduces
+  const long long tile = static_cast<long long>(blockIdx.y) * ((p.Mt + MT - 1) / MT) + blockIdx.x;
+  float4* parts = p.partials + tile * p.splits * C::kTileFloat4s;
+  for (int idx = threadIdx.x; idx < C::kTileFloat4s; idx += C::kThreads)
+    st_cg(parts + split * C::kTileFloat4s + idx, warp_sum<MT, NT, WK>(red, idx));
+  fence_gpu();  // this thread's stores are visible device-wide before the arrival is counted
+  const bool last = syncthreads_or(threadIdx.x == 0 && arrive(p.counters + tile) == p.splits - 1);
+  if (!last) return;
+  fence_gpu();  // and the other splits' stores are seen here
+  for (int idx = threadIdx.x; idx < C::kTileFloat4s; idx += C::kThreads) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < p.splits; ++s) {  // split order, not arrival order: deterministic
+      const float4 f = s == split ? warp_sum<MT, NT, WK>(red, idx) : ld_cg(parts + s * C::kTileFloat4s + idx);
+      v.x += f.x; v.y += f.y; v.z += f.z; v.w += f.w;
+    }
+    store_outputs<T, MT, NT>(p, v, mt0, n0, idx);
+  }
+  if (threadIdx.x == 0) p.counters[tile] = 0;  // ready for the next launch or graph replay
 #endif
 }
 

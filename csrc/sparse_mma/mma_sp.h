@@ -28,6 +28,11 @@ void mma_sp_m16n8k32(float (&d)[4], const uint4& a, const uint32_t (&b)[4], uint
 uint32_t shfl_xor(uint32_t v, int mask);
 uint32_t shfl_idx(uint32_t v, int src_lane);
 float nan_f32();
+void st_cg(float4* p, const float4& v);
+float4 ld_cg(const float4* p);
+void fence_gpu();
+int arrive(int* counter);
+bool syncthreads_or(bool v);
 #else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -84,6 +89,15 @@ SPARSELORA_MMA_SP(__nv_bfloat16, "bf16")
 __device__ __forceinline__ uint32_t shfl_xor(uint32_t v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 __device__ __forceinline__ uint32_t shfl_idx(uint32_t v, int src_lane) { return __shfl_sync(0xffffffffu, v, src_lane); }
 __device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fffffff); }
+
+// Split-K across CTAs (linear_kernel.cuh): partial tiles go through L2 (.cg: L1 is not coherent
+// between SMs), each writer fences before its CTA's arrival is counted, and the barrier that
+// follows the count tells every thread whether its CTA arrived last.
+__device__ __forceinline__ void st_cg(float4* p, const float4& v) { __stcg(p, v); }
+__device__ __forceinline__ float4 ld_cg(const float4* p) { return __ldcg(p); }
+__device__ __forceinline__ void fence_gpu() { __threadfence(); }
+__device__ __forceinline__ int arrive(int* counter) { return atomicAdd(counter, 1); }
+__device__ __forceinline__ bool syncthreads_or(bool v) { return __syncthreads_or(v) != 0; }
 #endif  // SPARSELORA_SPARSE_MMA_HOST_SIM
 
 // Non-finite flag of x (masked-dense semantics: a token with a NaN/Inf at ANY column, pruned ones

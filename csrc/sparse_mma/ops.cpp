@@ -3,6 +3,7 @@
 #include "sparse_mma/ops.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -13,13 +14,14 @@
 #include "sparse_mma/launch.h"
 #include "sparse_mma/layout.h"
 #include "sparse_mma/params.h"
+#include "sparse_mma/split_k.h"
 
 namespace sparselora {
 namespace sparse_mma {
 namespace {
 
 struct DeviceInfo {
-  int major = 0, minor = 0;
+  int major = 0, minor = 0, sm_count = 0;
   size_t smem_optin = 0;
 };
 
@@ -34,16 +36,49 @@ const DeviceInfo& device_info(int device) {
     SPARSELORA_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device].major, cudaDevAttrComputeCapabilityMajor, device));
     SPARSELORA_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device].minor, cudaDevAttrComputeCapabilityMinor, device));
     SPARSELORA_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    SPARSELORA_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device].sm_count, cudaDevAttrMultiProcessorCount, device));
     cache[device].smem_optin = static_cast<size_t>(smem);
     known[device] = true;
   }
   return cache[device];
 }
 
+// The split-K workspace of each device (split_k.h): kWorkspaceBytes, zeroed once when allocated,
+// kept for the life of the process and shared by every layer (each launch leaves its counters at
+// 0). Not allocated inside a CUDA graph capture (the zero fill would become a graph node): a call
+// captured before the device's first eager call runs without split-K.
+std::mutex workspace_mu;
+at::Tensor* workspace_buf[64] = {nullptr};
+
+at::Tensor* workspace(int device, bool allocate) {
+  std::lock_guard<std::mutex> lock(workspace_mu);
+  if (!workspace_buf[device] && allocate) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    SPARSELORA_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device).stream(), &status));
+    if (status != cudaStreamCaptureStatusNone) {
+      TORCH_WARN_ONCE("sparselora.mma_sp_linear: first call on cuda:", device, " inside a CUDA graph capture; the ",
+                      "split-K workspace is allocated outside captures, so this graph runs without split-K. Make one ",
+                      "call (or prepare the layer) before capturing.");
+      return nullptr;
+    }
+    // never freed: it lives as long as the process (released with the CUDA context)
+    workspace_buf[device] = new at::Tensor(at::zeros({kWorkspaceBytes}, at::TensorOptions().dtype(at::kByte).device(
+                                                                              at::Device(at::kCUDA, device))));
+  }
+  return workspace_buf[device];
+}
+
 }  // namespace
 
+int64_t workspace_bytes(int64_t device, bool allocate) {
+  TORCH_CHECK(device >= 0 && device < 64, "sparselora.mma_sp_workspace_bytes: device index ", device, " out of range");
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const at::Tensor* ws = workspace(static_cast<int>(device), allocate);
+  return ws ? ws->numel() : 0;
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                  const std::optional<at::Tensor>& bias, int64_t out_features, int64_t config) {
+                  const std::optional<at::Tensor>& bias, int64_t out_features, int64_t config, int64_t splits) {
   const char* op = "sparselora.mma_sp_linear";
   TORCH_CHECK(x.is_cuda() && values.is_cuda() && meta.is_cuda(), op, ": x, values and meta must be CUDA tensors, got ",
               x.device(), ", ", values.device(), ", ", meta.device());
@@ -105,11 +140,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   p.KQ = static_cast<int>(KQ);
   const int device = x.get_device();
   const DeviceInfo& info = device_info(device);
+  TORCH_CHECK(splits == -1 || (splits >= 1 && splits < (1 << 16)), op, ": splits=", splits, " must be -1 or >= 1");
+  if (splits != 1) {
+    if (at::Tensor* ws = workspace(device, true)) {
+      p.partials = static_cast<float4*>(ws->data_ptr());
+      p.counters = reinterpret_cast<int*>(static_cast<char*>(ws->data_ptr()) + kWorkspacePartialBytes);
+    }
+  }
   char err[512] = {0};
-  int used = -1;
+  int used = -1, used_splits = -1;
   const int rc = launch_linear(p, x.scalar_type() == at::kBFloat16 ? DType::kBF16 : DType::kF16,
-                               static_cast<int>(config), info.major, info.minor, info.smem_optin,
-                               c10::cuda::getCurrentCUDAStream(device).stream(), err, sizeof(err), &used);
+                               static_cast<int>(config), static_cast<int>(splits), info.major, info.minor,
+                               info.smem_optin, info.sm_count, c10::cuda::getCurrentCUDAStream(device).stream(), err,
+                               sizeof(err), &used, &used_splits);
   TORCH_CHECK(rc == 0, err);
   return y.view(out_shape);
 }

@@ -15,6 +15,10 @@ struct LinearParams {
   void* y;              // [M, N] rows of ldy elements
   long long ldx, ldy;
   int M, N, K, Mt, KT, KQ;
+  // split-K across CTAs (split_k.h; decode kernel only): grid.z = splits CTAs share each tile's K
+  int splits;        // 1: no workspace is touched
+  float4* partials;  // [tiles][splits][MT NT 32] fp32 partial tiles (workspace of ops.cpp)
+  int* counters;     // [tiles] arrivals; 0 before and after every launch
 };
 
 }  // namespace sparse_mma

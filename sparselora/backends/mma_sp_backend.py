@@ -42,7 +42,8 @@ from .base import Backend, register_backend
 from .mma_sp_policy import mma_sp_verdict
 
 DTYPES = (torch.float16, torch.bfloat16)
-SCHEMA = "mma_sp_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, int config=-1) -> Tensor"
+SCHEMA = ("mma_sp_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias, int out_features, int config=-1, "
+          "int splits=-1) -> Tensor")
 
 _LIB = torch.library.Library("sparselora", "FRAGMENT")
 _LIB.define(SCHEMA)
@@ -65,7 +66,7 @@ _EXT_ERROR = _load_extension()
 _CONFIG_IDS = frozenset(c.id for c in CONFIGS + PREFILL_CONFIGS)
 
 
-def check_args(x, values, meta, bias, out_features: int, config: int) -> tuple[int, int]:
+def check_args(x, values, meta, bias, out_features: int, config: int, splits: int = -1) -> tuple[int, int]:
     """The checks the CUDA op makes (minus device-specific ones), with the same messages; returns (N, K)."""
     op = "sparselora.mma_sp_linear"
     if x.dtype not in DTYPES:
@@ -91,28 +92,48 @@ def check_args(x, values, meta, bias, out_features: int, config: int) -> tuple[i
     if config != -1 and config not in _CONFIG_IDS:
         raise SparsityError(f"{op}: config={config}; valid: -1 (auto), 0..{len(CONFIGS) - 1} (decode) or "
                             f"{', '.join(str(c.id) for c in PREFILL_CONFIGS)} (prefill)")
+    if splits != -1 and not 1 <= splits <= kq:
+        raise SparsityError(f"{op}: splits={splits}; valid: -1 (auto) or 1..{kq} (the 256-column k-blocks of "
+                            f"in_features={k})")
+    if splits > 1 and config >= 100:
+        raise SparsityError(f"{op}: splits={splits} with prefill config {config}: prefill configs do not split K "
+                            f"across CTAs (splits must be -1 or 1)")
     return n, k
 
 
 @torch.library.impl(_LIB, "mma_sp_linear", "CPU")
-def _mma_sp_linear_cpu(x, values, meta, bias, out_features, config=-1):
-    # the reference: back to canonical (exact), dense, fp32 matmul, cast (config only validated)
-    n, k = check_args(x, values, meta, bias, out_features, config)
+def _mma_sp_linear_cpu(x, values, meta, bias, out_features, config=-1, splits=-1):
+    # the reference: back to canonical (exact), dense, fp32 matmul, cast (config and splits only validated)
+    n, k = check_args(x, values, meta, bias, out_features, config, splits)
     w = unpack_24(from_gpu_layout(GpuPacked24(values, meta, (n, k))))
     y = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
     return y.to(x.dtype)
 
 
 @torch.library.register_fake("sparselora::mma_sp_linear")
-def _mma_sp_linear_fake(x, values, meta, bias, out_features, config=-1):
-    check_args(x, values, meta, bias, out_features, config)
+def _mma_sp_linear_fake(x, values, meta, bias, out_features, config=-1, splits=-1):
+    check_args(x, values, meta, bias, out_features, config, splits)
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def mma_sp_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
-                  out_features: int, config: int = -1) -> torch.Tensor:
-    """``x @ W.T + bias`` with ``W`` in the GPU layout (``values``, ``meta`` from :func:`to_gpu_layout`)."""
-    return torch.ops.sparselora.mma_sp_linear(x, values, meta, bias, out_features, config)
+                  out_features: int, config: int = -1, splits: int = -1) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` in the GPU layout (``values``, ``meta`` from :func:`to_gpu_layout`).
+    ``splits``: split-K across CTAs of the decode configs (-1: the launcher's choice, see
+    :func:`sparselora.mma_sp_configs.choose_splits`; >= 1 forces it, for tests)."""
+    return torch.ops.sparselora.mma_sp_linear(x, values, meta, bias, out_features, config, splits)
+
+
+def workspace_bytes(device, allocate: bool = False) -> int:
+    """Bytes of the split-K workspace the CUDA op keeps on ``device`` (one per device, shared by
+    every layer: fp32 partial tiles + arrival counters, :data:`sparselora.mma_sp_configs.WORKSPACE_BYTES`
+    once allocated; 0 before, without the extension, or off CUDA). ``allocate``: allocate it now
+    (outside a CUDA graph capture) so that a later capture gets split-K."""
+    device = torch.device(device)
+    if device.type != "cuda" or _EXT_ERROR:
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(torch.ops.sparselora.mma_sp_workspace_bytes(index, allocate))
 
 
 def extension_error() -> Optional[str]:

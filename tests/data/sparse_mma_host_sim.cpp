@@ -7,14 +7,22 @@
 //   ldmatrix.x4   : lane l gets 32 bits at (address of lane 8q + l/4) + 4 (l % 4) for matrix q;
 //   mma.sp m16n8k32 ordered_metadata: A rebuilt from the lanes' kept values and the metadata of the
 //                   lanes the selector names, undefined/unordered nibbles abort, fp32 accumulate;
-//   __syncwarp / __syncthreads: barriers. Shared memory is filled with 0xFF (NaN) before each CTA.
-// Never part of the extension. Usage: sim <in.bin> <out.bin>  (format: see the test).
+//   __syncwarp / __syncthreads(_or): barriers. Shared memory is filled with 0xFF (NaN) before each CTA.
+//   split-K across CTAs: CTAs run one after another, in grid order or in a seeded random order (so
+//                   any split can arrive last); the workspace's partials start NaN-filled, its
+//                   counters zeroed once, and after each launch every counter must be 0 again.
+// Never part of the extension. Usage: sim <in.bin> <out.bin>  (format: see the test). With runs > 1
+// the launch is repeated on the same workspace in other CTA orders; every run's y must have the
+// same bits as the first.
 #include <barrier>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <atomic>
 #include <deque>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -36,6 +44,9 @@ struct WarpExchange {
 std::barrier<>* cta_barrier = nullptr;
 std::barrier<>* warp_barrier[kMaxThreads / 32];
 WarpExchange exchange[kMaxThreads / 32];
+std::atomic<int> cta_or{0};     // __syncthreads_or's vote
+int smem_per_sm = 0;            // the simulated device (occupancy of a config)
+unsigned cta_order_seed = 0;    // 0: grid order (x fastest, then y, then z); else a seeded shuffle
 struct Copy { void* dst; const void* src; bool valid; };
 thread_local std::deque<std::vector<Copy>> groups;
 thread_local std::vector<Copy> open_group;
@@ -89,6 +100,19 @@ uint32_t shfl_idx(uint32_t v, int src_lane) {
 }
 uint32_t shfl_xor(uint32_t v, int mask) { return shfl_idx(v, simrt::lane() ^ mask); }
 float nan_f32() { return __builtin_nanf(""); }
+void st_cg(float4* p, const float4& v) { *p = v; }
+float4 ld_cg(const float4* p) { return *p; }
+void fence_gpu() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+int arrive(int* counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_SEQ_CST); }
+bool syncthreads_or(bool v) {
+  if (v) simrt::cta_or = 1;
+  __syncthreads();
+  const bool any = simrt::cta_or != 0;
+  __syncthreads();
+  if (threadIdx.x == 0) simrt::cta_or = 0;
+  __syncthreads();
+  return any;
+}
 
 template <typename T>
 float half_of(uint32_t reg, int h) {
@@ -159,32 +183,45 @@ void mma_sp_m16n8k32(float (&d)[4], const uint4& a, const uint32_t (&b)[4], uint
 
 namespace sparselora {
 namespace sparse_mma {
-// The CPU launch: the same grid as launch_template.cuh, CTAs one after another, a thread per CUDA thread.
+// The CPU launch: the same grid and split choice as launch_template.cuh (occupancy from shared
+// memory: the device's bytes per SM over the config's + 1 KB reserved per CTA, as
+// sparselora.mma_sp_configs.ctas_per_sm), CTAs one after another, a thread per CUDA thread.
 template <typename T, int MT, int NT, int WK, int S>
-cudaError_t launch_linear_cfg(const LinearParams& p, cudaStream_t) {
+cudaError_t launch_linear_cfg(LinearParams p, int sm_count, cudaStream_t, int* splits) {
   using C = TileConfig<MT, NT, WK, S>;
   static_assert(C::kThreads <= simrt::kMaxThreads, "too many threads for the simulation");
   if (C::kSmemBytes > static_cast<int>(sizeof(smem))) simrt::die("shared memory larger than the simulation's");
   const int gx = (p.Mt + MT - 1) / MT, gy = (p.M + NT * kTileN - 1) / (NT * kTileN);
-  for (int by = 0; by < gy; ++by)
-    for (int bx = 0; bx < gx; ++bx) {
-      std::memset(smem, 0xFF, C::kSmemBytes);
-      std::barrier<> cta(C::kThreads);
-      std::vector<std::barrier<>*> wb;
-      for (int w = 0; w < WK; ++w) wb.push_back(new std::barrier<>(32));
-      simrt::cta_barrier = &cta;
-      for (int w = 0; w < WK; ++w) simrt::warp_barrier[w] = wb[w];
-      std::vector<std::thread> threads;
-      for (int t = 0; t < C::kThreads; ++t)
-        threads.emplace_back([&, t] {
-          threadIdx = {static_cast<unsigned>(t), 0, 0};
-          blockIdx = {static_cast<unsigned>(bx), static_cast<unsigned>(by), 0};
-          mma_sp_linear_kernel<T, MT, NT, WK, S>(p);
-          if (!simrt::groups.empty() || !simrt::open_group.empty()) simrt::die("cp.async groups left at kernel exit");
-        });
-      for (auto& th : threads) th.join();
-      for (auto* b : wb) delete b;
-    }
+  if (*splits < 0) {
+    const int ctas_per_sm = std::max(1, simrt::smem_per_sm / (C::kSmemBytes + 1024));
+    *splits = p.partials ? choose_splits(static_cast<long long>(gx) * gy, p.KQ, WK,
+                                         static_cast<long long>(sm_count) * ctas_per_sm, MT, NT)
+                         : 1;
+  }
+  p.splits = *splits;
+  std::vector<uint3> ctas;
+  for (int bz = 0; bz < p.splits; ++bz)
+    for (int by = 0; by < gy; ++by)
+      for (int bx = 0; bx < gx; ++bx) ctas.push_back({static_cast<unsigned>(bx), static_cast<unsigned>(by), static_cast<unsigned>(bz)});
+  if (simrt::cta_order_seed) std::shuffle(ctas.begin(), ctas.end(), std::mt19937(simrt::cta_order_seed));
+  for (const uint3 b : ctas) {
+    std::memset(smem, 0xFF, C::kSmemBytes);
+    std::barrier<> cta(C::kThreads);
+    std::vector<std::barrier<>*> wb;
+    for (int w = 0; w < WK; ++w) wb.push_back(new std::barrier<>(32));
+    simrt::cta_barrier = &cta;
+    for (int w = 0; w < WK; ++w) simrt::warp_barrier[w] = wb[w];
+    std::vector<std::thread> threads;
+    for (int t = 0; t < C::kThreads; ++t)
+      threads.emplace_back([&, t] {
+        threadIdx = {static_cast<unsigned>(t), 0, 0};
+        blockIdx = b;
+        mma_sp_linear_kernel<T, MT, NT, WK, S>(p);
+        if (!simrt::groups.empty() || !simrt::open_group.empty()) simrt::die("cp.async groups left at kernel exit");
+      });
+    for (auto& th : threads) th.join();
+    for (auto* w : wb) delete w;
+  }
   return cudaSuccess;
 }
 
@@ -232,7 +269,7 @@ int main(int argc, char** argv) {
   if (argc != 3) simrt::die("usage: sim <in.bin> <out.bin>");
   FILE* f = std::fopen(argv[1], "rb");
   if (!f) simrt::die("cannot open input");
-  int64_t hdr[12];  // M N K Mt KT KQ has_bias dtype config ldx sm_major sm_minor
+  int64_t hdr[16];  // M N K Mt KT KQ has_bias dtype config ldx sm_major sm_minor splits sm_count smem_per_sm runs
   if (std::fread(hdr, sizeof(hdr), 1, f) != 1) simrt::die("short header");
   const int M = hdr[0], N = hdr[1], K = hdr[2], Mt = hdr[3], KT = hdr[4], KQ = hdr[5];
   auto read = [&](size_t bytes) {
@@ -243,19 +280,43 @@ int main(int argc, char** argv) {
   std::vector<uint4> x = read(static_cast<size_t>(M) * hdr[9] * 2), values = read(static_cast<size_t>(Mt) * KT * 512),
                      meta = read(static_cast<size_t>(Mt) * KQ * 512), bias = read(hdr[6] ? N * 2 : 0);
   std::fclose(f);
-  std::vector<uint16_t> y(static_cast<size_t>(M) * N, 0x7E00);  // NaN-poisoned output
-  LinearParams p{};
-  p.x = x.data(); p.values = values.data(); p.meta = meta.data(); p.bias = hdr[6] ? bias.data() : nullptr;
-  p.y = y.data(); p.ldx = hdr[9]; p.ldy = N; p.M = M; p.N = N; p.K = K; p.Mt = Mt; p.KT = KT; p.KQ = KQ;
-  char err[512] = {0};
-  int used = -1;
-  const int rc = launch_linear(p, hdr[7] ? DType::kBF16 : DType::kF16, static_cast<int>(hdr[8]), static_cast<int>(hdr[10]),
-                               static_cast<int>(hdr[11]), 232448,
-                               nullptr, err, sizeof(err), &used);
-  if (rc) { std::printf("LAUNCH-ERROR %s\n", err); return 4; }
+  simrt::smem_per_sm = static_cast<int>(hdr[14]);
+  // the device's split-K workspace (ops.cpp): partials NaN-filled (an unwritten partial shows), counters zeroed once
+  std::vector<uint4> ws(kWorkspaceBytes / 16);
+  std::memset(ws.data(), 0xFF, kWorkspacePartialBytes);
+  std::memset(reinterpret_cast<char*>(ws.data()) + kWorkspacePartialBytes, 0, 4 * kWorkspaceCounters);
+  const int* counters = reinterpret_cast<const int*>(reinterpret_cast<char*>(ws.data()) + kWorkspacePartialBytes);
+  std::vector<uint16_t> y(static_cast<size_t>(M) * N), first;
+  int used = -1, used_splits = -1;
+  for (int run = 0; run < std::max<int64_t>(1, hdr[15]); ++run) {
+    std::fill(y.begin(), y.end(), 0x7E00);  // NaN-poisoned output
+    simrt::cta_order_seed = static_cast<unsigned>(run);
+    LinearParams p{};
+    p.x = x.data(); p.values = values.data(); p.meta = meta.data(); p.bias = hdr[6] ? bias.data() : nullptr;
+    p.y = y.data(); p.ldx = hdr[9]; p.ldy = N; p.M = M; p.N = N; p.K = K; p.Mt = Mt; p.KT = KT; p.KQ = KQ;
+    p.partials = reinterpret_cast<float4*>(ws.data());
+    p.counters = const_cast<int*>(counters);
+    char err[512] = {0};
+    const int rc = launch_linear(p, hdr[7] ? DType::kBF16 : DType::kF16, static_cast<int>(hdr[8]), static_cast<int>(hdr[12]),
+                                 static_cast<int>(hdr[10]), static_cast<int>(hdr[11]), 232448, static_cast<int>(hdr[13]),
+                                 nullptr, err, sizeof(err), &used, &used_splits);
+    if (rc) { std::printf("LAUNCH-ERROR %s\n", err); return 4; }
+    for (int i = 0; i < kWorkspaceCounters; ++i)
+      if (counters[i]) {
+        std::fprintf(stderr, "host sim: split-K counter %d is %d after the launch (run %d), not 0\n", i, counters[i], run);
+        return 5;
+      }
+    if (run == 0) first = y;
+    else if (y != first) {
+      const size_t i = std::mismatch(y.begin(), y.end(), first.begin()).first - y.begin();
+      std::fprintf(stderr, "host sim: CTA order %d gives other bits than grid order at y[%zu][%zu] (%#x vs %#x)\n", run,
+                   i / N, i % N, y[i], first[i]);
+      return 6;
+    }
+  }
   FILE* o = std::fopen(argv[2], "wb");
   std::fwrite(y.data(), 2, y.size(), o);
   std::fclose(o);
-  std::printf("OK config %d\n", used);
+  std::printf("OK config %d splits %d\n", used, used_splits);
   return 0;
 }
