@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from sparselora.memory import resident_bytes  # parameters and every buffer, backend buffers (cuSPARSELt's copy) included
+from sparselora.memory import workspace_bytes  # backends' shared per-device scratch (mma-sp's split-K workspace)
 from sparselora.timing import median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -155,6 +156,7 @@ def measure(model, cfg, args, device, dtype, label: str) -> dict:
     lm = model.model.language_model
     res["lm_weight_bytes"] = resident_bytes(lm)
     res["model_weight_bytes"] = resident_bytes(model)
+    res["backend_workspace_bytes"] = workspace_bytes(model)  # once per device, not a weight copy
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -294,6 +296,7 @@ def main(argv=None) -> int:
            for b in args.batches for mode in ("graph", "eager") if f"decode_{mode}_note_b{b}" in r},
         "lm_weight_ratio": sparse["lm_weight_bytes"] / dense["lm_weight_bytes"],
         "lm_linear_ratio": report.totals()["ratio"],  # the packed layers alone, every resident byte
+        "backend_workspace_MiB": sparse["backend_workspace_bytes"] / 2**20,  # per device, on top of the ratios above
         "packed_layer_max_rel_err": err, "new_tokens": args.new_tokens, "kv_cache": "static",
     }
     head = "graph" if device.type == "cuda" else "eager"

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .format import packed_nbytes
 
-__all__ = ["resident_bytes", "tensor_bytes", "dense_linear_bytes", "sparse_linear_bytes"]
+__all__ = ["resident_bytes", "workspace_bytes", "tensor_bytes", "dense_linear_bytes", "sparse_linear_bytes"]
 
 
 def _storage_key_and_bytes(t: torch.Tensor) -> tuple[object, int]:
@@ -52,6 +52,22 @@ def resident_bytes(module: nn.Module, device: Optional[torch.device | str] = Non
         device = torch.device(device)
         tensors = [t for t in tensors if t.device.type == device.type and (device.index is None or t.device.index == device.index)]
     return tensor_bytes(tensors)
+
+
+def workspace_bytes(module: nn.Module) -> int:
+    """Bytes of the backends' shared scratch memory on the devices ``module``'s sparse layers use
+    (e.g. ``mma-sp``'s split-K workspace): each (backend, device) counted once, however many layers
+    share it. Not part of :func:`resident_bytes` (no layer owns it); reports add it to the total."""
+    seen: dict[tuple, int] = {}
+    for m in module.modules():
+        backend = getattr(m, "backend", None)
+        if backend is None or not hasattr(backend, "workspace_bytes") or not hasattr(m, "weight_device"):
+            continue
+        device = torch.device(m.weight_device)
+        key = (backend.name, device)
+        if key not in seen:
+            seen[key] = int(backend.workspace_bytes(device))
+    return sum(seen.values())
 
 
 def dense_linear_bytes(out_features: int, in_features: int, dtype: torch.dtype, bias: bool = False) -> int:

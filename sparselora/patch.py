@@ -23,7 +23,7 @@ import torch.nn as nn
 from .backends import choose_backend
 from .backends.speed import choose_for_speed
 from .format import SUPPORTED_DTYPES, SparsityError, check_nm, pack_24
-from .memory import dense_linear_bytes, resident_bytes
+from .memory import dense_linear_bytes, resident_bytes, workspace_bytes
 from .modules import SparseLinear
 
 __all__ = ["sparsify", "unsparsify", "SparsifyReport", "LayerReport", "sparse_layers"]
@@ -48,8 +48,9 @@ class LayerReport:
 class SparsifyReport:
     """What :func:`sparsify` did, per layer, and what each layer holds in memory."""
 
-    def __init__(self, rows: list[LayerReport]):
+    def __init__(self, rows: list[LayerReport], workspace_bytes: int = 0):
         self.rows = rows
+        self.workspace_bytes = workspace_bytes  # backends' shared scratch (memory.workspace_bytes), once per device
 
     @property
     def sparse(self) -> list[str]:
@@ -74,7 +75,8 @@ class SparsifyReport:
         return {"layers": len(self.rows), "sparse": len(self.sparse), "left_dense": len(self.dense),
                 "lora": sum(r.action == "lora" for r in self.rows),
                 "extra_copy": sum(r.action == "sparse" and r.weight_copies > 1 for r in self.rows),
-                "dense_bytes": dense, "resident_bytes": now, "ratio": (now / dense) if dense else float("nan")}
+                "dense_bytes": dense, "resident_bytes": now, "ratio": (now / dense) if dense else float("nan"),
+                "workspace_bytes": self.workspace_bytes}
 
     def summary(self) -> str:
         t = self.totals()
@@ -85,6 +87,8 @@ class SparsifyReport:
         per = ", ".join(f"{k}: {v}" for k, v in sorted(backends.items())) or "none"
         s = (f"sparsified {t['sparse']}/{t['layers']} layers (backends: {per}); "
              f"resident {_mib(t['dense_bytes'])} dense -> {_mib(t['resident_bytes'])} ({t['ratio']:.3f}x, every buffer counted)")
+        if t["workspace_bytes"]:
+            s += f"; plus {_mib(t['workspace_bytes'])} of backend workspace (per device, shared by the layers; not a weight copy)"
         if t["extra_copy"]:
             s += (f"; {t['extra_copy']} layers hold 2 copies of their weight (canonical + backend layout: "
                   f"the backend was named or allow_extra_copy=True)")
@@ -357,7 +361,7 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
         from .hf_quantizer import attach
 
         attach(model, backend=backend)
-    return SparsifyReport(rows)
+    return SparsifyReport(rows, workspace_bytes(model))
 
 
 def _lora_row(name: str, mod: nn.Module, part: str) -> LayerReport:

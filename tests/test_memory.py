@@ -19,7 +19,7 @@ from sparselora.backends import Backend, choose_backend, get_backend, list_backe
 from sparselora.backends import base as backend_base
 from sparselora.checkpoint import load_sparse, save_sparse
 from sparselora.format import Packed24, nm_mask, pack_24, packed_nbytes
-from sparselora.memory import dense_linear_bytes, resident_bytes, sparse_linear_bytes, tensor_bytes
+from sparselora.memory import dense_linear_bytes, resident_bytes, sparse_linear_bytes, tensor_bytes, workspace_bytes
 from sparselora.ops import reference_sparse24_linear
 from sparselora.patch import sparse_layers, sparsify, unsparsify
 
@@ -297,6 +297,32 @@ def test_sparsify_counts_and_reports_a_second_copy(fake_backends, seed):
     assert "| test-two-copies | 2 |" in rep2.to_markdown()
     with torch.no_grad():
         assert torch.equal(two(x), ref) and torch.equal(one(x), ref)
+
+
+class SharedWorkspace(PermutedOwn):
+    """PermutedOwn plus a per-device scratch buffer shared by its layers (like mma-sp's split-K workspace)."""
+
+    name = "test-shared-workspace"
+
+    def workspace_bytes(self, device):
+        return 12345 if torch.device(device).type == "cpu" else 0
+
+
+def test_backend_workspace_is_counted_once_per_device(fake_backends, seed):
+    be = register_backend(SharedWorkspace())
+    try:
+        model = pruned_mlp((128, 64, 64, 32))
+        rep = sparsify(model, backend=be.name)
+        assert len(rep.sparse) == 3
+        assert workspace_bytes(model) == 12345  # three layers share it: once, not per layer
+        assert rep.totals()["workspace_bytes"] == 12345
+        assert "of backend workspace" in rep.summary()
+        # no layer owns it: the per-layer resident bytes are the weight and bias only
+        for m in sparse_layers(model).values():
+            assert m.resident_bytes() == sparse_linear_bytes(m.out_features, m.in_features, torch.float32, bias=True)
+        assert workspace_bytes(pruned_mlp()) == 0 and "workspace" not in sparsify(pruned_mlp()).summary()
+    finally:
+        backend_base._REGISTRY.pop(be.name, None)
 
 
 def test_resident_bytes_counts_buffers_and_shared_storage_once():

@@ -14,6 +14,7 @@ from sparselora.backends import get_backend
 from sparselora.backends import mma_sp_backend as mb
 from sparselora.format import SparsityError, nm_mask, pack_24
 from sparselora.gpu_layout import to_gpu_layout
+from sparselora import mma_sp_configs as C
 from sparselora.mma_sp_configs import CONFIGS, PREFILL_CONFIGS, config_by_id, config_smem_bytes
 
 ALL_CONFIGS = [c.id for c in CONFIGS + PREFILL_CONFIGS]
@@ -49,6 +50,17 @@ def test_cpu_op_checks_name_the_problem():
     with pytest.raises(SparsityError, match=r"config=99; .*100, 101, 102 \(prefill\)"):
         mb.mma_sp_linear(x, g.values, g.meta, b, 32, 99)
     assert_linear(mb.mma_sp_linear(x, g.values, g.meta, b, 32, 100), x, w, b)  # a forced prefill config is accepted
+    # split-K across CTAs: -1 or 1..KQ (k-blocks of 256 columns; K = 64: one), none for prefill configs
+    assert_linear(mb.mma_sp_linear(x, g.values, g.meta, b, 32, 2, 1), x, w, b)
+    with pytest.raises(SparsityError, match=r"splits=2; valid: -1 \(auto\) or 1..1"):
+        mb.mma_sp_linear(x, g.values, g.meta, b, 32, 2, 2)
+    with pytest.raises(SparsityError, match="splits=0"):
+        mb.mma_sp_linear(x, g.values, g.meta, b, 32, -1, 0)
+    w5, b5, g5 = _layer(32, 1032, torch.bfloat16)
+    x5 = torch.randn(3, 1032).bfloat16()
+    assert_linear(mb.mma_sp_linear(x5, g5.values, g5.meta, b5, 32, 2, 5), x5, w5, b5)
+    with pytest.raises(SparsityError, match="prefill configs do not split K"):
+        mb.mma_sp_linear(x5, g5.values, g5.meta, b5, 32, 100, 2)
     with pytest.raises(SparsityError, match="values dtype"):
         mb.mma_sp_linear(x.half(), g.values, g.meta, None, 32)
     with pytest.raises(SparsityError, match="bias must be"):
@@ -140,6 +152,51 @@ def test_cuda_exact_small_integers_and_deterministic(dtype):
                 continue
             assert torch.equal(y, ref), f"config {config} M={m}: first diff at {(y != ref).nonzero()[0].tolist()}"
             assert torch.equal(y, mb.mma_sp_linear(x, g.values, g.meta, None, n, config)), "not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_split_k_exact_deterministic_and_graph_replayed(dtype):
+    # split-K across CTAs, forced for every decode config (1, 2, 3 and one split per k-block) and
+    # chosen (-1): exact small integers give the float64 result in any order; random inputs give
+    # the same bits on every call (the last CTA sums in split order) and after graph replays
+    # (the counters come back to 0: no memset between launches)
+    _require_ext()
+    n, k = 300, 2056  # 9 k-blocks of 256 columns
+    w = (torch.randint(-8, 9, (n, k)) * nm_mask(torch.rand(n, k))).to(dtype)
+    g = to_gpu_layout(pack_24(w.cuda()))
+    wr, br, gr = _layer(n, k, dtype, "cuda")
+    smem_ok = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    for config in [c.id for c in CONFIGS]:
+        if config_smem_bytes(config_by_id(config)) > smem_ok:
+            continue
+        for m in (1, 9, 23):
+            x = torch.randint(-8, 9, (m, k)).to(dtype).cuda()
+            ref = (x.double() @ w.double().cuda().T).to(dtype)
+            xr = torch.randn(m, k, device="cuda", dtype=torch.float64).to(dtype)
+            for splits in (1, 2, 3, 9, -1):
+                _poison_allocator()
+                y = mb.mma_sp_linear(x, g.values, g.meta, None, n, config, splits)
+                assert torch.equal(y, ref), f"config {config} M={m} splits {splits}: first diff at {(y != ref).nonzero()[0].tolist()}"
+                yr = mb.mma_sp_linear(xr, gr.values, gr.meta, br, n, config, splits)
+                assert_linear(yr, xr, wr, br, what=f"config {config}, M={m}, splits {splits}")
+                for _ in range(3):
+                    assert torch.equal(yr, mb.mma_sp_linear(xr, gr.values, gr.meta, br, n, config, splits)), "not deterministic"
+    assert mb.workspace_bytes("cuda") == C.WORKSPACE_BYTES
+    x = torch.randn(4, k, device="cuda").to(dtype)
+    y0 = mb.mma_sp_linear(x, gr.values, gr.meta, br, n, 2, 9)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = mb.mma_sp_linear(x, gr.values, gr.meta, br, n, 2, 9)
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(y, y0), "graph replay of split-K differs from the eager call"
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert_linear(y, x, wr, br, what="split-K graph replay")
+    with pytest.raises(RuntimeError, match="more splits than 256-column k-blocks"):
+        mb.mma_sp_linear(x, gr.values, gr.meta, br, n, 2, 10)
 
 
 @pytest.mark.gpu

@@ -46,6 +46,12 @@ class Backend:
         """None if the backend can run in this process, else why not (missing extension...)."""
         return None
 
+    def workspace_bytes(self, device: torch.device) -> int:
+        """Bytes of scratch memory this backend keeps on ``device`` for all its layers together
+        (not a weight copy, not a layer buffer: :func:`sparselora.memory.workspace_bytes` counts it
+        once per device). Default: none."""
+        return 0
+
     def unsupported_reason(self, device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> Optional[str]:
         """None if this backend takes a weight of this shape/dtype on this device, else why not."""
         return None

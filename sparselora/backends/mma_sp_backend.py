@@ -15,8 +15,16 @@ state dict, checkpoints and backend switches.
   prefill) fold the masked-dense rule in themselves: every x fragment they load is tested for an
   all-ones exponent (3 integer ops per register, ``csrc/sparse_mma/mma_sp.h``
   ``nonfinite_halves``), and a flagged token's accumulators are set to NaN before the split-K sum
-  and bias. Each CTA reads all K columns of its tokens (no config splits K across CTAs), so the
-  flag is complete; no extra launch (``propagate_nonfinite`` is not called).
+  and bias. The CTAs of a tile (one, or ``splits`` with split-K across CTAs) read all K columns
+  of its tokens between them, and a flagged partial makes the sum NaN, so the flag is complete;
+  no extra launch (``propagate_nonfinite`` is not called).
+* split-K across CTAs (decode configs, ``csrc/sparse_mma/split_k.h``): the launcher splits K over
+  up to 16 CTAs per tile when the grid would fill the GPU's CTA slots badly (e.g. N = 3584: 112
+  tiles on 132 SMs x 2). Partials go through a workspace the op keeps per device (2 MiB of fp32
+  partials + 32 KiB of counters, allocated zeroed once, in :meth:`MmaSpBackend.prepare` or at the
+  first call; never cleared again: the last CTA of each tile resets its counter). It is memory but
+  not a weight copy: :func:`sparselora.memory.workspace_bytes` counts it once per device, and the
+  ``sparsify`` report adds it. Launches on one device must be stream-ordered (they share it).
 
 ``config`` (-1 = the generated table's choice, see :mod:`sparselora.mma_sp_configs`) forces a tile
 config, for tests. Decode configs serve M < 64 (8..32 tokens per CTA); from M = 64 on the table picks
@@ -170,15 +178,22 @@ class MmaSpBackend(Backend):
     def speed_verdict(self, profile, dtype, out_features, in_features, tokens=None):
         return mma_sp_verdict(profile, out_features, in_features, tokens)
 
+    def workspace_bytes(self, device) -> int:
+        """The split-K workspace of ``device`` (fp32 partial tiles + arrival counters, shared by every
+        layer; :data:`sparselora.mma_sp_configs.WORKSPACE_BYTES` once allocated, else 0)."""
+        return workspace_bytes(device)
+
     def prepare(self, packed: Packed24) -> dict[str, torch.Tensor]:
         gpu = to_gpu_layout(packed)
+        # the split-K workspace now, outside any CUDA graph capture (a capture cannot allocate it)
+        workspace_bytes(packed.values.device, allocate=True)
         return {"mma_sp_values": gpu.values, "mma_sp_meta": gpu.meta}
 
     def to_canonical(self, extra: dict[str, torch.Tensor], shape: tuple[int, int]) -> Packed24:
         """The exact inverse of :meth:`prepare` (bit for bit)."""
         return from_gpu_layout(GpuPacked24(extra["mma_sp_values"], extra["mma_sp_meta"], tuple(shape)))
 
-    def linear(self, x, packed, extra, bias, config: int = -1, shape=None):
+    def linear(self, x, packed, extra, bias, config: int = -1, shape=None, splits: int = -1):
         # SparseLinear passes packed=None and shape (it holds only the GPU layout); benchmarks may pass packed
         shape = tuple(packed.shape) if packed is not None else shape
         if shape is None:
@@ -192,7 +207,7 @@ class MmaSpBackend(Backend):
             raise SparsityError(f"mma-sp backend: input dtype {x.dtype} != weight dtype {dtype}")
         # non-finite x at pruned columns: the CUDA kernels fold the flag in, the CPU kernel is the
         # dense reference
-        return mma_sp_linear(x, extra["mma_sp_values"], extra["mma_sp_meta"], bias, shape[0], config)
+        return mma_sp_linear(x, extra["mma_sp_values"], extra["mma_sp_meta"], bias, shape[0], config, splits)
 
 
 MMA_SP = register_backend(MmaSpBackend())
