@@ -52,11 +52,12 @@ def test_predictions_written_in_notes():
     assert grid(3584, 3584, "sm90", 132) == (2, 2, 224)
     assert grid(4096, 4096, "sm90", 132) == (2, 2, 256)
     assert grid(11008, 4096, "sm90", 132) == (2, 2, 688)  # 1.3 waves -> 2.6 of half-length CTAs
-    assert grid(1024, 1024, "sm90", 132) == (0, 2, 128)  # CLIP: K = 1024 is 4 k-blocks, 2 per split
-    assert grid(3584, 18944, "sm90", 132) == (2, 7, 784)
-    assert grid(4096, 4096, "sm80", 108) == (2, 3, 384)
-    assert grid(11008, 4096, "sm80", 108) == (2, 1, 344)
-
+    assert grid(18944, 3584, "sm90", 132) == (2, 1, 592)  # 2.24 waves: a split would not pay its tail
+    assert grid(512, 3584, "sm90", 132) == (0, 7, 224)  # Qwen k/v: 32 CTAs for 396 slots
+    assert grid(1024, 1024, "sm90", 132) == (0, 1, 64)  # CLIP: 4 k-blocks, launch-bound either way
+    assert grid(1024, 4096, "sm90", 132) == (0, 6, 384)
+    assert grid(4096, 11008, "sm80", 108) == (2, 5, 640)
+    assert grid(4096, 4096, "sm80", 108) == (2, 1, 128)  # A100: 3 splits would tie, ties go to fewer
 
 def test_no_split_where_the_grid_already_fills_the_gpu():
     cfg = C.CONFIGS[2]

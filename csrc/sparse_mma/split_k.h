@@ -21,9 +21,10 @@ constexpr int kWorkspaceCounters = 8192;                 // arrival counters: ti
 constexpr long long kWorkspaceBytes = kWorkspacePartialBytes + 4LL * kWorkspaceCounters;
 constexpr int kMaxAutoSplits = 16;
 // The cost model counts, per CTA slot, k-blocks streamed plus this many for a split CTA's extra
-// work (its partial tile written and read back, the last CTA's serial sum): a small bias against
-// splitting for a tail of a few percent.
-constexpr int kSplitCostKBlocks = 1;
+// work: the last CTA of a tile waits for about three L2 round trips (fence, counter, partials),
+// ~1 us, about what a CTA takes to stream 2 k-blocks at its share of HBM (36 KB/us per SM on
+// H200, 2 CTAs per SM, 9 KB per k-block of 32 rows). It keeps marginal splits out.
+constexpr int kSplitCostKBlocks = 2;
 
 // Bytes of one CTA's fp32 partial tile: MT x NT mma tiles x 32 lanes x 4 accumulators.
 inline constexpr long long partial_tile_bytes(int mt, int nt) { return static_cast<long long>(mt) * nt * 32 * 16; }
