@@ -40,10 +40,10 @@ def test_narrow_weight_loads_fail_the_gates(tmp_path):
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
     hdr = tmp_path / "csrc" / "sparse_mma" / "mma_sp.h"
     text = hdr.read_text()
-    old = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));'
+    old = 'asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));'
     assert old in text
     new = "".join(
-        f'asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\\n" ::"r"(smem_addr(smem) + {4 * i}), '
+        f'asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\\n" ::"r"(smem + {4 * i}), '
         f'"l"(static_cast<const char*>(gmem) + {4 * i}), "r"(src_bytes / 4));' for i in range(4))
     hdr.write_text(text.replace(old, new))
     p = _run(tmp_path, "sm_80")

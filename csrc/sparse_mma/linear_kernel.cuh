@@ -1,7 +1,7 @@
 // y[M, N] = x[M, K] · W^T + bias on the sparse tensor cores, W in the GPU layout of layout.h.
 //
-// One CTA: MT row tiles (16 MT output features) x NT token tiles (8 NT tokens), all of K, split
-// over WK warps (warp w takes k-blocks w, w + WK, ...). Each warp runs its own S-stage cp.async
+// One CTA: MT row tiles (16 MT output features) x NT token tiles (8 NT tokens), all of K (of its
+// split, below), split over WK warps (warp w takes k-blocks w, w + WK, ...). Each warp runs its own S-stage cp.async
 // pipeline through a private slice of shared memory (no CTA barrier in the main loop): per stage
 // MT x (8 k-tiles of values + their metadata) and the matching x block [8 NT tokens][256 columns],
 // all copied in 16-byte pieces. Values and metadata go straight from shared memory to registers
@@ -44,33 +44,60 @@ struct TileConfig {
   static constexpr int kWeightBytesInFlight = WK * (S - 1) * (kValChunks + kMetaChunks) * 16;
 };
 
-template <typename T, int MT, int NT, int WK, int S>
-__device__ __forceinline__ void load_stage(const LinearParams& p, uint4* st, int kq, int mt0, int n0, int lane) {
-  using C = TileConfig<MT, NT, WK, S>;
-  uint4* sv = st;
-  uint4* sm = st + C::kValChunks;
-  uint4* sx = sm + C::kMetaChunks;
+// The loop-invariant part of a lane's cp.async sources, computed once per CTA: a stage then adds
+// only its k-block offset (the main loop's integer work was mostly recomputing these per copy).
+template <typename T, int MT>
+struct StageSources {
+  const uint4* values[MT];  // this lane's chunk of row tile mt0 + mt at k-tile 0 (row tile 0's past N)
+  const uint4* meta[MT];    // its metadata at k-block 0
+  const T* x;               // token n0, column 0
+  int x_rows;               // tokens n0, n0 + 1, ... that exist (rows past them are not copied)
+};
+
+template <typename T, int MT>
+__device__ __forceinline__ StageSources<T, MT> stage_sources(const LinearParams& p, int mt0, int n0, int lane) {
+  StageSources<T, MT> s;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    const int mtg = mt0 + mt;
-    const bool row_ok = mtg < p.Mt;
-    const uint4* src = p.values + (static_cast<long long>(row_ok ? mtg : 0) * p.KT + kq * kStageKTiles) * kWarp + lane;
-#pragma unroll
-    for (int j = 0; j < kStageKTiles; ++j) {
-      const bool ok = row_ok && (kq * kStageKTiles + j < p.KT);
-      cp_async16(sv + (mt * kStageKTiles + j) * kWarp + lane, ok ? src + j * kWarp : p.values, ok);
-    }
-    const uint4* msrc = p.meta + (static_cast<long long>(row_ok ? mtg : 0) * p.KQ + kq) * kWarp + lane;
-    cp_async16(sm + mt * kWarp + lane, row_ok ? msrc : p.meta, row_ok);
+    // a row tile past N (last CTA, MT > 1) copies row tile 0's data, which compute_stage never uses
+    const long long row = mt0 + mt < p.Mt ? mt0 + mt : 0;
+    s.values[mt] = p.values + row * p.KT * kWarp + lane;
+    s.meta[mt] = p.meta + row * p.KQ * kWarp + lane;
   }
-  const T* x = static_cast<const T*>(p.x);
-  const int col = kq * (kStageKTiles * kTileK) + lane * 8;  // this lane's 8 columns
+  s.x = static_cast<const T*>(p.x) + static_cast<long long>(n0) * p.ldx;
+  s.x_rows = p.M - n0;
+  return s;
+}
+
+// Copies of k-block kq into stage `st`. k-tiles past KT (last k-block) and tokens past M are not
+// copied: compute_stage skips those k-tiles and no output of those tokens is written. x columns
+// past K inside the last k-block are zero-filled (the padding's zero weights multiply them).
+template <typename T, int MT, int NT, int WK, int S>
+__device__ __forceinline__ void load_stage(const LinearParams& p, const StageSources<T, MT>& src, uint4* st, int kq,
+                                           int lane) {
+  using C = TileConfig<MT, NT, WK, S>;
+  // shared-window addresses: one base per stage, every other offset a constant or loop-invariant
+  const uint32_t sv = smem_addr(st) + lane * 16;  // this lane's chunk of (row tile 0, k-tile 0)
+  const uint32_t sm = sv + C::kValChunks * 16;
+  const uint32_t sx = smem_addr(st) + (C::kValChunks + C::kMetaChunks) * 16;
+  const int kt0 = kq * kStageKTiles;
+  const int nkt = min(kStageKTiles, p.KT - kt0);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const uint4* v = src.values[mt] + kt0 * kWarp;
+#pragma unroll
+    for (int j = 0; j < kStageKTiles; ++j)
+      if (j < nkt) cp_async16(sv + (mt * kStageKTiles + j) * kWarp * 16, v + j * kWarp, true);
+    cp_async16(sm + mt * kWarp * 16, src.meta[mt] + kq * kWarp, true);
+  }
+  const int col = kt0 * kTileK + lane * 8;  // this lane's 8 columns
+  const bool col_ok = col < p.K;
+  const char* x = reinterpret_cast<const char*>(src.x + (col_ok ? col : 0));  // column 0 of an existing row when zero-filling
+  const long long ldx_bytes = p.ldx * static_cast<long long>(sizeof(T));
 #pragma unroll
   for (int r = 0; r < C::kXRows; ++r) {
-    const int tok = n0 + r;
-    const bool ok = tok < p.M && col < p.K;
-    const T* src = ok ? x + static_cast<long long>(tok) * p.ldx + col : x;
-    cp_async16(sx + r * kXChunksPerRow + x_smem_chunk(r, lane), src, ok);
+    if (r < src.x_rows) cp_async16(sx + (r * kXChunksPerRow + x_smem_chunk(r, lane)) * 16, x, col_ok);
+    x += ldx_bytes;
   }
 }
 
@@ -101,8 +128,8 @@ __device__ __forceinline__ void compute_stage(const LinearParams& p, const uint4
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          // a row tile past N (last CTA, MT > 1) has zero-filled metadata, which mma.sp calls
-          // undefined: skip it (uniform over the CTA)
+          // a row tile past N (last CTA, MT > 1) holds row tile 0's copy (stage_sources): no
+          // output of it is written, skip its mma (uniform over the CTA)
           if (mt0 + mt >= p.Mt) continue;
           const uint4 a = sv[(mt * kStageKTiles + j) * kWarp + lane];
           const uint32_t e = pr == 0 ? mw[mt].x : pr == 1 ? mw[mt].y : pr == 2 ? mw[mt].z : mw[mt].w;
@@ -172,19 +199,26 @@ __global__ void __launch_bounds__(WK * kWarp, 1) mma_sp_linear_kernel(const Line
   uint32_t nf = 0;  // non-finite x seen, per token tile (mma_sp.h: nonfinite_halves, tile_flag)
 
   const int count = warp < nkb ? (nkb - warp + WK - 1) / WK : 0;  // k-blocks of this warp
-  const int kw = kb0 + warp;                                      // its first one
+  const StageSources<T, MT> src = stage_sources<T, MT>(p, mt0, n0, lane);
+  int kq = kb0 + warp;  // the k-block computed next; the one loaded next is S - 1 further
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (s < count) load_stage<T, MT, NT, WK, S>(p, ws + s * C::kStageChunks, kw + s * WK, mt0, n0, lane);
+    if (s < count) load_stage<T, MT, NT, WK, S>(p, src, ws + s * C::kStageChunks, kq + s * WK, lane);
     cp_async_commit();  // empty groups keep the wait_group arithmetic uniform
   }
+  // ring slots of the stage computed next and of the one loaded next, stepped (no modulo)
+  uint4* cp_st = ws;
+  uint4* ld_st = ws + (S - 1) * C::kStageChunks;
+  uint4* const ring_end = ws + S * C::kStageChunks;
   for (int it = 0; it < count; ++it) {
     cp_async_wait<S - 2>();
     __syncwarp();  // stage `it` visible to the whole warp; stage `it - 1` no longer read by anyone
-    const int nxt = it + S - 1;
-    if (nxt < count) load_stage<T, MT, NT, WK, S>(p, ws + (nxt % S) * C::kStageChunks, kw + nxt * WK, mt0, n0, lane);
+    if (it + S - 1 < count) load_stage<T, MT, NT, WK, S>(p, src, ld_st, kq + (S - 1) * WK, lane);
     cp_async_commit();
-    compute_stage<T, MT, NT, WK, S>(p, ws + (it % S) * C::kStageChunks, kw + it * WK, mt0, lane, acc, nf);
+    compute_stage<T, MT, NT, WK, S>(p, cp_st, kq, mt0, lane, acc, nf);
+    kq += WK;
+    cp_st = cp_st + C::kStageChunks == ring_end ? ws : cp_st + C::kStageChunks;
+    ld_st = ld_st + C::kStageChunks == ring_end ? ws : ld_st + C::kStageChunks;
   }
   // every warp saw all of x's columns of its k-blocks for all NT tiles' tokens, and the warps of
   // the splits together all K: a flagged partial makes the reduced sum NaN

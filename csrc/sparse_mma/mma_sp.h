@@ -19,6 +19,8 @@ template <> struct MmaType<__nv_bfloat16> { static constexpr const char* name = 
 // Host simulation (tests/data/sparse_mma_host_sim.cpp, one CPU thread per lane): the same kernel
 // source runs with these defined on the CPU, from the PTX ISA's description of each instruction.
 void cp_async16(void* smem, const void* gmem, bool valid);
+uint32_t smem_addr(const void* p);
+void cp_async16(uint32_t smem, const void* gmem, bool valid);
 void cp_async_commit();
 template <int N>
 void cp_async_wait();
@@ -39,10 +41,15 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 
 // 16-byte global -> shared copy that bypasses L1 (weights and x are streamed once per CTA);
-// when !valid, the 16 shared bytes are zero-filled and nothing is read.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+// when !valid, the 16 shared bytes are zero-filled and nothing is read. The destination is a
+// shared-window address: constant offsets from one base then fold into the instruction (from
+// generic pointers ptxas rebuilt each destination per copy).
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool valid) {
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  cp_async16(smem_addr(smem), gmem, valid);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <mutex>
 
 #include "common/check.h"
@@ -48,24 +49,26 @@ const DeviceInfo& device_info(int device) {
 // 0). Not allocated inside a CUDA graph capture (the zero fill would become a graph node): a call
 // captured before the device's first eager call runs without split-K.
 std::mutex workspace_mu;
-at::Tensor* workspace_buf[64] = {nullptr};
+std::atomic<at::Tensor*> workspace_buf[64] = {};
 
 at::Tensor* workspace(int device, bool allocate) {
+  if (at::Tensor* ws = workspace_buf[device].load(std::memory_order_acquire)) return ws;  // every call after the first
+  if (!allocate) return nullptr;
   std::lock_guard<std::mutex> lock(workspace_mu);
-  if (!workspace_buf[device] && allocate) {
-    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    SPARSELORA_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device).stream(), &status));
-    if (status != cudaStreamCaptureStatusNone) {
-      TORCH_WARN_ONCE("sparselora.mma_sp_linear: first call on cuda:", device, " inside a CUDA graph capture; the ",
-                      "split-K workspace is allocated outside captures, so this graph runs without split-K. Make one ",
-                      "call (or prepare the layer) before capturing.");
-      return nullptr;
-    }
-    // never freed: it lives as long as the process (released with the CUDA context)
-    workspace_buf[device] = new at::Tensor(at::zeros({kWorkspaceBytes}, at::TensorOptions().dtype(at::kByte).device(
-                                                                              at::Device(at::kCUDA, device))));
+  if (at::Tensor* ws = workspace_buf[device].load(std::memory_order_acquire)) return ws;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  SPARSELORA_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device).stream(), &status));
+  if (status != cudaStreamCaptureStatusNone) {
+    TORCH_WARN_ONCE("sparselora.mma_sp_linear: first call on cuda:", device, " inside a CUDA graph capture; the ",
+                    "split-K workspace is allocated outside captures, so this graph runs without split-K. Make one ",
+                    "call (or prepare the layer) before capturing.");
+    return nullptr;
   }
-  return workspace_buf[device];
+  // never freed: it lives as long as the process (released with the CUDA context)
+  auto* ws = new at::Tensor(
+      at::zeros({kWorkspaceBytes}, at::TensorOptions().dtype(at::kByte).device(at::Device(at::kCUDA, device))));
+  workspace_buf[device].store(ws, std::memory_order_release);
+  return ws;
 }
 
 }  // namespace

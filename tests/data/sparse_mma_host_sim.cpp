@@ -8,6 +8,7 @@
 //   mma.sp m16n8k32 ordered_metadata: A rebuilt from the lanes' kept values and the metadata of the
 //                   lanes the selector names, undefined/unordered nibbles abort, fp32 accumulate;
 //   __syncwarp / __syncthreads(_or): barriers. Shared memory is filled with 0xFF (NaN) before each CTA.
+//   every cp.async source (also of a zero-filling copy) must lie inside x, values or meta.
 //   split-K across CTAs: CTAs run one after another, in grid order or in a seeded random order (so
 //                   any split can arrive last); the workspace's partials start NaN-filled, its
 //                   counters zeroed once, and after each launch every counter must be 0 again.
@@ -47,6 +48,8 @@ WarpExchange exchange[kMaxThreads / 32];
 std::atomic<int> cta_or{0};     // __syncthreads_or's vote
 int smem_per_sm = 0;            // the simulated device (occupancy of a config)
 unsigned cta_order_seed = 0;    // 0: grid order (x fastest, then y, then z); else a seeded shuffle
+struct Range { const char* begin; const char* end; };
+std::vector<Range> inputs;      // x, values, meta: every cp.async source must lie inside one (memcheck's job on a GPU)
 struct Copy { void* dst; const void* src; bool valid; };
 thread_local std::deque<std::vector<Copy>> groups;
 thread_local std::vector<Copy> open_group;
@@ -69,7 +72,17 @@ namespace sparselora {
 namespace sparse_mma {
 alignas(16) uint4 smem[1 << 15];  // 512 KB: the kernel's `extern __shared__ uint4 smem[]`
 
-void cp_async16(void* dst, const void* src, bool valid) { simrt::open_group.push_back({dst, src, valid}); }
+void cp_async16(void* dst, const void* src, bool valid) {
+  // a zero-filling copy reads nothing, but the kernels keep its pointer valid too: checked alike
+  const char* s = static_cast<const char*>(src);
+  bool inside = false;
+  for (const auto& r : simrt::inputs) inside |= s >= r.begin && s + 16 <= r.end;
+  if (!inside) simrt::die(valid ? "cp.async reads outside x, values and meta" : "a zero-filling cp.async points outside x, values and meta");
+  simrt::open_group.push_back({dst, src, valid});
+}
+// shared-window addresses: byte offsets into the simulated shared memory
+uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(static_cast<const char*>(p) - reinterpret_cast<const char*>(smem)); }
+void cp_async16(uint32_t dst, const void* src, bool valid) { cp_async16(reinterpret_cast<char*>(smem) + dst, src, valid); }
 void cp_async_commit() { simrt::groups.push_back(simrt::open_group); simrt::open_group.clear(); }
 template <int N>
 void cp_async_wait() {
@@ -280,6 +293,12 @@ int main(int argc, char** argv) {
   std::vector<uint4> x = read(static_cast<size_t>(M) * hdr[9] * 2), values = read(static_cast<size_t>(Mt) * KT * 512),
                      meta = read(static_cast<size_t>(Mt) * KQ * 512), bias = read(hdr[6] ? N * 2 : 0);
   std::fclose(f);
+  auto range = [](const std::vector<uint4>& v, size_t bytes) {
+    const char* b = reinterpret_cast<const char*>(v.data());
+    return simrt::Range{b, b + bytes};
+  };
+  simrt::inputs = {range(x, static_cast<size_t>(M) * hdr[9] * 2), range(values, static_cast<size_t>(Mt) * KT * 512),
+                   range(meta, static_cast<size_t>(Mt) * KQ * 512)};
   simrt::smem_per_sm = static_cast<int>(hdr[14]);
   // the device's split-K workspace (ops.cpp): partials NaN-filled (an unwritten partial shows), counters zeroed once
   std::vector<uint4> ws(kWorkspaceBytes / 16);
