@@ -10,6 +10,17 @@ a kernel that would fail on it.
 
 Validation happens for every selected layer *before* the first module is swapped, so a
 failing call leaves the model exactly as it was.
+
+A layer left dense after its mask was validated (``auto`` found no backend faster than dense, or
+none runs it) drops its bool ``sparse_mask`` buffer (1 byte per weight element, half a bf16
+weight; inference does not read it) unless ``keep_dense_masks=True``. Its weight is exactly zero
+outside the mask, so :func:`sparselora.lora.layer_mask` recovers a 2:4 mask from the nonzeros (the
+same mask wherever a group has two nonzeros); the layer is marked ``sparse_mask_dropped`` so a later
+``sparsify(model)`` (e.g. with other ``tokens``) still takes it. Nothing saved depends on the
+buffer: it is not persistent, so checkpoints never held it. Keep it when the layer will be
+restored (SparseLoRA) again and its mask must stay exactly the pruning mask even in groups whose
+kept weights are zero. Layers left dense before their mask was checked (shape, dtype, tied
+weights, inside ``nn.MultiheadAttention``) keep whatever they carry.
 """
 from __future__ import annotations
 
@@ -190,7 +201,8 @@ def _select(model, names, parts, family, skip):
     mha = _mha_children(model)
     if names is None and parts is None:
         chosen = {n: m for n, m in model.named_modules()
-                  if (isinstance(m, nn.Linear) and isinstance(getattr(m, "sparse_mask", None), torch.Tensor)) or _is_lora(m)}
+                  if (isinstance(m, nn.Linear) and (isinstance(getattr(m, "sparse_mask", None), torch.Tensor)
+                                                    or getattr(m, "sparse_mask_dropped", False))) or _is_lora(m)}
         explicit = False
     else:
         chosen = {}
@@ -242,7 +254,8 @@ def _layer_mask(name: str, lin: nn.Linear, explicit: bool) -> torch.Tensor:
 
 def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[str]] = None, parts: Optional[Iterable[str]] = None,
              family=None, skip: Iterable[str] = (), on_unsupported: str = "dense",
-             tokens: Optional[int | Iterable[int]] = None, allow_extra_copy: bool = False) -> SparsifyReport:
+             tokens: Optional[int | Iterable[int]] = None, allow_extra_copy: bool = False,
+             keep_dense_masks: bool = False) -> SparsifyReport:
     """Replace the pruned ``nn.Linear`` layers of ``model`` by :class:`SparseLinear`, in place.
 
     Args:
@@ -268,6 +281,8 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
             the canonical one (``Backend.copies == 2``: ``cusparselt``, ``hybrid``; about 1.125x the
             dense bytes instead of 0.5625x for 16-bit weights). Off by default: memory is a reason
             to prune. Naming such a backend in ``backend=`` is an opt-in too.
+        keep_dense_masks: keep the ``sparse_mask`` buffer of layers left dense after their mask was
+            validated (default: drop it, module docstring; the report counts what is kept).
 
     The report counts every byte each layer holds afterwards (parameters, buffers and backend
     buffers, :func:`sparselora.memory.resident_bytes`) against its dense parameters.
@@ -299,6 +314,7 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
         rows.append(LayerReport(name, classify(name), tuple(lin.weight.shape), str(lin.weight.dtype).replace("torch.", ""), "dense", "",
                                 "inside nn.MultiheadAttention, whose forward reads .weight directly", _param_bytes(lin), resident_bytes(lin)))
     planned = []
+    validated_dense = []  # (lin, row): mask checked, layer left dense
     for name, lin in candidates.items():
         if lora_cls is not None and isinstance(lin, lora_cls):
             rows.append(_lora_row(name, lin, classify(name)))
@@ -333,12 +349,14 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
                 choice = choose_backend(w.device, w.dtype, out_f, in_f, backend, allow_extra_copy=allow_extra_copy)
         except ValueError as e:  # explicit backend that cannot run this layer
             leave_dense(str(e))
+            validated_dense.append((lin, row))
             continue
         if choice.backend is None:
             if choice.dense_is_faster:  # a speed decision, not an unsupported layer: never raises
                 row.reason = choice.reason
             else:
                 leave_dense(choice.reason)
+            validated_dense.append((lin, row))
             continue
         # the layer re-chooses on .to()/casts: keep "auto" when the policy took auto's own pick
         as_named = backend
@@ -347,7 +365,14 @@ def sparsify(model: nn.Module, backend: str = "auto", names: Optional[Iterable[s
             as_named = "auto" if plain is choice.backend else choice.backend.name
         planned.append((name, lin, mask, row, as_named, choice.reason))
 
-    # every layer validated: now build and swap (SparseLinear construction packs and prepares)
+    # every layer validated: now drop unneeded masks, build and swap (SparseLinear construction packs and prepares)
+    if not keep_dense_masks:
+        for lin, row in validated_dense:
+            if "sparse_mask" in lin._buffers:
+                del lin._buffers["sparse_mask"]
+                lin.sparse_mask_dropped = True
+                row.reason += "; sparse_mask dropped (recoverable from the weight; keep_dense_masks=True keeps it)"
+                row.resident_bytes = resident_bytes(lin)
     built = []
     for name, lin, mask, row, as_named, reason in planned:
         new = SparseLinear.from_linear(lin, mask=mask, backend=as_named, name=name, allow_extra_copy=allow_extra_copy)

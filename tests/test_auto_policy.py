@@ -100,6 +100,7 @@ def test_a_measured_table_decides_when_present(tmp_path):
 def test_auto_on_a_gpu_without_tables_uses_the_prior_and_keeps_one_copy(gpu, caplog, seed):
     model = _model()
     small_dense = resident_bytes(model[2])
+    small_mask = model[2].sparse_mask.numel()  # bool: 1 byte per weight element
     x = torch.randn(5, BIG[1], dtype=torch.float64).to(torch.bfloat16)
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     with caplog.at_level(logging.INFO, logger="sparselora.backends.speed"):
@@ -109,7 +110,9 @@ def test_auto_on_a_gpu_without_tables_uses_the_prior_and_keeps_one_copy(gpu, cap
     # the small layer: every backend said dense (mma-sp's prior, the reference on a GPU)
     assert report["2"].action == "dense" and "mma-sp dense F.linear faster (prior" in report["2"].reason
     assert "reference dense F.linear faster" in report["2"].reason
-    assert type(model[2]) is nn.Linear and resident_bytes(model[2]) == small_dense == report["2"].resident_bytes
+    # left dense: it holds its dense parameters and no longer the bool mask (patch.sparsify docs)
+    assert type(model[2]) is nn.Linear and resident_bytes(model[2]) == small_dense - small_mask == report["2"].resident_bytes
+    assert report["2"].resident_bytes == report["2"].dense_bytes
     # the sparse layer holds the GPU layout only (no canonical copy, no dense weight)
     layer = model[0]
     assert isinstance(layer, SparseLinear) and layer.requested_backend == "auto"
@@ -131,10 +134,10 @@ def test_auto_on_a_gpu_leaves_prefill_dense_and_that_is_not_an_error(gpu):
     report = sparsify(model, tokens=[4096], on_unsupported="raise")
     assert report.sparse == [] and report.dense == ["0", "2"]
     assert "M=[4096] > 32" in report["0"].reason and all(type(model[i]) is nn.Linear for i in (0, 2))
-    for i in (0, 2):  # a dense-left layer holds its dense parameters and the (bool) pruning mask, nothing sparse
+    for i in (0, 2):  # a dense-left layer holds its dense parameters only: no bool mask, nothing sparse
         lin = model[i]
-        held = sum(t.numel() * t.element_size() for t in (lin.weight, lin.bias, lin.sparse_mask))
-        assert resident_bytes(lin) == held == report[str(i)].resident_bytes
+        held = sum(t.numel() * t.element_size() for t in (lin.weight, lin.bias))
+        assert resident_bytes(lin) == held == report[str(i)].resident_bytes and getattr(lin, "sparse_mask", None) is None
     # tokens not given: the large layer wins at decode, so it is packed; the small one never wins
     model = _model()
     assert sparsify(model).sparse == ["0"]

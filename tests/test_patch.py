@@ -308,3 +308,48 @@ def test_auto_leaves_dense_where_measurements_say_dense_is_faster(seed):
             sparsify(_pruned_mlp(), tokens=[0])
     finally:
         backend_base._REGISTRY.pop("test-slow-big-m", None)
+
+
+def test_layer_left_dense_drops_its_mask_buffer(seed):
+    """A layer ``auto`` leaves dense holds no bool sparse_mask afterwards (1 byte per weight element),
+    the report counts that, the mask is recoverable from the weight, and a later sparsify still
+    finds the layer; keep_dense_masks=True keeps the buffer."""
+    from sparselora.lora import layer_mask
+    from sparselora.memory import resident_bytes
+
+    register_backend(_SlowerThanDenseAt())
+    try:
+        model = _pruned_mlp()
+        lin = model[0]
+        mask = lin.sparse_mask.clone()
+        before = resident_bytes(lin)
+        assert before == (64 * 64 + 64) * 4 + 64 * 64  # fp32 weight + bias + bool mask
+        x = torch.randn(5, 64)
+        ref = model(x)
+        report = sparsify(model, tokens=[4096])
+        assert report.dense == ["0"] and model[0] is lin
+        assert "sparse_mask" not in dict(lin.named_buffers()) and getattr(lin, "sparse_mask", None) is None
+        assert resident_bytes(lin) == before - 64 * 64 == report["0"].dense_bytes
+        assert report["0"].resident_bytes == resident_bytes(lin)
+        assert report.totals()["resident_bytes"] == sum(resident_bytes(m) for m in (model[0], model[2]))
+        assert "sparse_mask dropped" in report["0"].reason
+        assert torch.equal(layer_mask(lin, "0"), mask)  # magnitude pruning keeps two nonzeros per group
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+        # a later sparsify (decode sizes, where the backend wins) still takes the layer
+        assert sparsify(model, tokens=8).sparse == ["0"]
+        assert torch.equal(model[0].mask(), mask)
+
+        kept = _pruned_mlp()
+        report = sparsify(kept, tokens=[4096], keep_dense_masks=True)
+        assert report.dense == ["0"] and torch.equal(kept[0].sparse_mask, nm_mask(kept[0].weight.detach().abs()))
+        assert report["0"].resident_bytes == report["0"].dense_bytes + 64 * 64
+
+        # a failing call changes nothing: the mask of a layer validated before the failure stays
+        bad = _pruned_mlp()
+        with torch.no_grad():
+            bad[2].weight.add_(1.0)  # nonzeros outside its mask
+        with pytest.raises(SparsityError, match="'2'"):
+            sparsify(bad, tokens=[4096])
+        assert isinstance(bad[0].sparse_mask, torch.Tensor)
+    finally:
+        backend_base._REGISTRY.pop("test-slow-big-m", None)
