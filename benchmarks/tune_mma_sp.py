@@ -48,6 +48,7 @@ def main(argv=None):
     from sparselora.backends import mma_sp_policy as mp
     from sparselora.format import nm_mask, pack_24
     from sparselora.gpu_layout import to_gpu_layout
+    from sparselora.mma_sp_configs import TileConfig, arch_class, choose_config, choose_splits
 
     if mb.extension_error():
         raise SystemExit(f"tune_mma_sp: {mb.extension_error()}")
@@ -57,6 +58,8 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     print(f"tune_mma_sp: {device}, {args.dtype}")
     table = {"device": device, "dtype": args.dtype, "backend": "mma-sp", "info": device_info(), "shapes": {}}
+    arch = arch_class(*torch.cuda.get_device_capability())
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     with torch.inference_mode():
         for model, layer, n, k in shapes:
@@ -74,6 +77,15 @@ def main(argv=None):
                        "mma_sp_us": _time(lambda: (lambda v, mt: lambda: mb.mma_sp_linear(x, v, mt, None, n))(
                            gpu.values.clone(), gpu.meta.clone()))}
                 row["speedup"] = row["dense_us"] / row["mma_sp_us"]
+                # split-K across CTAs: the launcher's choice as its Python mirror predicts it (shared
+                # memory occupancy); where it splits, the same call with splits forced to 1 says
+                # whether the split paid for its reduction tail (benchmarks/NOTES.md, split-K)
+                cfg = choose_config(m, n, arch)
+                row["splits"] = choose_splits(cfg, m, n, k, sms, arch) if isinstance(cfg, TileConfig) else 1
+                if row["splits"] > 1:
+                    row["mma_sp_nosplit_us"] = _time(lambda: (lambda v, mt: lambda: mb.mma_sp_linear(x, v, mt, None, n, -1, 1))(
+                        gpu.values.clone(), gpu.meta.clone()))
+                    row["split_gain"] = row["mma_sp_nosplit_us"] / row["mma_sp_us"]
                 row["ok"] = err <= MAX_REL_ERR
                 print(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}" for k_, v in row.items()), flush=True)
                 shape_rows.append(row)
@@ -94,7 +106,7 @@ def main(argv=None):
                 "points_wrong": sum(not r["ok"] for r in rows), "points": len(rows),
             }
             write_results("tune_mma_sp", rows, ["model", "layer", "N", "K", "M", "dense_us", "mma_sp_us", "speedup",
-                                                "rel_err", "ok"], summary)
+                                                "splits", "mma_sp_nosplit_us", "split_gain", "rel_err", "ok"], summary)
             if not args.no_write_table:
                 for path in (mp.table_path(device), RESULTS / mp.table_path(device).name):
                     path.parent.mkdir(parents=True, exist_ok=True)
