@@ -648,7 +648,7 @@ def model_memory(model) -> dict:
     """Every resident byte of the sparse layers (backend buffers included) against their dense
     parameters, and of the whole model. Layers moved since their backend was chosen choose it
     again first, so the count is what they hold when they run."""
-    from .memory import dense_linear_bytes, resident_bytes
+    from .memory import dense_linear_bytes, resident_bytes, workspace_bytes
     from .patch import sparse_layers
 
     layers = sparse_layers(model)
@@ -658,11 +658,14 @@ def model_memory(model) -> dict:
     now = sum(m.resident_bytes() for m in layers.values())
     two = sum(m.weight_copies > 1 for m in layers.values())
     out = {"sparse_layers": len(layers), "sparse_layers_dense_bytes": dense, "sparse_layers_resident_bytes": now,
-           "ratio": now / dense if dense else float("nan"), "layers_with_2_copies": two, "model_resident_bytes": resident_bytes(model)}
+           "ratio": now / dense if dense else float("nan"), "layers_with_2_copies": two, "model_resident_bytes": resident_bytes(model),
+           "backend_workspace_bytes": workspace_bytes(model)}
+    ws = out["backend_workspace_bytes"]
     out["line"] = (f"memory: {len(layers)} sparse layers hold {now / 2**20:.2f} MiB (every buffer, backend buffers included) vs "
                    f"{dense / 2**20:.2f} MiB dense ({out['ratio']:.3f}x)"
                    + (f"; {two} of them hold 2 copies of their weight" if two else "")
-                   + f"; whole model {out['model_resident_bytes'] / 2**20:.2f} MiB resident")
+                   + f"; whole model {out['model_resident_bytes'] / 2**20:.2f} MiB resident"
+                   + (f" plus {ws / 2**20:.2f} MiB of backend workspace (per device, not a weight copy)" if ws else ""))
     return out
 
 

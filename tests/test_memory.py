@@ -317,6 +317,9 @@ def test_backend_workspace_is_counted_once_per_device(fake_backends, seed):
         assert workspace_bytes(model) == 12345  # three layers share it: once, not per layer
         assert rep.totals()["workspace_bytes"] == 12345
         assert "of backend workspace" in rep.summary()
+        from sparselora.cli import model_memory
+        mem = model_memory(model)  # the CLI's memory line (sparselora bench)
+        assert mem["backend_workspace_bytes"] == 12345 and "MiB of backend workspace" in mem["line"]
         # no layer owns it: the per-layer resident bytes are the weight and bias only
         for m in sparse_layers(model).values():
             assert m.resident_bytes() == sparse_linear_bytes(m.out_features, m.in_features, torch.float32, bias=True)
