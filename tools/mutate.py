@@ -210,6 +210,14 @@ MUTANTS = [
     Mutant("patch-tied", "patcher", "sparsify packs a weight tied to another parameter (unties it)",
            "sparselora/patch.py", "        if others:\n", "        if False:\n",
            ("tests/test_patch.py::test_tied_weight_left_dense",)),
+    Mutant("patch-dense-mask-kept", "patcher", "a layer left dense keeps its bool sparse_mask (1 byte per weight element)",
+           "sparselora/patch.py", "    if not keep_dense_masks:\n", "    if False:\n",
+           ("tests/test_patch.py::test_layer_left_dense_drops_its_mask_buffer",)),
+    # -- restoration ---------------------------------------------------------------------------
+    Mutant("distill-cache-wrong-batch", "restoration", "distill's teacher cache serves another batch's outputs",
+           "sparselora/distill.py", "hit = cache.get(index) if cache is not None else None",
+           "hit = cache.get(0) if cache is not None else None",
+           ("tests/test_distill_cache.py::test_cached_training_equals_uncached",)),
 ]
 
 
