@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from .lora import lora_parameters
 
-__all__ = ["distill", "default_output", "distill_loss", "find_blocks", "lr_factor"]
+__all__ = ["distill", "default_output", "distill_loss", "find_blocks", "info_nce", "lr_factor"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,21 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str = "kl",
     if loss == "cosine":
         return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
     raise ValueError(f"distill: unknown loss {loss!r} (kl, mse, cosine)")
+
+
+def info_nce(student: torch.Tensor, teacher: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """Contrastive term for embedding models: each student embedding (a row of ``[batch, dim]``) must
+    pick its own teacher embedding among the batch's, and each teacher embedding its own student
+    one (symmetric InfoNCE on cosine similarities at temperature ``tau``). Cosine matching alone
+    lets a restored encoder drift towards the batch's common direction, which keeps the cosine
+    high but loses nearest-neighbour order; this term keeps the order."""
+    if student.dim() != 2 or student.shape != teacher.shape or student.shape[0] < 2:
+        raise ValueError(f"info_nce: needs [batch >= 2, dim] sentence embeddings from student and teacher, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)} (pass an output_fn that pools)")
+    s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
+    logits = s @ t.T / tau
+    target = torch.arange(len(s), device=s.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 def find_blocks(model: nn.Module) -> list[str]:

@@ -16,22 +16,31 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch.nn as nn
 
-from .distill import distill
+from .distill import distill, info_nce
 from .lora import add_sparse_lora
 
-__all__ = ["RECIPE", "restore"]
+__all__ = ["RECIPE", "EMBEDDING_CONTRASTIVE", "restore"]
 
 # the default budget and objective; the CLI's ``restore`` uses these
 RECIPE = dict(steps=200, rank=16, alpha_per_rank=2.0, lr=4e-3, schedule="cosine", warmup=10, layers="blocks",
               layer_weight=1.0)
 
+#: weight of the :func:`sparselora.distill.info_nce` term for sentence-embedding models (pass
+#: ``contrastive=EMBEDDING_CONTRASTIVE`` with an ``output_fn`` that returns one embedding per
+#: example): on all-MiniLM-L6-v2 it kept the restored model's nearest-neighbour order, which cosine
+#: matching alone lost (``benchmarks/results/eval_ood.md``)
+EMBEDDING_CONTRASTIVE = 0.5
+
 
 def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], steps: int = RECIPE["steps"],
             rank: int = RECIPE["rank"], alpha: Optional[float] = None, lr: float = RECIPE["lr"], loss: str = "mse",
-            output_fn: Optional[Callable[[Any], Any]] = None, progress: bool = True, **overrides) -> dict:
+            output_fn: Optional[Callable[[Any], Any]] = None, progress: bool = True, contrastive: float = 0.0,
+            **overrides) -> dict:
     """Attach SparseLoRA adapters to ``student``'s pruned layers (if it has none yet) and distil
     from ``teacher`` with the default recipe; ``overrides`` replace any other :data:`RECIPE` entry
     (``schedule``, ``warmup``, ``layers``, ``layer_weight``) or pass further :func:`distill` options.
+    ``contrastive`` > 0 adds that weight times :func:`sparselora.distill.info_nce` on the compared
+    outputs, which must then be ``[batch, dim]`` embeddings (see :data:`EMBEDDING_CONTRASTIVE`).
     Returns distill's stats plus ``"names"`` (the adapted layers). Merge with
     :func:`sparselora.lora.merge_sparse_lora` (exactly 2:4, same mask)."""
     from .lora import SparseLoRALinear
@@ -41,7 +50,13 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
         names = add_sparse_lora(student, r=rank, alpha=alpha if alpha is not None else RECIPE["alpha_per_rank"] * rank)
     if not names:
         raise ValueError("restore: the student has no pruned (2:4) Linear layers to attach adapters to")
+    if not contrastive >= 0:
+        raise ValueError(f"restore: contrastive must be >= 0, got {contrastive!r}")
     opts = {k: RECIPE[k] for k in ("schedule", "warmup", "layers", "layer_weight")}
+    if contrastive:
+        if "aux_loss" in overrides:
+            raise ValueError("restore: pass either contrastive or aux_loss, not both")
+        opts["aux_loss"] = lambda s, t: contrastive * info_nce(s, t)
     opts.update(overrides)
     if steps <= opts["warmup"]:
         opts["warmup"] = steps // 10

@@ -190,3 +190,51 @@ def test_default_recipe_on_tiny_vlm(fam, monkeypatch):
         assert type(lin) is nn.Linear, name
         check_nm(lin.weight, name=name)
         assert torch.equal(lin.sparse_mask, mask) and not ((lin.weight != 0) & ~mask).any(), name
+
+
+def test_info_nce_against_float64_and_order(seed):
+    from sparselora.distill import info_nce
+
+    t = torch.randn(12, 16)
+    s = t + 0.8 * torch.randn(12, 16)  # far enough apart that the two directions differ
+    tau = 0.05
+    sn, tn = torch.nn.functional.normalize(s.double(), dim=-1), torch.nn.functional.normalize(t.double(), dim=-1)
+    sim = sn @ tn.T / tau
+    ref = 0.5 * (-(sim.diag() - sim.logsumexp(1)).mean() - (sim.diag() - sim.logsumexp(0)).mean())
+    got = info_nce(s, t, tau)
+    assert abs(got.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item())), (got.item(), ref.item())
+    # the term is about order: the same embeddings matched to a shuffled teacher score far worse
+    close = t + 0.05 * torch.randn(12, 16)
+    assert info_nce(close, t[torch.roll(torch.arange(12), 1)], tau) > info_nce(close, t, tau) + 1.0
+    with pytest.raises(ValueError, match="batch >= 2"):
+        info_nce(s[:1], t[:1])
+    with pytest.raises(ValueError, match="pools"):
+        info_nce(s.reshape(3, 4, 16), t.reshape(3, 4, 16))
+
+
+def test_restore_contrastive_option(seed, monkeypatch):
+    import sparselora.restore as restore_mod
+    from sparselora.distill import info_nce
+
+    teacher = Stack()
+    student = copy.deepcopy(teacher)
+    _prune(student)
+    seen = {}
+    real = restore_mod.distill
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(restore_mod, "distill", spy)
+    b = [torch.randn(8, 32) for _ in range(2)]
+    restore_mod.restore(student, teacher, b, steps=4, progress=False, contrastive=0.5)
+    s, t = torch.randn(8, 8), torch.randn(8, 8)
+    assert torch.allclose(seen["aux_loss"](s, t), 0.5 * info_nce(s, t))
+    seen.clear()
+    restore_mod.restore(student, teacher, b, steps=4, progress=False)
+    assert seen.get("aux_loss") is None  # off unless asked: a VLM's logits are not sentence embeddings
+    with pytest.raises(ValueError, match="contrastive must be >= 0"):
+        restore_mod.restore(student, teacher, b, steps=4, progress=False, contrastive=-1.0)
+    with pytest.raises(ValueError, match="not both"):
+        restore_mod.restore(student, teacher, b, steps=4, progress=False, contrastive=0.5, aux_loss=lambda s, t: s.sum())
