@@ -218,6 +218,10 @@ MUTANTS = [
            "sparselora/distill.py", "hit = cache.get(index) if cache is not None else None",
            "hit = cache.get(0) if cache is not None else None",
            ("tests/test_distill_cache.py::test_cached_training_equals_uncached",)),
+    Mutant("info-nce-one-way", "restoration", "the contrastive term scores only student->teacher, not both ways",
+           "sparselora/distill.py", "return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))",
+           "return F.cross_entropy(logits, target)",
+           ("tests/test_distill_layers.py::test_info_nce_against_float64_and_order",)),
 ]
 
 
