@@ -201,3 +201,37 @@ def test_calibration_batches_through_a_processor():
     check_nm(m.lin.weight, 2, 4)
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         list(calibration_batches(processor, images=[0, 1, 2], prompts=["a", "b"]))
+
+
+def _direct_refit(w0, h, keep):
+    """float64 per-row solve of H_SS w_S = (H w0)_S (the reference the CG refit must reach)."""
+    out = torch.zeros_like(w0)
+    for i in range(w0.shape[0]):
+        s = keep[i].nonzero().squeeze(1)
+        out[i, s] = torch.linalg.solve(h[s][:, s], (h @ w0[i])[s])
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["2:4", 0.5])
+def test_sparsegpt_refit_reaches_the_per_row_optimum(pattern, seed):
+    k, n = 32, 12
+    x = torch.randn(200, k, dtype=torch.float64) @ torch.randn(k, k, dtype=torch.float64)  # correlated inputs
+    w = torch.randn(n, k, dtype=torch.float64)
+    h = x.T @ x
+    base, keep = sparsegpt_prune(w, h, pattern)
+    new, keep2 = sparsegpt_prune(w, h, pattern, refit_iters=k)  # CG: exact in <= |support| steps
+    assert torch.equal(keep, keep2) and not new[~keep].any()
+    hd = h + 0.01 * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)  # sparsegpt_prune's dampening
+    ref = _direct_refit(w, hd, keep)
+    assert (new - ref).norm() <= 1e-8 * ref.norm(), (new - ref).norm() / ref.norm()
+
+    def err(v):  # the layer's output error on the calibration inputs
+        return ((v - w) @ hd @ (v - w).T).diagonal().sum().item()
+
+    assert err(new) < err(base)  # SparseGPT's own kept weights are not the optimum for its mask
+
+
+def test_refit_iters_checked():
+    w, h = torch.randn(4, 8), torch.eye(8)
+    with pytest.raises(SparsityError, match="refit_iters"):
+        sparsegpt_prune(w, h, "2:4", refit_iters=-1, name="layer.q")

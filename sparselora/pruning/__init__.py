@@ -67,6 +67,7 @@ def prune(
     progress: bool = True,
     *,
     percdamp: float = 0.01,
+    refit_iters: int = 0,
     blocksize: int = 128,
     ecoflap_max: Optional[float] = None,
     ecoflap_min: float = 0.0,
@@ -97,6 +98,8 @@ def prune(
             ``config.model_type``); unknown models need ``custom_family(...)``.
         skip: layer names to leave dense (exact name, prefix, or ``.suffix``).
         percdamp, blocksize: SparseGPT dampening (fraction of mean diag H) and lazy block width.
+        refit_iters: SparseGPT only: conjugate-gradient iterations that re-solve the kept weights
+            for the final mask (``methods.refit_kept``; 0 = off).
         device: calibrate a model that lives on the host on this device, one module's weights
             there at a time (accelerate's ``cpu_offload`` hooks for the duration; the pruned
             weights are the host tensors afterwards). A model already dispatched by accelerate
@@ -112,7 +115,7 @@ def prune(
     if device is not None:
         with host_model_on_device(model, device):
             return prune(model, method, pattern, calib, strategy, ratios, family, skip, progress, percdamp=percdamp,
-                         blocksize=blocksize, ecoflap_max=ecoflap_max, ecoflap_min=ecoflap_min, ecoflap_eps=ecoflap_eps,
+                         refit_iters=refit_iters, blocksize=blocksize, ecoflap_max=ecoflap_max, ecoflap_min=ecoflap_min, ecoflap_eps=ecoflap_eps,
                          ecoflap_samples=ecoflap_samples, ecoflap_granularity=ecoflap_granularity,
                          ecoflap_temperature=ecoflap_temperature, ecoflap_batches=ecoflap_batches, loss_fn=loss_fn, seed=seed)
     t_start = time.perf_counter()
@@ -161,7 +164,8 @@ def prune(
             elif method == "wanda":
                 keep, new = wanda_mask(w, stats.sq_norm, t.pattern, name), None
             else:
-                new, keep = sparsegpt_prune(w, stats.hessian, t.pattern, percdamp=percdamp, blocksize=blocksize, name=name)
+                new, keep = sparsegpt_prune(w, stats.hessian, t.pattern, percdamp=percdamp, blocksize=blocksize, name=name,
+                                            refit_iters=refit_iters)
             apply_mask(t.module, keep, new)
             rows[name] = LayerRow(name, t.part, label, str(t.pattern), t.pattern.sparsity, (~keep).sum().item() / keep.numel(), tuple(w.shape),
                                   time.perf_counter() - t0)
