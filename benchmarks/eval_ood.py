@@ -9,12 +9,15 @@ Rows are appended to ``benchmarks/results/eval_ood.jsonl`` as they finish (one p
 variant, so an interrupted run keeps what it measured and a rerun skips what exists; pass
 ``--fresh`` to start over); the table of means ± spread goes to ``eval_ood.{md,json}``.
 
-Variants (all start from the same SparseGPT 2:4 model of a seed; budget: same steps, batch, rank):
+Variants (all start from the same SparseGPT 2:4 model of a seed, calibrated as ``--base`` says,
+default 512 mixed calibration sentences in batches of 16; budget: same steps, batch, rank):
   * ``dense``, ``sparsegpt`` — the references (no restoration)
-  * ``sparselora-v0`` — the previous recipe (benchmarks/quality_sparselora.py): stdlib-docstring
-    training sentences, final token-state cosine, r=16, 200 steps, constant lr 2e-3
-  * ``lora-reprune-v0`` — the same with ordinary peft LoRA, merged, re-pruned by SparseGPT
-  * further variants: see ``VARIANTS``
+  * ``X1:E2+2048sents`` — the default for embedding models: ``sparselora.restore.restore``'s recipe
+    (every block matched + final output, warm-up + cosine lr 4e-3, r=16, 200 steps of 16) with
+    ``contrastive=EMBEDDING_CONTRASTIVE`` on the mean-pooled embeddings, 2048 distinct sentences
+  * ``lora-reprune-*`` — the same recipe with ordinary peft LoRA, merged, re-pruned by SparseGPT
+  * ``sparselora-v0`` / ``lora-reprune-v0`` — the first round's recipe (benchmarks/quality_sparselora.py)
+  * further variants (the ladder and what was screened): see ``VARIANTS``; ``MAIN`` is the default set
 The seed draws the evaluation sentences/pairs, the training sentences and the adapter init.
 """
 from __future__ import annotations
@@ -111,24 +114,22 @@ class PooledEmbedder(Embedder):
         return self.pool(input_ids, attention_mask)
 
 
-def info_nce(s: torch.Tensor, t: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
-    """Each student embedding must pick its own teacher embedding among the batch's (both ways)."""
+def relational(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The student's cosine-similarity matrix over the batch must match the teacher's (ranking structure)."""
     s, t = torch.nn.functional.normalize(s.float(), dim=-1), torch.nn.functional.normalize(t.float(), dim=-1)
-    logits = s @ t.T / tau
-    target = torch.arange(len(s))
-    return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
+    return (s @ s.T - t @ t.T).pow(2).mean()
 
 
 def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", warmup=0, lr=2e-3, steps=200, rank=16,
-           contrastive=0.0, layer_weight=1.0):
+           contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0):
     """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned."""
     def run(ctx):
-        from sparselora.distill import distill
+        from sparselora.distill import distill, info_nce
         from sparselora.lora import add_sparse_lora, merge_sparse_lora
         from sparselora.text_sources import calibration_texts
 
         if data == "mixed":
-            train = batches(ctx["tok"], calibration_texts(512, seed=ctx["seed"]))
+            train = batches(ctx["tok"], calibration_texts(n_train, seed=ctx["seed"]))
         else:
             train = _v0_data(ctx)
         model = copy.deepcopy(ctx["pruned"])
@@ -143,8 +144,8 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         names = layers
         if layers == "blocks+attn":
             names = [f"encoder.layer.{i}" for i in range(6)] + [f"encoder.layer.{i}.attention" for i in range(6)]
-        wrap = PooledEmbedder if contrastive else Embedder
-        aux = (lambda s, t: contrastive * info_nce(s, t)) if contrastive else None
+        wrap = PooledEmbedder if contrastive or rel else Embedder
+        aux = (lambda s, t: contrastive * info_nce(s, t) + (rel * relational(s, t) if rel else 0)) if contrastive or rel else None
         torch.manual_seed(ctx["seed"])
         t, c = time.time(), time.process_time()
         h = distill(wrap(student_model), wrap(ctx["dense"]), train, steps=steps, lr=lr, loss="cosine", progress=False,
@@ -171,8 +172,40 @@ VARIANTS = {
     "D:C+attn": recipe(layers="blocks+attn", schedule="cosine", warmup=10, lr=4e-3),
     "E:C+contrastive": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.1),
     "F:C+r64": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, rank=64),
+    "F3:C+r64-lr2e-3": recipe(layers="blocks", schedule="cosine", warmup=10, lr=2e-3, rank=64),
+    "F4:C+r128-lr1.4e-3": recipe(layers="blocks", schedule="cosine", warmup=10, lr=1.4e-3, rank=128),
+    "H:C+400steps": recipe(layers="blocks", schedule="cosine", warmup=20, lr=4e-3, steps=400),
+    "E3:C+contrastive2": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=2.0),
+    "X1:E2+2048sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048),
+    "lora-reprune-X1": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048),
+    "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
+    "X3:E2+relational10": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, rel=10.0),
+    "E2:C+contrastive0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5),
+    "lora-reprune-E2": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5),
     "lora-reprune-C": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=10, lr=4e-3),
 }
+
+
+def _stdlib128(tok, seed):
+    train_s, _ = stdlib_sentences(seed)
+    return [dict(tok([x], truncation=True, max_length=MAX_LEN, return_tensors="pt", return_token_type_ids=False))
+            for x in train_s[:128]]
+
+
+def _mixed(n):
+    def make(tok, seed):
+        from sparselora.text_sources import calibration_texts
+
+        return batches(tok, calibration_texts(n, seed=seed))
+    return make
+
+
+#: the SparseGPT calibration of the 2:4 base every variant of a run starts from
+BASES = {"stdlib128": _stdlib128, "mixed512": _mixed(512), "mixed2048": _mixed(2048)}
+
+
+#: the main table (3 seeds); the other variants were screened on seed 0 (``eval_ood_screen.md``)
+MAIN = ["dense", "sparsegpt", "C:B+cosine-lr", "E2:C+contrastive0.5", "X1:E2+2048sents", "lora-reprune-E2", "lora-reprune-X1"]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -195,13 +228,39 @@ def summarize(rows: list[dict]) -> list[dict]:
 DISPLAY = {
     "dense": "dense",
     "sparsegpt": "one-shot SparseGPT 2:4 (no restoration)",
+    "E2:C+contrastive0.5": "+ SparseLoRA, every block matched + contrastive term (InfoNCE 0.5 on sentence embeddings), 512 sentences, merged",
+    "X1:E2+2048sents": "**+ SparseLoRA, default for embedding models** (same, 2048 distinct sentences), merged",
+    "lora-reprune-E2": "+ ordinary LoRA, same recipe as row 4, merged, re-pruned by SparseGPT",
+    "lora-reprune-X1": "+ ordinary LoRA, same recipe and data as the default, merged, re-pruned by SparseGPT",
     "sparselora-v0": "+ SparseLoRA, previous recipe (stdlib text, final-output cosine, lr 2e-3 constant), merged",
     "lora-reprune-v0": "+ ordinary LoRA, previous recipe, merged, re-pruned by SparseGPT",
     "A:mixed-data": "+ SparseLoRA, mixed text, final-output cosine",
     "B:A+blocks": "+ SparseLoRA, mixed text, every block matched",
-    "C:B+cosine-lr": "**+ SparseLoRA, new default** (mixed text, every block matched, warm-up + cosine lr 4e-3), merged",
+    "C:B+cosine-lr": "+ SparseLoRA, mixed text (512 sentences), every block matched, warm-up + cosine lr 4e-3 (previous default), merged",
     "lora-reprune-C": "+ ordinary LoRA, new default recipe, merged, re-pruned by SparseGPT",
 }
+
+
+#: (restoration, its baseline at the same budget): compared seed by seed on the same evaluation set
+PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-reprune-E2"), ("X1:E2+2048sents", "sparsegpt")]
+PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
+
+
+def paired(rows: list[dict]) -> list[str]:
+    """Markdown: per-seed differences (a − b) of each metric, mean ± sd and every seed's sign."""
+    by = {(r["seed"], r["variant"]): r for r in rows}
+    out = ["| a − b (same seed, same evaluation set) | seeds | " + " | ".join(PAIRED) + " |", "|---|---|" + "---|" * len(PAIRED)]
+    for a, b in PAIRS:
+        seeds = sorted(s for s, v in by if v == a and (s, b) in by)
+        if not seeds:
+            continue
+        cells = []
+        for m in PAIRED:
+            d = [by[(s, a)][m] - by[(s, b)][m] for s in seeds]
+            sd = statistics.stdev(d) if len(d) > 1 else float("nan")
+            cells.append(f"{statistics.mean(d):+.4f} ± {sd:.4f} ({'/'.join(f'{x:+.3f}' for x in d)})")
+        out.append(f"| {DISPLAY.get(a, a)} − {DISPLAY.get(b, b)} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return out
 
 
 def readme_table(table: list[dict]) -> list[str]:
@@ -219,11 +278,13 @@ def readme_table(table: list[dict]) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description="out-of-domain restoration quality on all-MiniLM-L6-v2 (CPU)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=["dense", "sparsegpt", *VARIANTS])
+    ap.add_argument("--variants", nargs="+", default=MAIN, help=f"default: the main table; all: {', '.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fresh", action="store_true", help="discard earlier rows")
     ap.add_argument("--report", action="store_true", help="only rewrite the tables from the rows measured so far")
     ap.add_argument("--log", default=str(RESULTS / "eval_ood.jsonl"))
+    ap.add_argument("--name", default="eval_ood", help="results file stem under benchmarks/results/")
+    ap.add_argument("--base", default="mixed512", choices=sorted(BASES), help="SparseGPT calibration of the 2:4 base")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -234,6 +295,7 @@ def main(argv=None):
     if args.fresh and log.exists():
         log.unlink()
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    done = [r for r in done if r.get("base", "stdlib128") == args.base]  # rows of another base stay in the log
     have = {(r["seed"], r["variant"]) for r in done}
     dense, tok = load() if not args.report else (None, None)
     for seed in [] if args.report else args.seeds:
@@ -243,9 +305,7 @@ def main(argv=None):
         t = time.time()
         ev = Evaluator(dense, tok, build_eval(seed))
         print(f"seed {seed}: eval set ready in {time.time() - t:.0f}s", flush=True)
-        train_s, _ = stdlib_sentences(seed)
-        calib = [dict(tok([x], truncation=True, max_length=MAX_LEN, return_tensors="pt", return_token_type_ids=False))
-                 for x in train_s[:128]]
+        calib = BASES[args.base](tok, seed)
         pruned = copy.deepcopy(dense)
         prune_24(pruned, "sparsegpt", calib)
         masks = {n: m.sparse_mask.clone() for n, m in pruned.named_modules() if hasattr(m, "sparse_mask")}
@@ -253,7 +313,7 @@ def main(argv=None):
         for v in todo:
             t = time.time()
             if v == "dense":
-                row = {"seed": seed, "variant": v, **ev.dense_row()}
+                row = {"seed": seed, "variant": v, "base": args.base, **ev.dense_row()}
                 print(json.dumps(row), flush=True)
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -263,7 +323,7 @@ def main(argv=None):
                 model, extra = pruned, {}
             else:
                 model, extra = VARIANTS[v](ctx)
-            row = {"seed": seed, "variant": v, **ev(model), **extra, "wall_s": time.time() - t}
+            row = {"seed": seed, "variant": v, "base": args.base, **ev(model), **extra, "wall_s": time.time() - t}
             print(json.dumps(row), flush=True)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -277,11 +337,16 @@ def main(argv=None):
             if m in r:
                 r[m + " ±sd"] = f"{r[m]:.0f} ± {r[m + '_sd']:.0f}" if m.startswith("train") else f"{r[m]:.4f} ± {r[m + '_sd']:.4f}"
     cols = ["variant", "seeds"] + [m + " ±sd" for m in metrics]
-    summary = {"model": "all-MiniLM-L6-v2, all 37 Linears 2:4 (SparseGPT, 128 stdlib sentences)",
+    summary = {"model": f"all-MiniLM-L6-v2, all 37 Linears 2:4 (SparseGPT calibrated on {args.base})",
                "evaluation": "sparselora.eval_text: 5 held-out domains x 200 sentences, 500 retrieval pairs, per seed",
                "seeds": sorted({r["seed"] for r in rows}), "threads": args.threads}
-    print("wrote", *write_results("eval_ood", table, cols, summary))
+    jpath, mpath = write_results(args.name, table, cols, summary)
+    pairs = paired(rows)
+    with mpath.open("a") as f:
+        f.write("\n" + "\n".join(pairs) + "\n")
+    print("wrote", jpath, mpath)
     print("\n".join(readme_table(table)))
+    print("\n".join(pairs))
     return 0
 
 
