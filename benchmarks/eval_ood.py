@@ -99,7 +99,7 @@ def lora_reprune_v0(ctx):
     h = distill(Embedder(peft_model), Embedder(ctx["dense"]), _v0_data(ctx), steps=200, lr=2e-3, loss="cosine", progress=False)
     t = time.time() - t
     merged = peft_model.merge_and_unload()
-    prune_24(merged, "sparsegpt", ctx["calib"])
+    prune_24(merged, "sparsegpt", ctx["calib"], **ctx["prune_kw"])
     from sparselora.format import check_nm
 
     for name in ctx["masks"]:
@@ -157,7 +157,7 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
             out = model
         else:
             out = student_model.merge_and_unload()
-            prune_24(out, "sparsegpt", ctx["calib"])
+            prune_24(out, "sparsegpt", ctx["calib"], **ctx["prune_kw"])
         return out, {"train_s": t, "train_cpu_s": c, "loss_last": h["last"]}
     return run
 
@@ -201,7 +201,10 @@ def _mixed(n):
 
 
 #: the SparseGPT calibration of the 2:4 base every variant of a run starts from
-BASES = {"stdlib128": _stdlib128, "mixed512": _mixed(512), "mixed2048": _mixed(2048)}
+BASES = {"stdlib128": _stdlib128, "mixed512": _mixed(512), "mixed2048": _mixed(2048), "mixed512-refit": _mixed(512)}
+#: ``*-refit`` bases: SparseGPT then this many CG iterations re-solving the kept weights for the
+#: final mask (``sparselora.pruning.methods.refit_kept``); a LoRA re-prune uses the same
+REFIT_ITERS = 100
 
 
 #: the main table (3 seeds); the other variants were screened on seed 0 (``eval_ood_screen.md``)
@@ -307,9 +310,10 @@ def main(argv=None):
         print(f"seed {seed}: eval set ready in {time.time() - t:.0f}s", flush=True)
         calib = BASES[args.base](tok, seed)
         pruned = copy.deepcopy(dense)
-        prune_24(pruned, "sparsegpt", calib)
+        prune_kw = {"refit_iters": REFIT_ITERS} if args.base.endswith("-refit") else {}
+        prune_24(pruned, "sparsegpt", calib, **prune_kw)
         masks = {n: m.sparse_mask.clone() for n, m in pruned.named_modules() if hasattr(m, "sparse_mask")}
-        ctx = dict(seed=seed, dense=dense, tok=tok, pruned=pruned, masks=masks, calib=calib)
+        ctx = dict(seed=seed, dense=dense, tok=tok, pruned=pruned, masks=masks, calib=calib, prune_kw=prune_kw)
         for v in todo:
             t = time.time()
             if v == "dense":

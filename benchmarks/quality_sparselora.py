@@ -113,15 +113,16 @@ def prune_magnitude_24(model: nn.Module) -> list[str]:
     return names
 
 
-def prune_24(model: nn.Module, method: str, calib: list[dict]) -> list[str]:
-    """Every Linear to 2:4 by ``method``; returns the pruned names (each carries ``sparse_mask``)."""
+def prune_24(model: nn.Module, method: str, calib: list[dict], **prune_kw) -> list[str]:
+    """Every Linear to 2:4 by ``method`` (``prune_kw``: further :func:`sparselora.pruning.prune`
+    options); returns the pruned names (each carries ``sparse_mask``)."""
     if method == "magnitude":
         return prune_magnitude_24(model)
     from sparselora.families import custom_family
     from sparselora.pruning import prune
 
     everything = custom_family(language=["encoder", "pooler"], head=(), name="bert-all-linears")
-    report = prune(model, method, "2:4", calib=calib, strategy="language", family=everything, progress=False)
+    report = prune(model, method, "2:4", calib=calib, strategy="language", family=everything, progress=False, **prune_kw)
     return [r.name for r in report.rows]
 
 

@@ -51,6 +51,18 @@ TINY_FAMILIES = ("blip-2", "clip", "gemma3", "idefics3", "instructblip", "llava"
                  "siglip", "smolvlm")
 
 
+def _nonnegative_int(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is negative")
+    return v
+
+
 def _positive_int(text: str) -> int:
     # argparse turns the ValueError into "argument --steps: invalid _positive_int value"; say why instead
     import argparse
@@ -445,6 +457,8 @@ def cmd_env(args) -> int:
 
 def cmd_prune(args) -> int:
     _check_prune_options(args.pattern, args.strategy)
+    if args.refit_iters and args.method != "sparsegpt":
+        raise CLIError(f"--refit-iters: only --method sparsegpt refits kept weights (got --method {args.method})")
     calib_device = _check_device(args.device) if args.device else None  # before the model loads
     if args.family:
         from .families import FAMILIES
@@ -469,7 +483,7 @@ def cmd_prune(args) -> int:
         t = time.time()
         rows, used, md = prune_model(model, args.method, args.pattern, args.strategy, fam, calib, progress=not args.quiet,
                                      device=calib_device if args.method != "magnitude" else None,
-                                     skip=args.skip)
+                                     skip=args.skip, refit_iters=args.refit_iters)
         state = dict(info, stage="pruned", method=used, pattern=args.pattern, strategy=args.strategy,
                      source=args.model or f"tiny:{args.tiny}")
         if data is not None:
@@ -781,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="layers to leave dense: a module name, a prefix or a .suffix (repeatable)")
     sp.add_argument("--family", help="model family for unknown model types (see sparselora.families)")
     sp.add_argument("--calib-batches", type=_positive_int, default=8, help="calibration batches for wanda/sparsegpt (default: 8)")
+    sp.add_argument("--refit-iters", type=_nonnegative_int, default=0, metavar="N",
+                    help="sparsegpt only: N conjugate-gradient iterations re-solving the kept weights for the final mask, "
+                         "N GEMMs of each layer's size (100 on all-MiniLM-L6-v2: held-out cosine 0.847 -> 0.878; default: 0, off)")
     sp.add_argument("--batch", type=_positive_int, default=4, help="calibration batch size (default: 4)")
     calib_args(sp)
     sp.add_argument("--device", type=_device,

@@ -54,15 +54,18 @@ def pattern_arg(p: str):
         return p
 
 
-def prune_model(model, method: str, pattern: str, strategy, family, calib, progress: bool = True, skip=(), device=None):
+def prune_model(model, method: str, pattern: str, strategy, family, calib, progress: bool = True, skip=(), device=None,
+                refit_iters: int = 0):
     """Returns (rows, method actually used, the pruning package's markdown report or None).
-    ``device``: calibrate the host model there, one module's weights at a time (prune(device=...))."""
+    ``device``: calibrate the host model there, one module's weights at a time (prune(device=...)).
+    ``refit_iters``: SparseGPT's kept-weight refit (prune(refit_iters=...))."""
     pattern = pattern_arg(pattern) if isinstance(pattern, str) else pattern
     if have("sparselora.pruning"):
         from .pruning import prune
 
         rep = prune(model, method=method, pattern=pattern, calib=calib if method != "magnitude" else None,
-                    strategy=strategy, family=family, progress=progress, skip=skip or (), device=device)
+                    strategy=strategy, family=family, progress=progress, skip=skip or (), device=device,
+                    **({"refit_iters": refit_iters} if refit_iters else {}))
         return list(getattr(rep, "rows", [])), method, (rep.to_markdown() if hasattr(rep, "to_markdown") else None)
     if method != "magnitude":
         log.warning("sparselora.pruning is not installed; using magnitude 2:4 instead of %s", method)

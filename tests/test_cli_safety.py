@@ -289,6 +289,8 @@ def _bad_options(tmp: Path, stages: Path):
         (tiny + ["--dtype", "int8"] + out, ["--dtype", "invalid choice"]),
         (tiny + ["--method", "best"] + out, ["--method", "invalid choice"]),
         (tiny + ["--calib-batches", "0"] + out, ["--calib-batches", "positive"]),
+        (tiny + ["--refit-iters", "-3"] + out, ["--refit-iters", "negative"]),
+        (tiny + ["--method", "wanda", "--refit-iters", "5"] + out, ["--refit-iters", "sparsegpt", "wanda"]),
         (tiny + ["--batch", "x"] + out, ["--batch", "not an integer"]),
         (tiny + ["--out", str(f)], ["--out", "existing file"]),
         (tiny + ["--out", str(f / "sub")], ["--out", "cannot create"]),

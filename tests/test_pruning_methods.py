@@ -235,3 +235,9 @@ def test_refit_iters_checked():
     w, h = torch.randn(4, 8), torch.eye(8)
     with pytest.raises(SparsityError, match="refit_iters"):
         sparsegpt_prune(w, h, "2:4", refit_iters=-1, name="layer.q")
+
+
+def test_prune_refit_only_for_sparsegpt():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="refit_iters is a SparseGPT option"):
+        prune(model, "wanda", "2:4", calib=[torch.randn(2, 8)], family=custom_family(language=["0"]), refit_iters=3)

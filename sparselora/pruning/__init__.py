@@ -112,6 +112,8 @@ def prune(
             replaces its default loss.
     Returns: a :class:`PruneReport`.
     """
+    if refit_iters and method != "sparsegpt":
+        raise ValueError(f"prune: refit_iters is a SparseGPT option (method={method!r})")
     if device is not None:
         with host_model_on_device(model, device):
             return prune(model, method, pattern, calib, strategy, ratios, family, skip, progress, percdamp=percdamp,
