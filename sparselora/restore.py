@@ -2,13 +2,14 @@
 dense teacher block by block (every repeated transformer block's output, vision and language
 alike, plus the final output), with a warm-up + cosine learning-rate schedule.
 
-Why this recipe (all-MiniLM-L6-v2, ``benchmarks/results/eval_ood.md``): matching only the final
-output on one kind of text fits that text; matching every block tells each adapter what its own
-block should produce, and on held-out domains it closed more of the cosine gap to the dense model
-than the previous recipe (final output only, one text source, constant lr). It did not recover a
-labelled retrieval task there; see the README for the measured limits.
-Feed it varied calibration data (:func:`sparselora.text_sources.calibration_texts` for text
-models mixes several sources).
+Why this recipe (all-MiniLM-L6-v2, ``benchmarks/results/eval_ood.md``, measured on five held-out
+domains): matching every block tells each adapter what its own block should produce and closed
+more of the cosine gap than matching the final output only. For sentence-embedding models add
+``contrastive=EMBEDDING_CONTRASTIVE`` (with an ``output_fn`` that pools): it keeps the
+nearest-neighbour order that cosine matching alone loses. Feed it varied data, as many distinct
+examples as the steps can visit: 2048 distinct sentences beat 512 cycled at the same cost
+(:func:`sparselora.text_sources.calibration_texts` mixes several sources). What it does not do
+there: recover the labelled retrieval task lost by one-shot 2:4 pruning (see the README).
 """
 from __future__ import annotations
 
