@@ -191,15 +191,21 @@ def _check_target(target: Path, shown: str, option: str) -> None:
 
 @contextlib.contextmanager
 def _sigint_held():
-    """Delay Ctrl-C (delivered after the block) so a two-rename swap is not split by it."""
-    can = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    if can:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    """Delay Ctrl-C until after the block so a two-rename swap is not split by it. The Python-level
+    handler is swapped for one that only records the signal (blocking SIGINT with pthread_sigmask is
+    not enough: the kernel hands a process-directed signal to any thread that does not block it,
+    e.g. one of torch's OpenMP workers, and Python then raises in the main thread at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(frame))
     try:
         yield
     finally:
-        if can:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, old)
+        if got and callable(old):
+            old(signal.SIGINT, got[0])  # Python's default handler raises KeyboardInterrupt here
 
 
 def _commit(tmp: Path, target: Path) -> None:

@@ -168,10 +168,25 @@ def test_ctrl_c_cannot_split_the_swap(tmp_path, monkeypatch):
                 pass
 
     monkeypatch.setattr(staging.os, "rename", rename)
+    # another thread that does not block SIGINT (as torch's OpenMP workers): the kernel may deliver
+    # the signal to it, so holding Ctrl-C back must not rely on the main thread's signal mask
+    import threading
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        _swap_interrupted(out)
+    finally:
+        stop.set()
+        other.join()
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "new.txt"])
+    assert leftovers(tmp_path) == []
+
+
+def _swap_interrupted(out):
     with pytest.raises(KeyboardInterrupt):
         with staged_output(out) as tmp:
             (tmp / MARKER).write_text("{}")
             (tmp / "new.txt").write_text("new")
-    monkeypatch.undo()
-    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "new.txt"])
-    assert leftovers(tmp_path) == []
