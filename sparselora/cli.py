@@ -51,26 +51,29 @@ TINY_FAMILIES = ("blip-2", "clip", "gemma3", "idefics3", "instructblip", "llava"
                  "siglip", "smolvlm")
 
 
-def _nonnegative_int(text: str) -> int:
+def _int_arg(text: str) -> int:
+    # argparse turns the ValueError into "argument --steps: invalid _positive_int value"; say why instead
     import argparse
 
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _nonnegative_int(text: str) -> int:
+    import argparse
+
+    v = _int_arg(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"{v} is negative")
     return v
 
 
 def _positive_int(text: str) -> int:
-    # argparse turns the ValueError into "argument --steps: invalid _positive_int value"; say why instead
     import argparse
 
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    v = _int_arg(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
     return v
