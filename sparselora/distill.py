@@ -240,7 +240,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
             progress: bool = True, layers: Any = None, layer_weight: float = 1.0, output_weight: float = 1.0,
             schedule: str = "constant", warmup: int = 0,
             aux_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-            teacher_cache_mb: float = 1024) -> dict:
+            teacher_cache_mb: float = 1024, params: Optional[list[nn.Parameter]] = None,
+            on_step: Optional[Callable[[int, int], None]] = None) -> dict:
     """Train the student's adapters to match the teacher on ``batches`` (cycled) for ``steps`` steps.
 
     Each batch is passed as ``model(**b)`` (dict), ``model(*b)`` (tuple/list) or ``model(b)``.
@@ -251,6 +252,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     shape the learning rate (:func:`lr_factor`). ``aux_loss(student_out, teacher_out)`` adds any
     further term on the compared outputs (e.g. a contrastive one for embedding models).
     ``teacher_cache_mb``: the cap of the teacher-output cache (module docstring); 0 disables it.
+    ``params``: the parameters to train instead of the adapters (e.g. learned-mask logits,
+    :mod:`sparselora.pruning.learned_masks`); ``on_step(step, steps)`` runs before each step's
+    forward (schedules such as a temperature).
     Returns ``{"loss": [per-step loss], "first": ..., "last": ..., "steps": steps,
     "teacher_forwards": how many times the teacher ran}``.
     """
@@ -275,9 +279,12 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
         t_mods, s_mods = _resolve(teacher, list(layers), "the teacher"), _resolve(student, list(layers), "the student")
     else:
         raise ValueError(f"distill: layers must be None, 'blocks' or a non-empty list of module names, got {layers!r}")
-    params = lora_parameters(student)
-    if not params:
-        raise ValueError("distill: the student has no lora_A/lora_B parameters (add_sparse_lora first)")
+    if params is None:
+        params = lora_parameters(student)
+        if not params:
+            raise ValueError("distill: the student has no lora_A/lora_B parameters (add_sparse_lora first)")
+    elif not params or not all(isinstance(p, nn.Parameter) for p in params):
+        raise ValueError("distill: params must be a non-empty list of nn.Parameter")
     output_fn = output_fn or default_output
     adapter_ids = {id(p) for p in params}
     frozen = [(p, p.requires_grad) for p in student.parameters() if id(p) not in adapter_ids]
@@ -308,6 +315,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     try:
         for step in range(steps):
             index, batch = next(data)
+            if on_step is not None:
+                on_step(step, steps)
             hit = cache.get(index) if cache is not None else None
             if hit is None:
                 with torch.no_grad():

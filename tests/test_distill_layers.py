@@ -127,6 +127,25 @@ def test_bad_options_name_the_problem():
     assert all(not m._forward_hooks for m in student.modules())
 
 
+def test_explicit_params_and_on_step(seed):
+    """``params=`` trains exactly those (no adapters needed), ``on_step`` sees every step in order."""
+    teacher = Stack()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.blocks[0][0].weight.mul_(0.5)
+    chosen = student.blocks[0][0].weight
+    others = {n: p.detach().clone() for n, p in student.named_parameters() if p is not chosen}
+    before = chosen.detach().clone()
+    seen = []
+    stats = distill(student, teacher, [torch.randn(8, 32)], steps=6, lr=1e-2, loss="mse", progress=False,
+                    params=[chosen], on_step=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, 6) for i in range(6)]
+    assert not torch.equal(chosen, before) and stats["last"] < stats["first"]
+    assert all(torch.equal(p, others[n]) for n, p in student.named_parameters() if p is not chosen)
+    with pytest.raises(ValueError, match="params"):
+        distill(student, teacher, [torch.randn(8, 32)], steps=2, params=[torch.zeros(3)], progress=False)
+
+
 # llava: vision tower + language model, both pruned. (Not blip-2: its tiny vision Linears are
 # initialised at ~1e-10, so pruning them changes nothing. Not qwen2-vl: pruning moves its tiny vision
 # blocks' outputs by only 0.4 %. Not clip: the output compared, logits_per_image, couples the towers,

@@ -11,11 +11,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ----------------------------------------------------------------------------- references
 
-def ref_sparsegpt(W, H, pattern, percdamp, blocksize):
+def ref_sparsegpt(W, H, pattern, percdamp, blocksize, given=None):
     """Slow, plain OBS, column by column, float64, with explicit inverses of the Hessian of
     the not-yet-processed columns (no Cholesky, no lazy updates). Mask selection as in the
     SparseGPT paper: saliency w^2 / [H_F^-1]_00, chosen per column block (unstructured, the
-    block's quota spreading the layer-wide rounding) or per N:M group when reaching it."""
+    block's quota spreading the layer-wide rounding) or per N:M group when reaching it; or the
+    ``given`` mask throughout."""
     p = parse_pattern(pattern)
     W = W.clone().double()
     H = H.clone().double()
@@ -29,7 +30,9 @@ def ref_sparsegpt(W, H, pattern, percdamp, blocksize):
     keep = torch.ones(rows, cols, dtype=torch.bool)
     done = 0
     for j in range(cols):
-        if not p.is_nm and j % blocksize == 0:
+        if given is not None:
+            keep[:, j] = given[:, j]
+        elif not p.is_nm and j % blocksize == 0:
             end = min(j + blocksize, cols)
             quota = round(p.ratio * rows * end) - done
             sal = (W[:, j:end] ** 2 / d[j:end]).flatten()
@@ -38,7 +41,7 @@ def ref_sparsegpt(W, H, pattern, percdamp, blocksize):
             blk[idx] = False
             keep[:, j:end] = blk.reshape(rows, end - j)
             done += quota
-        if p.is_nm and j % p.m == 0:
+        if given is None and p.is_nm and j % p.m == 0:
             sal = W[:, j:j + p.m] ** 2 / d[j:j + p.m]
             low = torch.argsort(sal, dim=1)[:, : p.m - p.n]
             grp = torch.ones(rows, p.m, dtype=torch.bool)
@@ -241,3 +244,73 @@ def test_prune_refit_only_for_sparsegpt():
     model = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(ValueError, match="refit_iters is a SparseGPT option"):
         prune(model, "wanda", "2:4", calib=[torch.randn(2, 8)], family=custom_family(language=["0"]), refit_iters=3)
+
+
+# ----------------------------------------------------------------------------- given masks
+
+def _random_nm(rows, cols, n, m, g=None):
+    scores = torch.rand(rows, cols // m, m, generator=g)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep.scatter_(2, scores.topk(n, dim=2).indices, True)
+    return keep.reshape(rows, cols)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", 0.5])
+def test_sparsegpt_compensates_for_a_given_mask(pattern, seed):
+    W, H = _layer(10, 48, seed=seed)
+    p = parse_pattern(pattern)
+    given = _random_nm(10, 48, p.n, p.m) if p.is_nm else torch.rand(10, 48).argsort(1) >= 24
+    new, keep = sparsegpt_prune(W, H, pattern, blocksize=16, keep=given)
+    ref_w, _ = ref_sparsegpt(W, H, pattern, 0.01, 10**9, given=given)
+    assert torch.equal(keep, given)
+    torch.testing.assert_close(new, ref_w, rtol=1e-9, atol=1e-9)
+    assert (new[~given] == 0).all()
+
+    def err(v):
+        return ((v - W) @ H @ (v - W).T).diagonal().sum().item()
+
+    assert err(new) < err(W * given)  # the compensation helps over just masking
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_prune_with_given_masks(seed):
+    model = TwoLinears().double()
+    calib = [{"x": torch.randn(4, 16, dtype=torch.float64)} for _ in range(3)]
+    fam = custom_family(language=["a", "b"])
+    given = {"a": _random_nm(16, 16, 2, 4), "b": _random_nm(8, 16, 2, 4)}
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        m = TwoLinears().double()
+        m.load_state_dict(model.state_dict())
+        report = prune(m, method, "2:4", calib=calib, family=fam, progress=False, masks=given)
+        for name in given:
+            lin, dense = m.get_submodule(name), model.get_submodule(name).weight.detach()
+            assert torch.equal(lin.sparse_mask, given[name]), (method, name)
+            assert not lin.weight[~given[name]].any()
+            if method != "sparsegpt":  # applied as is
+                torch.testing.assert_close(lin.weight, dense * given[name])
+            else:  # compensated: the kept weights moved
+                assert not torch.equal(lin.weight, dense * given[name])
+        assert method == "sparsegpt" or all("given" in r.method for r in report.rows)
+
+
+@pytest.mark.parametrize("masks,match", [
+    ({"c": torch.ones(16, 16, dtype=torch.bool)}, "does not prune"),
+    ({"a": torch.ones(16, 16, dtype=torch.bool)}, "exactly 2 of every 4"),
+    ({"a": torch.ones(8, 16, dtype=torch.bool)}, "shape"),
+    ({"a": torch.ones(16, 16)}, "torch.bool"),
+])
+def test_prune_given_masks_checked(masks, match):
+    model = TwoLinears()
+    before = model.a.weight.detach().clone()
+    with pytest.raises(SparsityError, match=match):
+        prune(model, "sparsegpt", "2:4", calib=[{"x": torch.randn(2, 16)}], family=custom_family(language=["a", "b"]),
+              masks=masks, progress=False)
+    assert torch.equal(model.a.weight, before)  # nothing modified

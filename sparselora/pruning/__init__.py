@@ -68,6 +68,7 @@ def prune(
     *,
     percdamp: float = 0.01,
     refit_iters: int = 0,
+    masks: Optional[Mapping[str, torch.Tensor]] = None,
     blocksize: int = 128,
     ecoflap_max: Optional[float] = None,
     ecoflap_min: float = 0.0,
@@ -100,6 +101,9 @@ def prune(
         percdamp, blocksize: SparseGPT dampening (fraction of mean diag H) and lazy block width.
         refit_iters: SparseGPT only: conjugate-gradient iterations that re-solve the kept weights
             for the final mask (``methods.refit_kept``; 0 = off).
+        masks: ``{layer name: bool keep mask}`` to use instead of choosing one (e.g. learned by
+            :func:`sparselora.pruning.learned_masks.learn_masks`); each must fit the layer's pattern.
+            Magnitude and Wanda then just apply it; SparseGPT compensates the kept weights for it.
         device: calibrate a model that lives on the host on this device, one module's weights
             there at a time (accelerate's ``cpu_offload`` hooks for the duration; the pruned
             weights are the host tensors afterwards). A model already dispatched by accelerate
@@ -117,7 +121,7 @@ def prune(
     if device is not None:
         with host_model_on_device(model, device):
             return prune(model, method, pattern, calib, strategy, ratios, family, skip, progress, percdamp=percdamp,
-                         refit_iters=refit_iters, blocksize=blocksize, ecoflap_max=ecoflap_max, ecoflap_min=ecoflap_min, ecoflap_eps=ecoflap_eps,
+                         refit_iters=refit_iters, masks=masks, blocksize=blocksize, ecoflap_max=ecoflap_max, ecoflap_min=ecoflap_min, ecoflap_eps=ecoflap_eps,
                          ecoflap_samples=ecoflap_samples, ecoflap_granularity=ecoflap_granularity,
                          ecoflap_temperature=ecoflap_temperature, ecoflap_batches=ecoflap_batches, loss_fn=loss_fn, seed=seed)
     t_start = time.perf_counter()
@@ -126,6 +130,7 @@ def prune(
     if ratios not in ("uniform", "ecoflap"):
         raise ValueError(f"ratios must be 'uniform' or 'ecoflap', got {ratios!r}")
     targets = select_targets(model, strategy, pattern, family, skip)
+    masks = _check_given_masks(masks, targets, ratios)
     for name, t in targets.items():  # fail before anything is modified (offloaded layers: onloaded one at a time)
         with layer_weight(model, name) as lin:
             check_finite(lin.weight.detach(), name)
@@ -161,13 +166,16 @@ def prune(
             if method != "magnitude" and (stats is None or stats.tokens == 0):
                 warnings.warn(f"layer {name} saw no calibration tokens; pruned by magnitude instead of {method}", stacklevel=3)
                 label = "magnitude(no-calib)"
-            if label.startswith("magnitude"):
+            given = masks.get(name)
+            if given is not None and (method != "sparsegpt" or label.startswith("magnitude")):
+                keep, new, label = given.to(w.device), None, f"{label}(given mask)"
+            elif label.startswith("magnitude"):
                 keep, new = magnitude_mask(w, t.pattern, name), None
             elif method == "wanda":
                 keep, new = wanda_mask(w, stats.sq_norm, t.pattern, name), None
             else:
                 new, keep = sparsegpt_prune(w, stats.hessian, t.pattern, percdamp=percdamp, blocksize=blocksize, name=name,
-                                            refit_iters=refit_iters)
+                                            refit_iters=refit_iters, keep=given)
             apply_mask(t.module, keep, new)
             rows[name] = LayerRow(name, t.part, label, str(t.pattern), t.pattern.sparsity, (~keep).sum().item() / keep.numel(), tuple(w.shape),
                                   time.perf_counter() - t0)
@@ -182,6 +190,31 @@ def prune(
         model.train(was_training)
     report.meta.update(peak_live_layer_stats=probe.peak, seconds_total=round(time.perf_counter() - t_start, 3))
     return report
+
+
+def _check_given_masks(masks, targets: dict[str, Target], ratios: str) -> dict:
+    """``prune(masks=)``: every mask names a target layer, has its shape and meets its pattern."""
+    if not masks:
+        return {}
+    if ratios != "uniform":
+        raise ValueError("prune: masks= fixes every layer's mask; it cannot be combined with ratios='ecoflap'")
+    unknown = [n for n in masks if n not in targets]
+    if unknown:
+        raise SparsityError(f"prune: masks given for layers the strategy does not prune: {unknown[:3]}")
+    for name, keep in masks.items():
+        t = targets[name]
+        shape = tuple(t.module.weight.shape)
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != shape:
+            raise SparsityError(f"prune: mask for {name} must be a torch.bool tensor of shape {shape}, got "
+                                f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
+        p = t.pattern
+        if p.is_nm:
+            counts = keep.reshape(shape[0], -1, p.m).sum(-1)
+            if not (counts == p.n).all():
+                raise SparsityError(f"prune: mask for {name} does not keep exactly {p.n} of every {p.m} weights")
+        elif abs((~keep).float().mean().item() - p.ratio) > 1.0 / keep.numel() + 1e-6:
+            raise SparsityError(f"prune: mask for {name} prunes {(~keep).float().mean().item():.4f}, the pattern asks {p.ratio}")
+    return dict(masks)
 
 
 def _sequential(model, targets: dict[str, Target], batches, method, prune_layer, probe: MemoryProbe, progress: bool) -> None:

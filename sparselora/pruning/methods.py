@@ -148,6 +148,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     name: Optional[str] = None,
     refit_iters: int = 0,
+    keep: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh, arXiv 2301.00774, Algorithm 1): prune column by column,
     compensating each pruned weight's error on the not-yet-processed columns through the
@@ -158,7 +159,8 @@ def sparsegpt_prune(
     (``H_jj == 0``) get ``H_jj = 1`` and their weights are zeroed, as in the reference code.
     Returns ``(new_weight, keep_mask)``; ``new_weight`` is zero outside the mask and has
     ``w``'s dtype. Computation is in float32 (float64 if ``w`` is float64). ``refit_iters`` > 0
-    then re-solves the kept weights for the final mask (:func:`refit_kept`).
+    then re-solves the kept weights for the final mask (:func:`refit_kept`). ``keep``: a given
+    bool mask to compensate for instead of choosing one by saliency (the caller checks it).
     """
     if not isinstance(refit_iters, int) or refit_iters < 0:
         raise SparsityError(f"layer {name}: refit_iters must be a non-negative integer, got {refit_iters!r}")
@@ -187,6 +189,7 @@ def sparsegpt_prune(
     if p.is_nm:
         # blocks must hold whole N:M groups
         blocksize = max(p.m, (blocksize // p.m) * p.m)
+    given = keep.to(W.device) if keep is not None else None
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     total_prune = round(p.ratio * rows * cols) if not p.is_nm else 0
     n_pruned_so_far = 0
@@ -198,8 +201,8 @@ def sparsegpt_prune(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
-        keep1 = torch.ones_like(W1, dtype=torch.bool)
-        if not p.is_nm:
+        keep1 = torch.ones_like(W1, dtype=torch.bool) if given is None else given[:, i1:i2].clone()
+        if not p.is_nm and given is None:
             # OBS saliency w^2 / [H^-1]_jj^2 (Cholesky diag), selected once per block over all rows;
             # the block's quota spreads the layer-wide rounding so the total is exact.
             target = round(p.ratio * rows * i2) - n_pruned_so_far if i2 < cols else total_prune - n_pruned_so_far
@@ -208,7 +211,7 @@ def sparsegpt_prune(
             keep1 = topk_keep_mask(sal.reshape(-1), target).reshape(rows, count)
             n_pruned_so_far += target
         for i in range(count):
-            if p.is_nm and i % p.m == 0:
+            if p.is_nm and given is None and i % p.m == 0:
                 sal = W1[:, i: i + p.m] ** 2 / d[i: i + p.m].unsqueeze(0) ** 2
                 keep1[:, i: i + p.m] = _nm_keep(sal, p)
             col = W1[:, i]
