@@ -120,8 +120,20 @@ def relational(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (s @ s.T - t @ t.T).pow(2).mean()
 
 
+def bank_nce(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """Each student embedding must pick its own teacher embedding against a bank of teacher
+    embeddings of every training sentence (a far larger negative pool than the batch); bank
+    entries that are the positive itself (duplicates) are left out."""
+    F = torch.nn.functional
+    s, t = F.normalize(s.float(), dim=-1), F.normalize(t.float(), dim=-1)
+    neg = s @ bank.T
+    neg = neg.masked_fill(t @ bank.T > 0.9999, float("-inf"))
+    logits = torch.cat([(s * t).sum(1, keepdim=True), neg], 1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long))
+
+
 def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", warmup=0, lr=2e-3, steps=200, rank=16,
-           contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0):
+           contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0, bank=0.0):
     """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned."""
     def run(ctx):
         from sparselora.distill import distill, info_nce
@@ -144,8 +156,14 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         names = layers
         if layers == "blocks+attn":
             names = [f"encoder.layer.{i}" for i in range(6)] + [f"encoder.layer.{i}.attention" for i in range(6)]
-        wrap = PooledEmbedder if contrastive or rel else Embedder
+        wrap = PooledEmbedder if contrastive or rel or bank else Embedder
         aux = (lambda s, t: contrastive * info_nce(s, t) + (rel * relational(s, t) if rel else 0)) if contrastive or rel else None
+        if bank:
+            with torch.no_grad():
+                pooled = PooledEmbedder(ctx["dense"]).eval()
+                emb = torch.nn.functional.normalize(torch.cat([pooled(**b) for b in train]), dim=-1)
+            base_aux = aux
+            aux = lambda s, t: (base_aux(s, t) if base_aux else 0) + bank * bank_nce(s, t, emb)  # noqa: E731
         torch.manual_seed(ctx["seed"])
         t, c = time.time(), time.process_time()
         h = distill(wrap(student_model), wrap(ctx["dense"]), train, steps=steps, lr=lr, loss="cosine", progress=False,
@@ -178,6 +196,8 @@ VARIANTS = {
     "E3:C+contrastive2": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=2.0),
     "X1:E2+2048sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048),
     "lora-reprune-X1": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048),
+    "X5:X1+400steps": recipe(layers="blocks", schedule="cosine", warmup=20, lr=4e-3, contrastive=0.5, n_train=2048, steps=400),
+    "X6:X1+bank0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, bank=0.5),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
     "X3:E2+relational10": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, rel=10.0),
     "E2:C+contrastive0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5),
@@ -201,7 +221,11 @@ def _mixed(n):
 
 
 #: the SparseGPT calibration of the 2:4 base every variant of a run starts from
-BASES = {"stdlib128": _stdlib128, "mixed512": _mixed(512), "mixed2048": _mixed(2048), "mixed512-refit": _mixed(512)}
+BASES = {"stdlib128": _stdlib128, "mixed512": _mixed(512), "mixed2048": _mixed(2048), "mixed512-refit": _mixed(512),
+         "mixed2048-refit": _mixed(2048), "mixed4096-refit": _mixed(4096), "mixed512-refit-damp0.1": _mixed(512),
+         "mixed2048-refit-damp0.003": _mixed(2048)}
+#: further SparseGPT options of a base (``percdamp``: the ridge toward the dense weights)
+BASE_PRUNE = {"mixed512-refit-damp0.1": dict(percdamp=0.1), "mixed2048-refit-damp0.003": dict(percdamp=0.003)}
 #: ``*-refit`` bases: SparseGPT then this many CG iterations re-solving the kept weights for the
 #: final mask (``sparselora.pruning.methods.refit_kept``); a LoRA re-prune uses the same
 REFIT_ITERS = 100
@@ -211,15 +235,15 @@ REFIT_ITERS = 100
 #: (:func:`sparselora.pruning.learned_masks.learn_masks`, trained in a copy of the dense model on
 #: 2048 mixed sentences, every block matched + contrastive 0.5 as the default restoration), then
 #: SparseGPT compensates and refits the kept weights for the learned masks
-LEARNED = {
-    "mixed512-refit-learned": dict(steps=300, lr=0.05, prior_strength=3.0, tau=(1.0, 0.05)),
-    "learned-priorsrc": dict(steps=300, lr=0.05, prior_strength=3.0, tau=(1.0, 0.05), source="prior"),
-    "learned-lr02": dict(steps=300, lr=0.02, prior_strength=3.0, tau=(1.0, 0.05)),
-    "learned-lr1": dict(steps=300, lr=0.1, prior_strength=3.0, tau=(1.0, 0.05)),
-    "learned-s1": dict(steps=300, lr=0.05, prior_strength=1.0, tau=(1.0, 0.05)),
-    "learned-s6": dict(steps=300, lr=0.05, prior_strength=6.0, tau=(2.0, 0.05)),
+LEARNED = {  # screened on seed 0 (eval_ood_bases.md); the Gumbel ones wandered off the prior
+    "mixed512-refit-learned": dict(steps=300, lr=0.05, prior_strength=3.0, tau=(1.0, 0.05), gumbel=True),
+    "learned-priorsrc": dict(steps=300, lr=0.05, prior_strength=3.0, tau=(1.0, 0.05), source="prior", gumbel=True),
+    "learned-det": dict(steps=120, lr=0.02, prior_strength=6.0, tau=(1.0, 0.05), source="prior", gumbel=False),
+    "learned-det3": dict(steps=150, lr=0.05, prior_strength=3.0, tau=(1.0, 0.05), source="prior", gumbel=False),
+    # the learned-mask base of the main table: 2048 calibration sentences, refit, then the above
+    "learned2048-det3": dict(steps=150, lr=0.05, prior_strength=3.0, tau=(1.0, 0.05), source="prior", gumbel=False),
 }
-BASES.update({k: _mixed(512) for k in LEARNED})
+BASES.update({k: _mixed(2048 if k.startswith("learned2048") else 512) for k in LEARNED})
 
 
 def learned_base(dense, tok, seed, prior, calib, prune_kw, opts):
@@ -283,6 +307,8 @@ DISPLAY = {
     "E3:C+contrastive2": "+ SparseLoRA, blocks + contrastive 2.0, 512 sentences",
     "F4:C+r128-lr1.4e-3": "+ SparseLoRA, blocks, rank 128 (lr 1.4e-3), 512 sentences",
     "X3:E2+relational10": "+ SparseLoRA, blocks + contrastive 0.5 + similarity-matrix matching (10), 512 sentences",
+    "X5:X1+400steps": recipe(layers="blocks", schedule="cosine", warmup=20, lr=4e-3, contrastive=0.5, n_train=2048, steps=400),
+    "X6:X1+bank0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, bank=0.5),
     "X4:E2+4096sents": "+ SparseLoRA, blocks + contrastive 0.5, 4096 sentences",
     "lora-reprune-X1": "+ ordinary LoRA, same recipe and data as the default, merged, re-pruned by SparseGPT",
     "sparselora-v0": "+ SparseLoRA, previous recipe (stdlib text, final-output cosine, lr 2e-3 constant), merged",
@@ -328,6 +354,24 @@ def readme_table(table: list[dict]) -> list[str]:
     return lines
 
 
+def across_bases(args) -> int:
+    """A screening table: every (base, variant) of the log for the given seeds, mean over them."""
+    rows = [json.loads(x) for x in Path(args.log).read_text().splitlines()]
+    cols = ["cos_mixed", "cos_p10", "acc1", "mrr", "nn_agree", "mask_changed", "mask_learn_cpu_s", "train_cpu_s"]
+    out = []
+    for base in args.across_bases:
+        for v in args.variants:
+            rs = [r for r in rows if r.get("base", "stdlib128") == base and r["variant"] == v and r["seed"] in args.seeds]
+            if rs:
+                out.append({"base": base, "variant": v, "seeds": len(rs),
+                            **{c: statistics.mean(r[c] for r in rs) for c in cols if all(c in r for r in rs)}})
+    summary = {"model": "all-MiniLM-L6-v2, all 37 Linears 2:4", "bases": "see BASES / BASE_PRUNE / LEARNED in eval_ood.py",
+               "seeds": args.seeds, "threads": args.threads}
+    jpath, mpath = write_results(args.name, out, ["base", "variant", "seeds", *cols], summary)
+    print("wrote", jpath, mpath)
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="out-of-domain restoration quality on all-MiniLM-L6-v2 (CPU)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -338,7 +382,11 @@ def main(argv=None):
     ap.add_argument("--log", default=str(RESULTS / "eval_ood.jsonl"))
     ap.add_argument("--name", default="eval_ood", help="results file stem under benchmarks/results/")
     ap.add_argument("--base", default="mixed512", choices=sorted(BASES), help="SparseGPT calibration of the 2:4 base")
+    ap.add_argument("--across-bases", nargs="+", metavar="BASE", choices=sorted(BASES),
+                    help="only write <name>.md: one row per (base, variant) measured in the log for --seeds")
     args = ap.parse_args(argv)
+    if args.across_bases:
+        return across_bases(args)
     torch.set_num_threads(args.threads)
 
     from sparselora.eval_text import Evaluator, build_eval
@@ -360,7 +408,8 @@ def main(argv=None):
         print(f"seed {seed}: eval set ready in {time.time() - t:.0f}s", flush=True)
         calib = BASES[args.base](tok, seed)
         pruned = copy.deepcopy(dense)
-        prune_kw = {"refit_iters": REFIT_ITERS} if args.base.endswith("-refit") or args.base in LEARNED else {}
+        prune_kw = {"refit_iters": REFIT_ITERS} if "-refit" in args.base or args.base in LEARNED else {}
+        prune_kw.update(BASE_PRUNE.get(args.base, {}))
         prune_24(pruned, "sparsegpt", calib, **prune_kw)
         base_extra = {}
         if args.base in LEARNED:

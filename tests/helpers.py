@@ -103,3 +103,16 @@ def random_24(n, k, dtype=torch.float32, device="cpu", bias=True):
 def poisoned(shape, dtype, device="cpu"):
     """An output buffer of NaN: any element a kernel fails to write fails the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+class OneLinear(torch.nn.Module):
+    """``lin(x)``: one bias-free Linear holding ``w`` (a model for per-layer pruning tests)."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(w)
+
+    def forward(self, x):
+        return self.lin(x)

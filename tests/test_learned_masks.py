@@ -11,21 +11,25 @@ from sparselora.pruning.learned_masks import candidate_patterns, learn_masks, pr
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class Net(nn.Module):
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        self.lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-        with torch.no_grad():
-            self.lin.weight.copy_(w)
-
-    def forward(self, x):
-        return self.lin(x)
+from helpers import OneLinear as Net
 
 
 def _nm(rows, cols, n=2, m=4):
     keep = torch.zeros(rows, cols // m, m, dtype=torch.bool)
     keep.scatter_(2, torch.rand(rows, cols // m, m).topk(n, dim=2).indices, True)
     return keep.reshape(rows, cols)
+
+
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_learning_moves_a_wrong_prior_to_the_right_mask_both_relaxations(gumbel, seed):
+    rows, cols = 8, 32
+    w = torch.randn(rows, cols)
+    truth = _nm(rows, cols)
+    batches = [{"x": torch.randn(32, cols)} for _ in range(4)]
+    res = learn_masks(Net(w), Net(w * truth), {"lin": ~truth}, batches, steps=150, lr=0.1, prior_strength=1.0, loss="mse",
+                      gumbel=gumbel, progress=False)
+    got = res["masks"]["lin"]
+    assert ((w * got - w * truth) ** 2).sum() <= 0.02 * ((w * ~truth - w * truth) ** 2).sum()
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])

@@ -7,6 +7,8 @@ from sparselora.families import custom_family
 from sparselora.format import SparsityError, check_nm
 from sparselora.pruning import magnitude_mask, parse_pattern, prune, sparsegpt_prune
 
+from helpers import OneLinear
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ----------------------------------------------------------------------------- references
@@ -96,15 +98,6 @@ def test_sparsegpt_float32_close_to_float64_reference(seed):
 
 # ----------------------------------------------------------------------------- Wanda / magnitude
 
-class OneLinear(nn.Module):
-    def __init__(self, w):
-        super().__init__()
-        self.lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-        with torch.no_grad():
-            self.lin.weight.copy_(w)
-
-    def forward(self, x):
-        return self.lin(x)
 
 def test_wanda_hand_checked():
     # |W| * ||x_j||: x has column norms [0.1, 10, 1, 2] (one token), so
