@@ -166,3 +166,21 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch):
     ns = {}
     exec(compile(layer[0], "README.md", "exec"), ns)
     assert ns["y"].shape == (8, 4096) and torch.isfinite(ns["y"]).all()
+
+
+def test_readme_learned_masks_example_runs(tmp_path, monkeypatch):
+    """The learned-mask example: the pruned model carries exactly the learned 2:4 masks."""
+    from sparselora.format import check_nm
+
+    blocks = [b for b in _python_blocks((ROOT / "README.md").read_text()) if "learn_masks(" in b]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    masks, pruned = ns["learned"]["masks"], ns["pruned"]
+    assert masks and set(masks) == set(ns["priors"])
+    for name, keep in masks.items():
+        lin = pruned.get_submodule(name)
+        assert torch.equal(lin.sparse_mask, keep) and not lin.weight[~keep].any(), name
+        check_nm(lin.weight, name=name)
