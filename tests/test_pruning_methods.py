@@ -291,7 +291,7 @@ def test_prune_with_given_masks(seed):
                 torch.testing.assert_close(lin.weight, dense * given[name])
             else:  # compensated: the kept weights moved
                 assert not torch.equal(lin.weight, dense * given[name])
-        assert method == "sparsegpt" or all("given" in r.method for r in report.rows)
+        assert all(r.method == f"{method}(given mask)" for r in report.rows), [r.method for r in report.rows]
 
 
 @pytest.mark.parametrize("masks,match", [

@@ -176,6 +176,8 @@ def prune(
             else:
                 new, keep = sparsegpt_prune(w, stats.hessian, t.pattern, percdamp=percdamp, blocksize=blocksize, name=name,
                                             refit_iters=refit_iters, keep=given)
+                if given is not None:
+                    label = f"{label}(given mask)"
             apply_mask(t.module, keep, new)
             rows[name] = LayerRow(name, t.part, label, str(t.pattern), t.pattern.sparsity, (~keep).sum().item() / keep.numel(), tuple(w.shape),
                                   time.perf_counter() - t0)
