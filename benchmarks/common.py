@@ -14,6 +14,7 @@ launches, i.e. max(GPU time, CPU launch overhead); it says what an un-graphed ca
 from __future__ import annotations
 
 import datetime as _dt
+import argparse
 import json
 import os
 import platform
@@ -221,3 +222,18 @@ def time_rotating(make_copy, graph: bool = True, eager: bool = True, cold: bool 
         res["cold_us"] = cold_single_us(first, l2)
     del calls, first
     return res
+
+
+def per_call_us(make_copy) -> float:
+    """:func:`time_rotating`'s CUDA-graph per-call time in us (its eager time if capture failed)."""
+    t = time_rotating(make_copy)
+    return t.get("graph_us", t["eager_us"])
+
+
+def tuning_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every ``tune_*`` script shares: ``--quick``, ``--dtype``, ``--no-write-table``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--no-write-table", action="store_true", help="only write benchmarks/results")
+    return ap

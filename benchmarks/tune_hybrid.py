@@ -23,7 +23,6 @@ the hybrid backend picks lost to dense), and writes
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DECODE_M, PREFILL_M, SHAPES, TOKENS, device_info, time_rotating, geomean, write_results  # noqa: E402
+from common import DECODE_M, PREFILL_M, SHAPES, TOKENS, device_info, per_call_us, tuning_parser, geomean, write_results  # noqa: E402
 
 from sparselora.backends import get_backend  # noqa: E402
 from sparselora.backends import cusparselt_backend as cb  # noqa: E402
@@ -47,18 +46,8 @@ def random_24(n, k, dtype):
     return (w * nm_mask(w.abs())).to(dtype)
 
 
-def _time(make) -> float:
-    """Graph-timed per-call us over rotating copies built by ``make`` (eager if capture fails)."""
-    t = time_rotating(make)
-    return t.get("graph_us", t["eager_us"])
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 shapes x 4 token counts")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--no-write-table", action="store_true", help="only write benchmarks/results")
-    args = ap.parse_args(argv)
+    args = tuning_parser(__doc__, "3 shapes x 4 token counts").parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_hybrid: needs a CUDA device")
     if cb.extension_error():
@@ -84,9 +73,9 @@ def main(argv=None):
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 row = {"model": model, "layer": layer, "N": n, "K": k, "M": m}
-                row["dense_us"] = _time(lambda: (lambda wc: lambda: F.linear(x, wc))(w.clone()))
-                row["cusparselt_us"] = _time(lambda: (lambda c: lambda: cb.cslt_linear(x, c, n, k))(comp.clone()))
-                row["triton_us"] = None if triton_why else _time(
+                row["dense_us"] = per_call_us(lambda: (lambda wc: lambda: F.linear(x, wc))(w.clone()))
+                row["cusparselt_us"] = per_call_us(lambda: (lambda c: lambda: cb.cslt_linear(x, c, n, k))(comp.clone()))
+                row["triton_us"] = None if triton_why else per_call_us(
                     lambda: (lambda v, mt: lambda: sparse24_linear(x, v, mt))(packed.values.clone(), packed.meta.clone()))
                 row["cusparselt_speedup"] = row["dense_us"] / row["cusparselt_us"]
                 if row["triton_us"]:

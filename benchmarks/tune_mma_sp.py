@@ -16,7 +16,6 @@ a mismatch is recorded and counts as a loss. Writes
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,22 +25,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DECODE_M, PREFILL_M, RESULTS, SHAPES, TOKENS, device_info, geomean, time_rotating, write_results  # noqa: E402
+from common import DECODE_M, PREFILL_M, RESULTS, SHAPES, TOKENS, device_info, geomean, per_call_us, tuning_parser, write_results  # noqa: E402
 
 MAX_REL_ERR = 1e-2
 
 
-def _time(make) -> float:
-    t = time_rotating(make)
-    return t.get("graph_us", t["eager_us"])
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 shapes x M in {1, 16, 64, 4096}")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--no-write-table", action="store_true", help="only write benchmarks/results")
-    args = ap.parse_args(argv)
+    args = tuning_parser(__doc__, "3 shapes x M in {1, 16, 64, 4096}").parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_mma_sp: needs a CUDA device")
     from sparselora.backends import mma_sp_backend as mb
@@ -73,8 +63,8 @@ def main(argv=None):
                 y = mb.mma_sp_linear(x, gpu.values, gpu.meta, None, n)
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 row = {"model": model, "layer": layer, "N": n, "K": k, "M": m, "rel_err": err,
-                       "dense_us": _time(lambda: (lambda wc: lambda: F.linear(x, wc))(w.clone())),
-                       "mma_sp_us": _time(lambda: (lambda v, mt: lambda: mb.mma_sp_linear(x, v, mt, None, n))(
+                       "dense_us": per_call_us(lambda: (lambda wc: lambda: F.linear(x, wc))(w.clone())),
+                       "mma_sp_us": per_call_us(lambda: (lambda v, mt: lambda: mb.mma_sp_linear(x, v, mt, None, n))(
                            gpu.values.clone(), gpu.meta.clone()))}
                 row["speedup"] = row["dense_us"] / row["mma_sp_us"]
                 # split-K across CTAs: the launcher's choice as its Python mirror predicts it (shared
@@ -83,7 +73,7 @@ def main(argv=None):
                 cfg = choose_config(m, n, arch)
                 row["splits"] = choose_splits(cfg, m, n, k, sms, arch) if isinstance(cfg, TileConfig) else 1
                 if row["splits"] > 1:
-                    row["mma_sp_nosplit_us"] = _time(lambda: (lambda v, mt: lambda: mb.mma_sp_linear(x, v, mt, None, n, -1, 1))(
+                    row["mma_sp_nosplit_us"] = per_call_us(lambda: (lambda v, mt: lambda: mb.mma_sp_linear(x, v, mt, None, n, -1, 1))(
                         gpu.values.clone(), gpu.meta.clone()))
                     row["split_gain"] = row["mma_sp_nosplit_us"] / row["mma_sp_us"]
                 row["ok"] = err <= MAX_REL_ERR
