@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memprobe import MiB, build_llava, llava_config, run_child  # noqa: E402  (no torch import: see memprobe)
+from memprobe import MiB, build_in_child, build_llava, llava_config, run_child, safetensors_bytes  # noqa: E402  (no torch import: see memprobe)
 
 
 def llava_1b_config():
@@ -127,10 +126,6 @@ def measure(kind: str, path: Path, device: str) -> dict:
     return run_child(_CHILD, kind, str(path), device, what=f"{kind} load")
 
 
-def _dir_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.iterdir() if f.suffix == ".safetensors")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, required=True, help="where the checkpoints go (~3.5 GB)")
@@ -142,15 +137,13 @@ def main(argv=None) -> int:
     if args.build_only:
         build(args.workdir)
         return 0
-    # build in a child: this process must stay small, since a child's ru_maxrss starts from its
-    # parent's peak (Linux keeps it across fork and exec); the loads report VmHWM as well
-    subprocess.run([sys.executable, __file__, "--workdir", str(args.workdir), "--build-only"], check=True)
+    build_in_child(__file__, args.workdir)  # the loads report VmHWM as well
     dirs = {k: args.workdir / k for k in ("dense", "packed_hf", "packed_single")}
     dirs["old_path"] = dirs["packed_single"]
     rows = []
     for kind in args.kinds:
         m = measure(kind, dirs[kind], args.device)
-        m["checkpoint_bytes"] = _dir_bytes(dirs[kind])
+        m["checkpoint_bytes"] = safetensors_bytes(dirs[kind])
         rows.append(m)
         print(f"{kind:14s} checkpoint {m['checkpoint_bytes'] / MiB:7.0f} MiB  peak RSS {m['peak_rss'] / MiB:7.0f} MiB "
               f"(+{(m['peak_rss'] - m['rss_before']) / MiB:.0f} over imports), resident {m['peak_rss_resident'] / MiB:.0f} MiB "

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memprobe import MiB, build_llava, llava_config, run_child  # noqa: E402  (no torch import: see memprobe)
+from memprobe import MiB, build_in_child, build_llava, llava_config, run_child, safetensors_bytes  # noqa: E402  (no torch import: see memprobe)
 
 
 def llava_half_b_config():
@@ -105,9 +104,9 @@ def main(argv=None) -> int:
     if args.build_only:
         build(args.workdir)
         return 0
-    subprocess.run([sys.executable, __file__, "--workdir", str(args.workdir), "--build-only"], check=True)
+    build_in_child(__file__, args.workdir)
     dense = args.workdir / "dense"
-    ckpt = sum(f.stat().st_size for f in dense.iterdir() if f.suffix == ".safetensors")
+    ckpt = safetensors_bytes(dense)
     rows = []
     for kind in args.kinds:
         m = measure(kind, dense, args.calib_batches)

@@ -100,3 +100,15 @@ def run_child(script: str, *args: str, what: str = "run", timeout: float = 3600)
     if r.returncode or line is None:
         raise RuntimeError(f"{what}: failed (status {r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def build_in_child(script: str, workdir: Path) -> None:
+    """Run ``script --workdir WORKDIR --build-only`` in a child process. The measuring process
+    must stay small: a child's ru_maxrss starts from its parent's peak (Linux keeps it across
+    fork and exec), so building the checkpoints here would inflate every later reading."""
+    subprocess.run([sys.executable, script, "--workdir", str(workdir), "--build-only"], check=True)
+
+
+def safetensors_bytes(d: Path) -> int:
+    """Bytes of the ``*.safetensors`` files directly in ``d`` (a checkpoint's weights on disk)."""
+    return sum(f.stat().st_size for f in Path(d).iterdir() if f.suffix == ".safetensors")
