@@ -116,3 +116,17 @@ class OneLinear(torch.nn.Module):
 
     def forward(self, x):
         return self.lin(x)
+
+
+def pruned_mlp(first: torch.nn.Linear, second: torch.nn.Linear) -> torch.nn.Sequential:
+    """``first``-ReLU-``second`` with both layers magnitude-pruned to 2:4 in place (``sparse_mask``
+    attached, as ``prune`` leaves them)."""
+    from sparselora.format import nm_mask
+
+    model = torch.nn.Sequential(first, torch.nn.ReLU(), second)
+    for lin in (model[0], model[2]):
+        mask = nm_mask(lin.weight.detach().abs())
+        with torch.no_grad():
+            lin.weight.mul_(mask)
+        lin.register_buffer("sparse_mask", mask, persistent=False)
+    return model

@@ -17,13 +17,12 @@ from sparselora.backends import base as backend_base
 from sparselora.backends import mma_sp_policy, speed
 from sparselora.backends.base import DeviceProfile, SpeedVerdict
 from sparselora.backends.mma_sp_backend import DTYPES, MmaSpBackend
-from sparselora.format import nm_mask
 from sparselora.gpu_layout import to_gpu_layout
 from sparselora.format import pack_24
 from sparselora.memory import resident_bytes
 from sparselora.patch import sparsify
 
-from helpers import assert_linear
+from helpers import assert_linear, pruned_mlp
 
 H200 = "NVIDIA H200"
 BIG, SMALL = (128, 256), (64, 128)  # N x K; the prior's size bound is lowered to 2^14 between them
@@ -53,13 +52,7 @@ def _write_table(folder, shapes, device=H200):
 
 
 def _model(seed_dtype=torch.bfloat16):
-    model = nn.Sequential(nn.Linear(BIG[1], BIG[0]), nn.ReLU(), nn.Linear(SMALL[1], SMALL[0])).to(seed_dtype)
-    for lin in (model[0], model[2]):
-        mask = nm_mask(lin.weight.detach().abs())
-        with torch.no_grad():
-            lin.weight.mul_(mask)
-        lin.register_buffer("sparse_mask", mask, persistent=False)
-    return model
+    return pruned_mlp(nn.Linear(BIG[1], BIG[0], dtype=seed_dtype), nn.Linear(SMALL[1], SMALL[0], dtype=seed_dtype))
 
 
 # -- the verdict alone -------------------------------------------------------------------------

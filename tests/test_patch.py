@@ -13,7 +13,7 @@ from sparselora.format import SparsityError, nm_mask
 from sparselora.patch import SparsifyReport, sparse_layers, sparsify, unsparsify
 from sparselora.tiny_models import BUILDERS, build, example_inputs
 
-from helpers import REL_TOL, assert_close, assert_linear
+from helpers import REL_TOL, assert_close, assert_linear, pruned_mlp
 
 
 def prune_24(model, parts=("vision", "language", "projector")):
@@ -274,13 +274,7 @@ class _SlowerThanDenseAt(_Only64):
 
 def _pruned_mlp(first=None, second=None):
     """Linear-ReLU-Linear with both layers magnitude-pruned to 2:4 (``sparse_mask`` attached)."""
-    model = nn.Sequential(first or nn.Linear(64, 64), nn.ReLU(), second or nn.Linear(64, 128))
-    for lin in (model[0], model[2]):
-        mask = nm_mask(lin.weight.detach().abs())
-        with torch.no_grad():
-            lin.weight.mul_(mask)
-        lin.register_buffer("sparse_mask", mask, persistent=False)
-    return model
+    return pruned_mlp(first or nn.Linear(64, 64), second or nn.Linear(64, 128))
 
 
 def test_auto_leaves_dense_where_measurements_say_dense_is_faster(seed):
