@@ -130,3 +130,12 @@ def pruned_mlp(first: torch.nn.Linear, second: torch.nn.Linear) -> torch.nn.Sequ
             lin.weight.mul_(mask)
         lin.register_buffer("sparse_mask", mask, persistent=False)
     return model
+
+
+def odd_layout_inputs(k: int, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs a kernel must read through their strides: transposed storage (inner stride != 1,
+    ``rows`` rows), a column slice of a wider tensor (row stride != K, 6 rows) and a 3-D batch of 6."""
+    xt = torch.randn(k, rows, dtype=torch.float64).to(dtype).T
+    wide = torch.randn(6, k + 12, dtype=torch.float64).to(dtype)[:, 4:4 + k]
+    batch = torch.randn(2, 3, k, dtype=torch.float64).to(dtype)
+    return xt, wide, batch

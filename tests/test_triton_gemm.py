@@ -11,7 +11,7 @@ fails. GPU tests (skipped only without CUDA) run the same through ``SparseLinear
 import pytest
 import torch
 
-from helpers import assert_close, assert_linear, assert_matmul, poisoned, random_24
+from helpers import assert_close, assert_linear, assert_matmul, odd_layout_inputs, poisoned, random_24
 from sparselora.format import SparsityError, pack_24
 from sparselora.triton_kernels.sparse24_gemm import sparse24_linear_triton, sparse24_matmul_t_triton
 
@@ -52,11 +52,7 @@ def test_linear_noncontiguous_and_batched_inputs(seed, dtype):
     n, k = 40, 72
     w, _, b = random_24(n, k, dtype)
     p = pack_24(w)
-    # transposed storage (inner stride != 1), a column slice (row stride != K), a 3-D batch
-    xt = torch.randn(k, 9, dtype=torch.float64).to(dtype).T
-    wide = torch.randn(6, k + 12, dtype=torch.float64).to(dtype)[:, 4:4 + k]
-    batch = torch.randn(2, 3, k, dtype=torch.float64).to(dtype)
-    for x in (xt, wide, batch):
+    for x in odd_layout_inputs(k, dtype, rows=9):
         assert not x.is_contiguous() or x.dim() == 3
         for split_k in (None, 1):
             y = sparse24_linear_triton(x, p.values, p.meta, b, split_k=split_k)

@@ -12,7 +12,7 @@ decode shapes (skipped only without CUDA).
 import pytest
 import torch
 
-from helpers import assert_linear, assert_matmul, poisoned, random_24
+from helpers import assert_linear, assert_matmul, odd_layout_inputs, poisoned, random_24
 from sparselora.format import pack_24
 from sparselora.triton_kernels.sparse24_gemv import GEMV_MAX_M, sparse24_gemv_triton
 
@@ -98,11 +98,7 @@ def test_gemv_noncontiguous_and_batched_inputs(seed, dtype):
     n, k = 20, 72
     w, _, b = random_24(n, k, dtype)
     p = pack_24(w)
-    # transposed storage (inner stride != 1), a column slice (row stride != K), a 3-D batch of 6
-    xt = torch.randn(k, 4, dtype=torch.float64).to(dtype).T
-    wide = torch.randn(6, k + 12, dtype=torch.float64).to(dtype)[:, 4:4 + k]
-    batch = torch.randn(2, 3, k, dtype=torch.float64).to(dtype)
-    for x in (xt, wide, batch):
+    for x in odd_layout_inputs(k, dtype, rows=4):
         assert not x.is_contiguous() or x.dim() == 3
         for split_k in (1, 3):
             y = sparse24_gemv_triton(x, p.values, p.meta, b, split_k=split_k)
