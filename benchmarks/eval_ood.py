@@ -19,6 +19,11 @@ default 512 mixed calibration sentences in batches of 16; budget: same steps, ba
   * ``sparselora-v0`` / ``lora-reprune-v0`` — the first round's recipe (benchmarks/quality_sparselora.py)
   * further variants (the ladder and what was screened): see ``VARIANTS``; ``MAIN`` is the default set
 The seed draws the evaluation sentences/pairs, the training sentences and the adapter init.
+
+Bases (``--base``): ``mixed512`` (default), ``mixed2048`` / ``mixed4096`` (more calibration text),
+``*-refit`` (the kept-weight refit after SparseGPT), ``*-damp*`` (another SparseGPT dampening),
+``learned*`` (masks learned from the refit base's, :func:`learned_base`). ``--across-bases B...``
+writes one screening table of every (base, variant) the log holds for ``--seeds``.
 """
 from __future__ import annotations
 
@@ -223,9 +228,10 @@ def _mixed(n):
 #: the SparseGPT calibration of the 2:4 base every variant of a run starts from
 BASES = {"stdlib128": _stdlib128, "mixed512": _mixed(512), "mixed2048": _mixed(2048), "mixed512-refit": _mixed(512),
          "mixed2048-refit": _mixed(2048), "mixed4096-refit": _mixed(4096), "mixed512-refit-damp0.1": _mixed(512),
-         "mixed2048-refit-damp0.003": _mixed(2048)}
+         "mixed2048-refit-damp0.003": _mixed(2048), "mixed2048-refit-damp0.1": _mixed(2048)}
 #: further SparseGPT options of a base (``percdamp``: the ridge toward the dense weights)
-BASE_PRUNE = {"mixed512-refit-damp0.1": dict(percdamp=0.1), "mixed2048-refit-damp0.003": dict(percdamp=0.003)}
+BASE_PRUNE = {"mixed512-refit-damp0.1": dict(percdamp=0.1), "mixed2048-refit-damp0.003": dict(percdamp=0.003),
+              "mixed2048-refit-damp0.1": dict(percdamp=0.1)}
 #: ``*-refit`` bases: SparseGPT then this many CG iterations re-solving the kept weights for the
 #: final mask (``sparselora.pruning.methods.refit_kept``); a LoRA re-prune uses the same
 REFIT_ITERS = 100
