@@ -441,7 +441,7 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
             done.append(row)
     rows = [r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds]
-    table = summarize(rows)
+    table = sorted(summarize(rows), key=lambda r: args.variants.index(r["variant"]))
     metrics = ["cos_mixed", *(f"cos_{d}" for d in EVAL_DOMAINS), "cos_p10", "acc1", "acc1_vs_dense", "mrr", "nn_agree",
                "train_s", "train_cpu_s"]
     for r in table:  # the markdown cells: mean ± sample standard deviation over the seeds

@@ -10,6 +10,13 @@ nearest-neighbour order that cosine matching alone loses. Feed it varied data, a
 examples as the steps can visit: 2048 distinct sentences beat 512 cycled at the same cost
 (:func:`sparselora.text_sources.calibration_texts` mixes several sources). What it does not do
 there: recover the labelled retrieval task lost by one-shot 2:4 pruning (see the README).
+
+What it starts from matters as much: SparseGPT calibrated on ~2048 varied sentences (not 512) and
+followed by the kept-weight refit (``prune(..., refit_iters=100)``) gave the best restored model
+measured (held-out cosine 0.900 over 3 seeds, against 0.881 from the plain 512-sentence base).
+The better the base, the less the restore adds (+0.034 on the plain base, +0.014 on that one).
+Masks learned end to end before restoring (:mod:`sparselora.pruning.learned_masks`) raised the
+one-shot model slightly, but not the restored one.
 """
 from __future__ import annotations
 

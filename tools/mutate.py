@@ -225,6 +225,14 @@ MUTANTS = [
            "sparselora/distill.py", "return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))",
            "return F.cross_entropy(logits, target)",
            ("tests/test_distill_layers.py::test_info_nce_against_float64_and_order",)),
+    Mutant("sparsegpt-given-mask-ignored", "pruning", "SparseGPT chooses its own N:M groups even when given a mask",
+           "sparselora/pruning/methods.py", "            if p.is_nm and given is None and i % p.m == 0:",
+           "            if p.is_nm and i % p.m == 0:",
+           ("tests/test_pruning_methods.py::test_sparsegpt_compensates_for_a_given_mask",)),
+    Mutant("learned-mask-gradient-reversed", "pruning", "the learned-mask candidates mix with reversed weights (1 - p)",
+           "sparselora/pruning/learned_masks.py", "        return (p.to(self.source.dtype) @ self.cand).reshape(rows, -1)",
+           "        return ((1 - p).to(self.source.dtype) @ self.cand / (p.shape[-1] - 1)).reshape(rows, -1)",
+           ("tests/test_learned_masks.py::test_learning_moves_a_wrong_prior_to_the_right_mask",)),
 ]
 
 

@@ -19,7 +19,10 @@ Measured (all-MiniLM-L6-v2, ``benchmarks/eval_ood.py``, seed-0 screening in
 ``benchmarks/results/eval_ood_bases.md``): with Gumbel sampling at prior strength 3 the masks
 wandered (36 % of groups changed in 300 steps) and the model got worse (held-out cosine 0.878 →
 0.784); the plain softmax relaxation (``gumbel=False``, 150 steps, lr 0.05) changed ~3.7 % of the
-groups and gained +0.003-0.004 one-shot. Small, but on top of everything else.
+groups and gained +0.003-0.004 one-shot on each of 3 seeds (2048-sentence refit SparseGPT prior);
+after SparseLoRA restoration the learned-mask model ended 0.001-0.002 *below* the one restored on
+SparseGPT's masks (the mask learning and the restoration use the same signal), so restoration's
+default path does not use it.
 """
 from __future__ import annotations
 
