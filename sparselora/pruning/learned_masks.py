@@ -61,8 +61,8 @@ def prior_logits(keep: torch.Tensor, pattern: Pattern, strength: float) -> torch
 
 
 class _SoftMaskLinear(nn.Module):
-    """A Linear whose weight is ``source ⊙ mask``; in training the mask is a Gumbel-softmax mix
-    of the candidate patterns, in eval the argmax pattern."""
+    """A Linear whose weight is ``source ⊙ mask``; in training the mask is a softmax mix of the
+    candidate patterns (of Gumbel-perturbed logits if ``gumbel``), in eval the argmax pattern."""
 
     def __init__(self, lin: nn.Linear, source: torch.Tensor, logits: torch.Tensor, pattern: Pattern):
         super().__init__()
@@ -71,7 +71,7 @@ class _SoftMaskLinear(nn.Module):
         self.mask_logits = nn.Parameter(logits)
         self.register_buffer("cand", candidate_patterns(pattern.n, pattern.m, logits.device).to(source.dtype), persistent=False)
         self.tau = 1.0
-        self.gumbel = True
+        self.gumbel = False
 
     def mask(self) -> torch.Tensor:
         rows = self.source.shape[0]
@@ -101,7 +101,7 @@ def learn_masks(model: nn.Module, teacher: nn.Module, priors: Mapping[str, torch
     named ``nn.Linear`` is swapped, for the run only, for one whose weight is ``source ⊙ mask``
     (``sources[name]`` or, by default, its own weight) and restored untouched afterwards.
     ``priors[name]``: the starting keep mask (bool, the layer's shape, exactly N:M), whose pattern
-    gets logit ``prior_strength`` (:func:`prior_logits`). The Gumbel temperature falls
+    gets logit ``prior_strength`` (:func:`prior_logits`). The softmax temperature falls
     geometrically from ``tau[0]`` to ``tau[1]``; ``gumbel=True`` samples the relaxed mask as
     MaskLLM does, the default is the plain softmax relaxation (no sampling noise, which measured
     better at this budget: module docstring); the logits train by AdamW at ``lr``;
