@@ -143,10 +143,9 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
     def run(ctx):
         from sparselora.distill import distill, info_nce
         from sparselora.lora import add_sparse_lora, merge_sparse_lora
-        from sparselora.text_sources import calibration_texts
 
         if data == "mixed":
-            train = batches(ctx["tok"], calibration_texts(n_train, seed=ctx["seed"]))
+            train = _mixed(n_train)(ctx["tok"], ctx["seed"])
         else:
             train = _v0_data(ctx)
         model = copy.deepcopy(ctx["pruned"])
@@ -161,14 +160,18 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         names = layers
         if layers == "blocks+attn":
             names = [f"encoder.layer.{i}" for i in range(6)] + [f"encoder.layer.{i}.attention" for i in range(6)]
-        wrap = PooledEmbedder if contrastive or rel or bank else Embedder
-        aux = (lambda s, t: contrastive * info_nce(s, t) + (rel * relational(s, t) if rel else 0)) if contrastive or rel else None
+        terms = []  # sentence-level terms on the pooled embeddings, each fn(student, teacher)
+        if contrastive:
+            terms.append(lambda s, t: contrastive * info_nce(s, t))
+        if rel:
+            terms.append(lambda s, t: rel * relational(s, t))
         if bank:
             with torch.no_grad():
                 pooled = PooledEmbedder(ctx["dense"]).eval()
                 emb = torch.nn.functional.normalize(torch.cat([pooled(**b) for b in train]), dim=-1)
-            base_aux = aux
-            aux = lambda s, t: (base_aux(s, t) if base_aux else 0) + bank * bank_nce(s, t, emb)  # noqa: E731
+            terms.append(lambda s, t: bank * bank_nce(s, t, emb))
+        wrap = PooledEmbedder if terms else Embedder
+        aux = (lambda s, t: sum(f(s, t) for f in terms)) if terms else None
         torch.manual_seed(ctx["seed"])
         t, c = time.time(), time.process_time()
         h = distill(wrap(student_model), wrap(ctx["dense"]), train, steps=steps, lr=lr, loss="cosine", progress=False,
@@ -257,7 +260,6 @@ def learned_base(dense, tok, seed, prior, calib, prune_kw, opts):
     fresh copy of ``dense`` pruned by SparseGPT for those masks (same ``prune_kw``)."""
     from sparselora.distill import info_nce
     from sparselora.pruning.learned_masks import learn_masks
-    from sparselora.text_sources import calibration_texts
 
     opts = dict(opts)
     source = opts.pop("source", "dense")
@@ -267,7 +269,7 @@ def learned_base(dense, tok, seed, prior, calib, prune_kw, opts):
     if source == "prior":  # the prior's compensated weights where it keeps, the dense ones elsewhere
         sources = {f"bert.{n}": torch.where(k, prior.get_submodule(n).weight, dense.get_submodule(n).weight).detach()
                    for n, k in priors.items()}
-    train = batches(tok, calibration_texts(2048, seed=seed))
+    train = _mixed(2048)(tok, seed)
     torch.manual_seed(seed)
     t, c = time.time(), time.process_time()
     res = learn_masks(PooledEmbedder(work), PooledEmbedder(dense), {f"bert.{n}": k for n, k in priors.items()}, train,
@@ -313,8 +315,8 @@ DISPLAY = {
     "E3:C+contrastive2": "+ SparseLoRA, blocks + contrastive 2.0, 512 sentences",
     "F4:C+r128-lr1.4e-3": "+ SparseLoRA, blocks, rank 128 (lr 1.4e-3), 512 sentences",
     "X3:E2+relational10": "+ SparseLoRA, blocks + contrastive 0.5 + similarity-matrix matching (10), 512 sentences",
-    "X5:X1+400steps": recipe(layers="blocks", schedule="cosine", warmup=20, lr=4e-3, contrastive=0.5, n_train=2048, steps=400),
-    "X6:X1+bank0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, bank=0.5),
+    "X5:X1+400steps": "+ SparseLoRA, the default for embedding models with 400 steps instead of 200",
+    "X6:X1+bank0.5": "+ SparseLoRA, the default + InfoNCE 0.5 against a bank of all 2048 teacher embeddings",
     "X4:E2+4096sents": "+ SparseLoRA, blocks + contrastive 0.5, 4096 sentences",
     "lora-reprune-X1": "+ ordinary LoRA, same recipe and data as the default, merged, re-pruned by SparseGPT",
     "sparselora-v0": "+ SparseLoRA, previous recipe (stdlib text, final-output cosine, lr 2e-3 constant), merged",
