@@ -168,7 +168,7 @@ def prune(
                 label = "magnitude(no-calib)"
             given = masks.get(name)
             if given is not None and (method != "sparsegpt" or label.startswith("magnitude")):
-                keep, new, label = given.to(w.device), None, f"{label}(given mask)"
+                keep, new = given.to(w.device), None
             elif label.startswith("magnitude"):
                 keep, new = magnitude_mask(w, t.pattern, name), None
             elif method == "wanda":
@@ -176,8 +176,8 @@ def prune(
             else:
                 new, keep = sparsegpt_prune(w, stats.hessian, t.pattern, percdamp=percdamp, blocksize=blocksize, name=name,
                                             refit_iters=refit_iters, keep=given)
-                if given is not None:
-                    label = f"{label}(given mask)"
+            if given is not None:
+                label = f"{label}(given mask)"
             apply_mask(t.module, keep, new)
             rows[name] = LayerRow(name, t.part, label, str(t.pattern), t.pattern.sparsity, (~keep).sum().item() / keep.numel(), tuple(w.shape),
                                   time.perf_counter() - t0)
@@ -204,18 +204,7 @@ def _check_given_masks(masks, targets: dict[str, Target], ratios: str) -> dict:
     if unknown:
         raise SparsityError(f"prune: masks given for layers the strategy does not prune: {unknown[:3]}")
     for name, keep in masks.items():
-        t = targets[name]
-        shape = tuple(t.module.weight.shape)
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != shape:
-            raise SparsityError(f"prune: mask for {name} must be a torch.bool tensor of shape {shape}, got "
-                                f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
-        p = t.pattern
-        if p.is_nm:
-            counts = keep.reshape(shape[0], -1, p.m).sum(-1)
-            if not (counts == p.n).all():
-                raise SparsityError(f"prune: mask for {name} does not keep exactly {p.n} of every {p.m} weights")
-        elif abs((~keep).float().mean().item() - p.ratio) > 1.0 / keep.numel() + 1e-6:
-            raise SparsityError(f"prune: mask for {name} prunes {(~keep).float().mean().item():.4f}, the pattern asks {p.ratio}")
+        targets[name].pattern.check_keep(keep, targets[name].module.weight.shape, f"prune: mask for {name}", name)
     return dict(masks)
 
 

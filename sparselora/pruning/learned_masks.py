@@ -126,13 +126,7 @@ def learn_masks(model: nn.Module, teacher: nn.Module, priors: Mapping[str, torch
             lin = model.get_submodule(name)
             if not isinstance(lin, nn.Linear):
                 raise SparsityError(f"learn_masks: {name} is a {type(lin).__name__}, not an nn.Linear")
-            if keep.shape != lin.weight.shape or keep.dtype != torch.bool:
-                raise SparsityError(f"learn_masks: prior mask of {name} is {keep.dtype} {tuple(keep.shape)}, expected "
-                                    f"torch.bool {tuple(lin.weight.shape)}")
-            p.check_layer(tuple(keep.shape), name)
-            counts = keep.reshape(keep.shape[0], -1, p.m).sum(-1)
-            if not (counts == p.n).all():
-                raise SparsityError(f"learn_masks: prior mask of {name} does not keep exactly {p.n} of every {p.m}")
+            p.check_keep(keep, lin.weight.shape, f"learn_masks: prior mask of {name}", name)
             src = sources[name] if sources is not None else lin.weight
             if src.shape != lin.weight.shape:
                 raise SparsityError(f"learn_masks: source weight of {name} has shape {tuple(src.shape)}, expected {tuple(lin.weight.shape)}")

@@ -64,6 +64,20 @@ class Pattern:
                 f"the {self} pattern does not divide it; leave the layer dense (skip=[{name!r}]; on the command line --skip {name}) or use an unstructured ratio"
             )
 
+    def check_keep(self, keep, shape: tuple[int, ...], what: str, name: Optional[str] = None) -> None:
+        """Raise unless ``keep`` is a bool mask of ``shape`` that this pattern allows: exactly N of
+        every M for N:M, the pattern's ratio (to one element) otherwise. ``what`` names it in the error."""
+        shape = tuple(shape)
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != shape:
+            raise SparsityError(f"{what} is {getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}, "
+                                f"expected torch.bool of shape {shape}")
+        self.check_layer(shape, name)
+        if self.is_nm:
+            if not (keep.reshape(shape[0], -1, self.m).sum(-1) == self.n).all():
+                raise SparsityError(f"{what} does not keep exactly {self.n} of every {self.m} weights")
+        elif abs((~keep).float().mean().item() - self.ratio) > 1.0 / keep.numel() + 1e-6:
+            raise SparsityError(f"{what} prunes {(~keep).float().mean().item():.4f}, the pattern asks {self.ratio}")
+
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
