@@ -137,20 +137,61 @@ def bank_nce(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, tau: float = 
     return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long))
 
 
+def pair_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """A batch of ``[q_1..q_B, a_1..a_B]`` (adjacent-sentence pairs, :func:`_pairs`): the student's
+    in-batch retrieval distribution q -> a (and a -> q) must match the teacher's (KL at ``tau``)."""
+    F = torch.nn.functional
+    b = len(s) // 2
+    s, t = F.normalize(s.float(), dim=-1), F.normalize(t.float(), dim=-1)
+    ls, lt = s[:b] @ s[b:2 * b].T / tau, t[:b] @ t[b:2 * b].T / tau
+    kl = lambda x, y: F.kl_div(F.log_softmax(x, -1), F.log_softmax(y, -1), log_target=True, reduction="batchmean")  # noqa: E731
+    return 0.5 * (kl(ls, lt) + kl(ls.T, lt.T))
+
+
+def _pairs(n_pairs, per_batch=8):
+    """Batches of ``per_batch`` adjacent-sentence pairs from the calibration domains (round-robin,
+    disjoint adjacent pairs of each document, shuffled), tokenised as ``[queries, answers]``."""
+    def make(tok, seed):
+        import random
+
+        from sparselora.text_sources import CALIBRATION_DOMAINS, domain_docs
+
+        rng, pools = random.Random(f"pairs/{seed}"), []
+        for d in CALIBRATION_DOMAINS:
+            pool = [(s[i], s[i + 1]) for _, s in domain_docs(d) for i in range(0, len(s) - 1, 2)]
+            rng.shuffle(pool)
+            pools.append(pool)
+        pairs = [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)][:n_pairs]
+        return [dict(tok([q for q, _ in chunk] + [a for _, a in chunk], padding=True, truncation=True, max_length=MAX_LEN,
+                         return_tensors="pt", return_token_type_ids=False))
+                for chunk in (pairs[i: i + per_batch] for i in range(0, len(pairs), per_batch)) if len(chunk) == per_batch]
+    return make
+
+
 def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", warmup=0, lr=2e-3, steps=200, rank=16,
-           contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0, bank=0.0):
-    """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned."""
+           contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0, bank=0.0, norms=False, pairs=0.0):
+    """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned.
+    ``norms``: LayerNorm weights/biases and every Linear bias train beside the adapters (dense, tiny,
+    no effect on the masks). ``data='pairs'``: the training text is adjacent-sentence pairs
+    (:func:`_pairs`, as many sentences as ``n_train``); ``pairs``: :func:`pair_kl` at that weight."""
+    if pairs and data != "pairs":
+        raise ValueError("recipe: the pair term needs data='pairs'")
     def run(ctx):
         from sparselora.distill import distill, info_nce
-        from sparselora.lora import add_sparse_lora, merge_sparse_lora
+        from sparselora.lora import add_sparse_lora, lora_parameters, merge_sparse_lora
+        from sparselora.restore import restore
 
-        if data == "mixed":
+        if data == "pairs":
+            train = _pairs(n_train // 2)(ctx["tok"], ctx["seed"])
+        elif data == "mixed":
             train = _mixed(n_train)(ctx["tok"], ctx["seed"])
         else:
             train = _v0_data(ctx)
         model = copy.deepcopy(ctx["pruned"])
         if kind == "sparselora":
             add_sparse_lora(model, r=rank, alpha=2 * rank)
+            student_model = model
+        elif kind in ("masked-ft", "ft"):  # the kept weights train (gradient masked) / every weight trains, re-pruned after
             student_model = model
         else:
             from peft import LoraConfig, get_peft_model
@@ -170,17 +211,35 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
                 pooled = PooledEmbedder(ctx["dense"]).eval()
                 emb = torch.nn.functional.normalize(torch.cat([pooled(**b) for b in train]), dim=-1)
             terms.append(lambda s, t: bank * bank_nce(s, t, emb))
+        if pairs:
+            terms.append(lambda s, t: pairs * pair_kl(s, t))
+        params = None
+        if kind == "ft":
+            params = [model.get_submodule(n).weight for n in ctx["masks"]]
+        if norms:
+            params = (params or lora_parameters(student_model)) + [p for n, p in student_model.named_parameters()
+                                                       if "lora_" not in n and (n.endswith("bias") or "LayerNorm" in n)]
         wrap = PooledEmbedder if terms else Embedder
         aux = (lambda s, t: sum(f(s, t) for f in terms)) if terms else None
         torch.manual_seed(ctx["seed"])
         t, c = time.time(), time.process_time()
-        h = distill(wrap(student_model), wrap(ctx["dense"]), train, steps=steps, lr=lr, loss="cosine", progress=False,
-                    layers=names, layer_weight=layer_weight, schedule=schedule, warmup=warmup, aux_loss=aux)
+        opts = dict(steps=steps, lr=lr, loss="cosine", progress=False, layers=names, layer_weight=layer_weight, schedule=schedule,
+                    warmup=warmup, aux_loss=aux)
+        if kind == "masked-ft":  # the library's path: sparselora.restore.restore(method="masked")
+            h = restore(wrap(student_model), wrap(ctx["dense"]), train, method="masked", **opts)
+        else:
+            h = distill(wrap(student_model), wrap(ctx["dense"]), train, params=params, **opts)
         t, c = time.time() - t, time.process_time() - c
         if kind == "sparselora":
             merge_sparse_lora(model)
             check_same_mask(model, ctx["masks"])
             out = model
+        elif kind == "masked-ft":
+            check_same_mask(model, ctx["masks"])
+            out = model
+        elif kind == "ft":
+            out = model
+            prune_24(out, "sparsegpt", ctx["calib"], **ctx["prune_kw"])
         else:
             out = student_model.merge_and_unload()
             prune_24(out, "sparsegpt", ctx["calib"], **ctx["prune_kw"])
@@ -206,6 +265,19 @@ VARIANTS = {
     "lora-reprune-X1": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048),
     "X5:X1+400steps": recipe(layers="blocks", schedule="cosine", warmup=20, lr=4e-3, contrastive=0.5, n_train=2048, steps=400),
     "X6:X1+bank0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, bank=0.5),
+    "X7:X1+norms": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, norms=True),
+    "lora-reprune-X7": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, norms=True),
+    "X8:X1+pairs1": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, data="pairs", pairs=1.0),
+    "X9:X1-as-masked-FT-lr1e-4": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=1e-4, contrastive=0.5, n_train=2048),
+    "X8b:X1+pairs0.1": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, data="pairs", pairs=0.1),
+    "X10:X1+1000steps": recipe(layers="blocks", schedule="cosine", warmup=50, lr=4e-3, contrastive=0.5, n_train=2048, steps=1000),
+    "X8c:X1+pairs0.03": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, data="pairs", pairs=0.03),
+    "X8d:X1-on-pair-text": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, data="pairs"),
+    "X9b:X1-as-masked-FT-lr3e-4": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048),
+    "ft-reprune-X9b": recipe(kind="ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048),
+    "X9d:X9b+400steps": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=20, lr=3e-4, contrastive=0.5, n_train=2048, steps=400),
+    "X9e:X9b+pairs0.1": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048, data="pairs", pairs=0.1),
+    "X9c:X1-as-masked-FT-lr1e-3": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=1e-3, contrastive=0.5, n_train=2048),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
     "X3:E2+relational10": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, rel=10.0),
     "E2:C+contrastive0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5),
@@ -317,6 +389,7 @@ DISPLAY = {
     "X3:E2+relational10": "+ SparseLoRA, blocks + contrastive 0.5 + similarity-matrix matching (10), 512 sentences",
     "X5:X1+400steps": "+ SparseLoRA, the default for embedding models with 400 steps instead of 200",
     "X6:X1+bank0.5": "+ SparseLoRA, the default + InfoNCE 0.5 against a bank of all 2048 teacher embeddings",
+    "lora-reprune-X7": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, norms=True),
     "X4:E2+4096sents": "+ SparseLoRA, blocks + contrastive 0.5, 4096 sentences",
     "lora-reprune-X1": "+ ordinary LoRA, same recipe and data as the default, merged, re-pruned by SparseGPT",
     "sparselora-v0": "+ SparseLoRA, previous recipe (stdlib text, final-output cosine, lr 2e-3 constant), merged",

@@ -548,16 +548,30 @@ def cmd_restore(args) -> int:
                                       args.calib_batches, args.batch, data=data, processor_dirs=(args.model, args.teacher),
                                       max_text_tokens=args.calib_seq_len)
         state = dict(info, stage="restored")
+        restore_mod = _need("sparselora.restore", "SparseLoRA restoration")
+        if args.method == "masked":  # the kept weights train in place: the result is already merged
+            try:
+                stats = restore_mod.restore(student, teacher, batches, steps=args.steps, lr=args.lr, loss=args.loss,
+                                            output_fn=_output_fn, progress=not args.quiet, method="masked")
+            except FloatingPointError as e:
+                raise CLIError(f"{e}; try a smaller --lr (now {args.lr or restore_mod.MASKED_LR})") from None
+            except ValueError as e:  # the student cannot train in place (dtype, adapters, off-mask weights): says which layer
+                raise CLIError(str(e)) from None
+            state = dict(state, stage="merged", restore={"method": "masked", "steps": args.steps, "loss": args.loss,
+                                                         "lr": args.lr or restore_mod.MASKED_LR})
+            save_model(student, tmp, state, tokenizer_from=Path(args.model))
+            print(f"restored {len(stats['names'])} pruned layers in place for {args.steps} steps: {_short(stats)} -> {args.out}")
+            return 0
         if not args.merge:
             save_model(student, tmp, state, tokenizer_from=Path(args.model))  # the frozen pruned base, before adapters
         names = lora.add_sparse_lora(student, r=args.rank, alpha=args.alpha)
         print(f"distilling {args.steps} steps into {len(names)} SparseLoRA layers ...", file=sys.stderr, flush=True)
         try:
-            stats = _need("sparselora.restore", "SparseLoRA restoration").restore(  # default recipe: block-wise distillation
+            stats = restore_mod.restore(  # default recipe: block-wise distillation
                 student, teacher, batches, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, loss=args.loss,
                 output_fn=_output_fn, progress=not args.quiet)
         except FloatingPointError as e:
-            raise CLIError(f"{e}; try a smaller --lr (now {args.lr})") from None
+            raise CLIError(f"{e}; try a smaller --lr (now {args.lr or restore_mod.RECIPE['lr']})") from None
         state["lora"] = {"r": args.rank, "alpha": args.alpha, "names": list(names), "steps": args.steps, "loss": args.loss}
         if args.merge:
             lora.merge_sparse_lora(student)
@@ -821,9 +835,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the teacher's weights on disk (accelerate disk offload into DIR, new or empty; a temporary "
                          "folder, removed afterwards, if DIR is omitted): one teacher module resident at a time")
     sp.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: 200)")
-    sp.add_argument("--lr", type=_positive_float, default=4e-3, help="peak learning rate (default: 4e-3; warm-up, then cosine)")
-    sp.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default: 16)")
-    sp.add_argument("--alpha", type=_positive_float, default=32, help="LoRA alpha (default: 32)")
+    sp.add_argument("--method", choices=["sparselora", "masked"], default="sparselora",
+                    help="sparselora: masked low-rank adapters, saved beside the frozen base (merge later; any dtype); masked: "
+                         "the kept weights train in place, gradient masked, written merged (float32 only; gradients and "
+                         "optimizer state add 3x the pruned weights' bytes). Default: sparselora")
+    sp.add_argument("--lr", type=_positive_float, default=None,
+                    help="peak learning rate (default: 4e-3 for sparselora, 3e-4 for masked; warm-up, then cosine)")
+    sp.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default: 16; sparselora only)")
+    sp.add_argument("--alpha", type=_positive_float, default=32, help="LoRA alpha (default: 32; sparselora only)")
     sp.add_argument("--loss", default="mse", choices=["kl", "mse", "cosine"], help="distillation loss (default: mse)")
     sp.add_argument("--calib-batches", type=_positive_int, default=16, help="training batches cycled over (default: 16)")
     calib_args(sp)

@@ -232,6 +232,37 @@ def test_restore_merge_sparsify_flow(tmp_path, monkeypatch, capsys):
         torch.testing.assert_close(packed(**inputs).logits, merged(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_restore_masked_writes_a_merged_model_with_the_same_masks(tmp_path, capsys):
+    """``restore --method masked``: the kept weights train in place; the output is already merged
+    (``merge`` refuses it), keeps every mask exactly, and sparsifies; a bfloat16 student is refused
+    with the layer named."""
+    p, r, s = (tmp_path / x for x in ("p", "r", "s"))
+    assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(p)]) == 0
+    common = ["--teacher-tiny", "llava", "--steps", "3", "--calib-batches", "2", "--batch", "2", "-q"]
+    assert main(["restore", str(p), "--method", "masked", "--lr", "1e-3", *common, "--out", str(r)]) == 0
+    assert not (r / "sparselora_adapters.safetensors").exists()
+    pruned, _ = load_model(str(p), None)
+    restored, info = load_model(str(r), None)
+    assert info["stage"] == "merged" and info["restore"] == {"method": "masked", "steps": 3, "loss": "mse", "lr": 1e-3}
+    changed = 0
+    for name, lin in pruned.named_modules():
+        if not hasattr(lin, "sparse_mask"):
+            continue
+        w = restored.get_submodule(name).weight
+        assert torch.equal(restored.get_submodule(name).sparse_mask, lin.sparse_mask), name
+        assert not ((w != 0) & ~lin.sparse_mask).any(), f"{name}: restored weight leaves its mask"
+        changed += not torch.equal(w, lin.weight)
+    assert changed > 0
+    capsys.readouterr()
+    assert main(["merge", str(r), "--out", str(tmp_path / "m")]) == 2
+    assert "already merged" in capsys.readouterr().err
+    assert main(["sparsify", str(r), "-q", "--out", str(s)]) == 0
+    assert main(["restore", str(p), "--method", "masked", "--dtype", "bfloat16", *common, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "torch.bfloat16" in err and "float32" in err and ".weight" in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_library_errors_are_clean(tmp_path, capsys):
     """A pruned directory whose weights were edited off the mask: the CLI prints the library's
     message (naming the layer), no traceback, status 2."""

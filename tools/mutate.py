@@ -233,6 +233,10 @@ MUTANTS = [
            "sparselora/pruning/learned_masks.py", "        return (p.to(self.source.dtype) @ self.cand).reshape(rows, -1)",
            "        return ((1 - p).to(self.source.dtype) @ self.cand / (p.shape[-1] - 1)).reshape(rows, -1)",
            ("tests/test_learned_masks.py::test_learning_moves_a_wrong_prior_to_the_right_mask",)),
+    Mutant("masked-restore-gradient-unmasked", "restore", "masked restoration lets the pruned entries train (re-masked only at the end)",
+           "sparselora/restore.py", "    hooks = [lin.weight.register_hook(lambda g, m=lin.sparse_mask: g * m.to(g.dtype)) for lin in layers.values()]",
+           "    hooks = []",
+           ("tests/test_restore_masked.py::test_masked_restore_trains_inside_the_mask_only",)),
 ]
 
 
