@@ -150,8 +150,9 @@ def test_explicit_params_and_on_step(seed):
 # initialised at ~1e-10, so pruning them changes nothing. Not qwen2-vl: pruning moves its tiny vision
 # blocks' outputs by only 0.4 %. Not clip: the output compared, logits_per_image, couples the towers,
 # and the image tower's blocks trade their own error for the text tower's.)
+@pytest.mark.parametrize("method", ["sparselora", "masked"])
 @pytest.mark.parametrize("fam", ["llava"])
-def test_default_recipe_on_tiny_vlm(fam, monkeypatch):
+def test_default_recipe_on_tiny_vlm(fam, method, monkeypatch):
     """The default restoration (blocks matched, cosine schedule) runs unchanged on a VLM: it matches
     the blocks of both the vision tower and the language model, both get nearer to the teacher,
     merges stay exactly 2:4 with the mask."""
@@ -189,7 +190,7 @@ def test_default_recipe_on_tiny_vlm(fam, monkeypatch):
 
     before = errs()
     steps = RECIPE["steps"] // 2  # the default recipe, budget halved for speed
-    stats = restore(student, teacher, batches, steps=steps, rank=4, progress=False)
+    stats = restore(student, teacher, batches, steps=steps, rank=4, progress=False, method=method)
     assert stats["steps"] == steps and len(stats["loss"]) == steps
     assert stats["teacher_forwards"] == len(batches)  # teacher outputs cached per batch
     assert len(hooked) == 2
@@ -198,7 +199,7 @@ def test_default_recipe_on_tiny_vlm(fam, monkeypatch):
         matched = [names[id(m)] for m in mods]
         assert matched == blocks, matched  # every block, vision tower and language model alike
         assert any("vis" in n for n in matched) and any("lang" in n or "text" in n for n in matched), matched
-    merge_sparse_lora(student)
+    merge_sparse_lora(student)  # nothing to merge after method="masked"
     after = errs()
     vis = [n for n in blocks if "vis" in n]
     lang = [n for n in blocks if "lang" in n or "text" in n]
