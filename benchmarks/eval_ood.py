@@ -137,31 +137,13 @@ def bank_nce(s: torch.Tensor, t: torch.Tensor, bank: torch.Tensor, tau: float = 
     return F.cross_entropy(logits, torch.zeros(len(s), dtype=torch.long))
 
 
-def pair_kl(s: torch.Tensor, t: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
-    """A batch of ``[q_1..q_B, a_1..a_B]`` (adjacent-sentence pairs, :func:`_pairs`): the student's
-    in-batch retrieval distribution q -> a (and a -> q) must match the teacher's (KL at ``tau``)."""
-    F = torch.nn.functional
-    b = len(s) // 2
-    s, t = F.normalize(s.float(), dim=-1), F.normalize(t.float(), dim=-1)
-    ls, lt = s[:b] @ s[b:2 * b].T / tau, t[:b] @ t[b:2 * b].T / tau
-    kl = lambda x, y: F.kl_div(F.log_softmax(x, -1), F.log_softmax(y, -1), log_target=True, reduction="batchmean")  # noqa: E731
-    return 0.5 * (kl(ls, lt) + kl(ls.T, lt.T))
-
-
 def _pairs(n_pairs, per_batch=8):
-    """Batches of ``per_batch`` adjacent-sentence pairs from the calibration domains (round-robin,
-    disjoint adjacent pairs of each document, shuffled), tokenised as ``[queries, answers]``."""
+    """Batches of ``per_batch`` adjacent-sentence pairs from the calibration domains
+    (:func:`sparselora.text_sources.calibration_pairs`), tokenised as ``[queries, answers]``."""
     def make(tok, seed):
-        import random
+        from sparselora.text_sources import calibration_pairs
 
-        from sparselora.text_sources import CALIBRATION_DOMAINS, domain_docs
-
-        rng, pools = random.Random(f"pairs/{seed}"), []
-        for d in CALIBRATION_DOMAINS:
-            pool = [(s[i], s[i + 1]) for _, s in domain_docs(d) for i in range(0, len(s) - 1, 2)]
-            rng.shuffle(pool)
-            pools.append(pool)
-        pairs = [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)][:n_pairs]
+        pairs = calibration_pairs(n_pairs, seed=seed)
         return [dict(tok([q for q, _ in chunk] + [a for _, a in chunk], padding=True, truncation=True, max_length=MAX_LEN,
                          return_tensors="pt", return_token_type_ids=False))
                 for chunk in (pairs[i: i + per_batch] for i in range(0, len(pairs), per_batch)) if len(chunk) == per_batch]
@@ -177,7 +159,7 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
     if pairs and data != "pairs":
         raise ValueError("recipe: the pair term needs data='pairs'")
     def run(ctx):
-        from sparselora.distill import distill, info_nce
+        from sparselora.distill import distill, info_nce, pair_kl
         from sparselora.lora import add_sparse_lora, lora_parameters, merge_sparse_lora
         from sparselora.restore import restore
 
@@ -276,7 +258,7 @@ VARIANTS = {
     "X9b:X1-as-masked-FT-lr3e-4": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048),
     "ft-reprune-X9b": recipe(kind="ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048),
     "X9d:X9b+400steps": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=20, lr=3e-4, contrastive=0.5, n_train=2048, steps=400),
-    "X9e:X9b+pairs0.1": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048, data="pairs", pairs=0.1),
+    "X9e:X9b+pairs0.03": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048, data="pairs", pairs=0.03),
     "X9c:X1-as-masked-FT-lr1e-3": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=1e-3, contrastive=0.5, n_train=2048),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
     "X3:E2+relational10": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, rel=10.0),

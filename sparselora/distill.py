@@ -98,6 +98,25 @@ def info_nce(student: torch.Tensor, teacher: torch.Tensor, tau: float = 0.05) ->
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def pair_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """Ranking term for embedding models on a batch of pairs laid out ``[q_1..q_B, a_1..a_B]``
+    (:func:`sparselora.text_sources.calibration_pairs`): the student's in-batch retrieval
+    distribution q -> a, softmax of cosine similarities at ``tau``, must match the teacher's, and
+    likewise a -> q (mean of the two KL divergences). It distils the teacher's retrieval behaviour,
+    not the pairs' labels."""
+    if student.dim() != 2 or student.shape != teacher.shape or student.shape[0] < 4 or student.shape[0] % 2:
+        raise ValueError(f"pair_kl: needs [2 x pairs (>= 2 pairs), dim] embeddings laid out [queries, answers] from student "
+                         f"and teacher, got {tuple(student.shape)} and {tuple(teacher.shape)}")
+    b = len(student) // 2
+    s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
+    ls, lt = s[:b] @ s[b:].T / tau, t[:b] @ t[b:].T / tau
+
+    def kl(x, y):  # KL(softmax(y) || softmax(x)) per row, averaged
+        return F.kl_div(F.log_softmax(x, -1), F.log_softmax(y, -1), log_target=True, reduction="batchmean")
+
+    return 0.5 * (kl(ls, lt) + kl(ls.T, lt.T))
+
+
 def find_blocks(model: nn.Module) -> list[str]:
     """Names of the repeated blocks of ``model``: the children of every outermost ``nn.ModuleList``
     holding at least two modules of one class that have parameters (not bare Linears)."""

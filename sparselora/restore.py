@@ -17,6 +17,13 @@ measured (held-out cosine 0.900 over 3 seeds, against 0.881 from the plain 512-s
 The better the base, the less the restore adds (+0.034 on the plain base, +0.014 on that one).
 Masks learned end to end before restoring (:mod:`sparselora.pruning.learned_masks`) raised the
 one-shot model slightly, but not the restored one.
+
+What trains matters too: ``method="masked"`` (the kept weights themselves, gradient masked) beat
+the rank-16 adapters on that base on every seed (held-out cosine 0.906 against 0.900, 3 seeds, at
+less CPU time), and beat training every weight and re-pruning (0.899, seed 0); SparseLoRA needed
+5x the steps (0.905, seed 0) to match it. It needs float32 weights and 3x the pruned weights'
+bytes for gradients and Adam state, so adapters stay the default: they train in any dtype at any
+size and keep the frozen base shareable.
 """
 from __future__ import annotations
 

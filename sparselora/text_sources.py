@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 log = logging.getLogger(__name__)
 
 __all__ = ["CALIBRATION_DOMAINS", "EVAL_DOMAINS", "prose_sentences", "domain_docs", "domain_sentences",
-           "calibration_texts", "eval_pool", "normalize"]
+           "calibration_texts", "calibration_pairs", "eval_pool", "normalize"]
 
 CALIBRATION_DOMAINS = ("stdlib", "pyref", "transformers")
 EVAL_DOMAINS = ("readme", "legal", "science", "plotting", "cloud")
@@ -242,6 +242,22 @@ def calibration_texts(n: int, seed: int = 0, domains: tuple[str, ...] = CALIBRAT
     while len(out) < n and any(i < len(p) for p in pools):
         out.extend(p[i] for p in pools if i < len(p))
         i += 1
+    return out[:n]
+
+
+def calibration_pairs(n: int, seed: int = 0, domains: tuple[str, ...] = CALIBRATION_DOMAINS) -> list[tuple[str, str]]:
+    """``n`` pairs of adjacent sentences (sentences 0-1, 2-3, ... of each document, so no sentence
+    is in two pairs), mixed round-robin from ``domains`` (each domain's pairs shuffled by ``seed``):
+    the text for a ranking term such as :func:`sparselora.distill.pair_kl`."""
+    rng, pools = random.Random(f"pairs/{seed}"), []
+    for d in domains:
+        pool = [(s[i], s[i + 1]) for _, s in domain_docs(d) for i in range(0, len(s) - 1, 2)]
+        rng.shuffle(pool)
+        if pool:
+            pools.append(pool)
+    if not pools:
+        raise RuntimeError(f"no multi-sentence documents found in domains {domains}")
+    out = [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)]
     return out[:n]
 
 

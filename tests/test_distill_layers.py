@@ -258,3 +258,31 @@ def test_restore_contrastive_option(seed, monkeypatch):
         restore_mod.restore(student, teacher, b, steps=4, progress=False, contrastive=-1.0)
     with pytest.raises(ValueError, match="not both"):
         restore_mod.restore(student, teacher, b, steps=4, progress=False, contrastive=0.5, aux_loss=lambda s, t: s.sum())
+
+
+def test_pair_kl_against_float64_and_what_it_measures(seed):
+    from sparselora.distill import pair_kl
+
+    t = torch.randn(16, 24)  # 8 pairs: rows 0-7 queries, 8-15 answers
+    s = t + 0.5 * torch.randn(16, 24)
+    tau = 0.05
+
+    def ref(s, t):
+        s, t = torch.nn.functional.normalize(s.double(), dim=-1), torch.nn.functional.normalize(t.double(), dim=-1)
+        out = 0.0
+        for ls, lt in ((s[:8] @ s[8:].T / tau, t[:8] @ t[8:].T / tau), ((s[:8] @ s[8:].T).T / tau, (t[:8] @ t[8:].T).T / tau)):
+            p, logp, logq = lt.softmax(-1), lt.log_softmax(-1), ls.log_softmax(-1)
+            out += 0.5 * (p * (logp - logq)).sum(-1).mean()
+        return out
+
+    got = pair_kl(s, t, tau)
+    assert abs(got.item() - ref(s, t).item()) <= 1e-5 * max(1.0, abs(ref(s, t).item())), (got.item(), ref(s, t).item())
+    assert pair_kl(t, t, tau).abs().item() < 1e-6  # the teacher's own ranking: nothing to learn
+    # a student that keeps each embedding's direction except for a scale has the same ranking
+    assert pair_kl(3.0 * t, t, tau).abs().item() < 1e-6
+    # pairing the queries with the wrong answers scores far worse than noisy but right pairs
+    wrong = torch.cat([t[:8], t[8:][torch.roll(torch.arange(8), 1)]])
+    assert pair_kl(wrong, t, tau) > pair_kl(s, t, tau) + 1.0
+    for bad in (t[:3], t[:2], t.reshape(2, 8, 24)):
+        with pytest.raises(ValueError, match="queries, answers"):
+            pair_kl(bad, bad)

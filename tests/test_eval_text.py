@@ -58,6 +58,25 @@ def test_calibration_texts_mix_domains():
     assert calibration_texts(30, seed=3) == texts and calibration_texts(30, seed=4) != texts
 
 
+def test_calibration_pairs_are_adjacent_disjoint_and_mixed():
+    from sparselora.text_sources import calibration_pairs
+
+    pairs = calibration_pairs(60, seed=3)
+    assert len(pairs) == 60 and calibration_pairs(60, seed=3) == pairs and calibration_pairs(60, seed=4) != pairs
+    where = {}  # sentence -> (domain, document index, position), first occurrence
+    for d in CALIBRATION_DOMAINS:
+        for k, (_, sents) in enumerate(text_sources.domain_docs(d)):
+            for i, x in enumerate(sents):
+                where.setdefault(x, (d, k, i))
+    for q, a in pairs:  # the answer is the next sentence of the same document, the query at an even place
+        (dq, kq, iq), (da, ka, ia) = where[q], where[a]
+        assert (dq, kq) == (da, ka) and ia == iq + 1 and iq % 2 == 0, (q, a)
+    flat = [x for p in pairs for x in p]
+    assert len(set(flat)) == len(flat)  # no sentence in two pairs
+    assert len({where[q][0] for q, _ in pairs}) == sum(bool(text_sources.domain_docs(d)) for d in CALIBRATION_DOMAINS) >= 2
+    assert not {normalize(x) for x in flat} & {normalize(x) for d in EVAL_DOMAINS for _, ss in text_sources.eval_pool(d) for x in ss}
+
+
 def test_retrieval_metric(seed):
     a = torch.eye(16)[torch.randperm(16)[:6]]  # exactly orthonormal answers: wrong ones all score 0
     res = _retrieval(a.clone(), a)
