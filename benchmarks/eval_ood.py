@@ -258,6 +258,7 @@ VARIANTS = {
     "X9b:X1-as-masked-FT-lr3e-4": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048),
     "ft-reprune-X9b": recipe(kind="ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048),
     "X9d:X9b+400steps": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=20, lr=3e-4, contrastive=0.5, n_train=2048, steps=400),
+    "X9g:X9b+1000steps": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=50, lr=3e-4, contrastive=0.5, n_train=2048, steps=1000),
     "X9e:X9b+pairs0.03": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048, data="pairs", pairs=0.03),
     "X9c:X1-as-masked-FT-lr1e-3": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=1e-3, contrastive=0.5, n_train=2048),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
@@ -380,11 +381,28 @@ DISPLAY = {
     "B:A+blocks": "+ SparseLoRA, mixed text, every block matched",
     "C:B+cosine-lr": "+ SparseLoRA, mixed text (512 sentences), every block matched, warm-up + cosine lr 4e-3 (previous default), merged",
     "lora-reprune-C": "+ ordinary LoRA, new default recipe, merged, re-pruned by SparseGPT",
+    "X7:X1+norms": "+ SparseLoRA default, LayerNorms and biases trained too",
+    "lora-reprune-X7": "+ ordinary LoRA, default recipe with LayerNorms and biases trained, merged, re-pruned",
+    "X8:X1+pairs1": "+ SparseLoRA default on adjacent-sentence pairs + pair ranking term 1.0",
+    "X8b:X1+pairs0.1": "+ SparseLoRA default on adjacent-sentence pairs + pair ranking term 0.1",
+    "X8c:X1+pairs0.03": "+ SparseLoRA default on adjacent-sentence pairs + pair ranking term 0.03",
+    "X8d:X1-on-pair-text": "+ SparseLoRA default on adjacent-sentence pairs (no pair term)",
+    "X9:X1-as-masked-FT-lr1e-4": "+ masked restore (kept weights trained, lr 1e-4), default objective and data",
+    "X9b:X1-as-masked-FT-lr3e-4": "**+ masked restore** (`restore(method=\"masked\")`: the kept weights trained in place, lr 3e-4), same objective, data, steps",
+    "X9c:X1-as-masked-FT-lr1e-3": "+ masked restore, lr 1e-3",
+    "X9d:X9b+400steps": "+ masked restore, 400 steps",
+    "X9g:X9b+1000steps": "+ masked restore, 1000 steps",
+    "X9e:X9b+pairs0.03": "+ masked restore on adjacent-sentence pairs + pair ranking term 0.03 (`distill.pair_kl`)",
+    "ft-reprune-X9b": "+ every weight trained (dense), same recipe as masked, re-pruned by SparseGPT",
+    "X10:X1+1000steps": "+ SparseLoRA default, 1000 steps",
 }
 
 
 #: (restoration, its baseline at the same budget): compared seed by seed on the same evaluation set
-PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-reprune-E2"), ("X1:E2+2048sents", "sparsegpt")]
+PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-reprune-E2"), ("X1:E2+2048sents", "sparsegpt"),
+         ("X9b:X1-as-masked-FT-lr3e-4", "lora-reprune-X1"), ("X9b:X1-as-masked-FT-lr3e-4", "ft-reprune-X9b"),
+         ("X9b:X1-as-masked-FT-lr3e-4", "X1:E2+2048sents"), ("X9d:X9b+400steps", "X9b:X1-as-masked-FT-lr3e-4"),
+         ("X9e:X9b+pairs0.03", "X9b:X1-as-masked-FT-lr3e-4")]
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 
 

@@ -184,3 +184,30 @@ def test_readme_learned_masks_example_runs(tmp_path, monkeypatch):
         lin = pruned.get_submodule(name)
         assert torch.equal(lin.sparse_mask, keep) and not lin.weight[~keep].any(), name
         check_nm(lin.weight, name=name)
+
+
+def test_readme_masked_restore_example_runs(tmp_path, monkeypatch):
+    """The masked-restoration example: the kept weights trained, every mask exactly as pruned."""
+    from sparselora.format import check_nm
+
+    blocks = [b for b in _python_blocks((ROOT / "README.md").read_text()) if 'method="masked"' in b]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    model, dense, stats = ns["model"], ns["dense"], ns["stats"]
+    assert stats["method"] == "masked" and stats["names"]
+    for name in stats["names"]:
+        lin = model.get_submodule(name)
+        check_nm(lin.weight, name=name)
+        assert not lin.weight[~lin.sparse_mask].any(), name
+    import copy
+
+    from sparselora.pruning import prune
+
+    before = copy.deepcopy(dense)  # the same (deterministic) pruning, without the restore
+    prune(before, method="sparsegpt", pattern="2:4", calib=ns["batches"], refit_iters=20)
+    for name in stats["names"]:
+        assert torch.equal(before.get_submodule(name).sparse_mask, model.get_submodule(name).sparse_mask), name
+    assert sum(not torch.equal(model.get_submodule(n).weight, before.get_submodule(n).weight) for n in stats["names"]) > len(stats["names"]) // 2
