@@ -16,6 +16,8 @@ default 512 mixed calibration sentences in batches of 16; budget: same steps, ba
     (every block matched + final output, warm-up + cosine lr 4e-3, r=16, 200 steps of 16) with
     ``contrastive=EMBEDDING_CONTRASTIVE`` on the mean-pooled embeddings, 2048 distinct sentences
   * ``lora-reprune-*`` — the same recipe with ordinary peft LoRA, merged, re-pruned by SparseGPT
+  * ``X9b:...`` — the same objective, data and steps with ``restore(method="masked")`` (the kept
+    weights trained in place, lr 3e-4); ``ft-reprune-X9b`` — every weight trained, re-pruned
   * ``sparselora-v0`` / ``lora-reprune-v0`` — the first round's recipe (benchmarks/quality_sparselora.py)
   * further variants (the ladder and what was screened): see ``VARIANTS``; ``MAIN`` is the default set
 The seed draws the evaluation sentences/pairs, the training sentences and the adapter init.

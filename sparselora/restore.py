@@ -20,10 +20,10 @@ one-shot model slightly, but not the restored one.
 
 What trains matters too: ``method="masked"`` (the kept weights themselves, gradient masked) beat
 the rank-16 adapters on that base on every seed (held-out cosine 0.906 against 0.900, 3 seeds, at
-less CPU time), and beat training every weight and re-pruning (0.899, seed 0); SparseLoRA needed
-5x the steps (0.905, seed 0) to match it. It needs float32 weights and 3x the pruned weights'
-bytes for gradients and Adam state, so adapters stay the default: they train in any dtype at any
-size and keep the frozen base shareable.
+less CPU time; 0.912 with 400 steps) and training every weight then re-pruning (0.900); SparseLoRA
+needed 5x the steps (0.905, seed 0) to match it (``benchmarks/results/eval_ood_masked.md``). It
+needs float32 weights and 3x the pruned weights' bytes for gradients and Adam state, so adapters
+stay the default: they train in any dtype at any size and keep the frozen base shareable.
 """
 from __future__ import annotations
 
