@@ -139,3 +139,20 @@ def odd_layout_inputs(k: int, dtype: torch.dtype, rows: int) -> tuple[torch.Tens
     wide = torch.randn(6, k + 12, dtype=torch.float64).to(dtype)[:, 4:4 + k]
     batch = torch.randn(2, 3, k, dtype=torch.float64).to(dtype)
     return xt, wide, batch
+
+
+class ResidualStack(torch.nn.Module):
+    """``depth`` residual blocks (Linear, GELU[, Dropout]) and a dense head: the smallest model with
+    repeated blocks (``find_blocks``) for the distillation and restoration tests."""
+
+    def __init__(self, width=32, depth=3, dropout=0.0):
+        super().__init__()
+        nn = torch.nn
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU(), *([nn.Dropout(dropout)] if dropout else []))
+                                    for _ in range(depth))
+        self.head = nn.Linear(width, 8)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)

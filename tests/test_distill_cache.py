@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import ResidualStack
 from sparselora.distill import distill
 from sparselora.format import nm_mask
 from sparselora.lora import add_sparse_lora, lora_parameters
@@ -14,17 +15,8 @@ from sparselora.lora import add_sparse_lora, lora_parameters
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class Stack(nn.Module):
-    def __init__(self, width=32, depth=3):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(0.1))
-                                    for _ in range(depth))
-        self.head = nn.Linear(width, 8)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x + b(x)
-        return self.head(x)
+def Stack(width=32, depth=3):
+    return ResidualStack(width, depth, dropout=0.1)  # dropout: the student trains, the cached teacher must not
 
 
 def _pair():

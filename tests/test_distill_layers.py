@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from sparselora.distill import _relative_error, distill, find_blocks, lr_factor
+from helpers import ResidualStack
 from sparselora.format import check_nm, nm_mask
 from sparselora.lora import add_sparse_lora, merge_sparse_lora
 from sparselora.tiny_models import build, example_inputs
@@ -28,23 +29,12 @@ def _prune(model, parts=None):
     return masks
 
 
-class Stack(nn.Module):
-    def __init__(self, width=32, depth=3):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth))
-        self.head = nn.Linear(width, 8)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x + b(x)
-        return self.head(x)
-
 
 def test_find_blocks():
-    assert find_blocks(Stack(depth=3)) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert find_blocks(ResidualStack(depth=3)) == ["blocks.0", "blocks.1", "blocks.2"]
     m = nn.Module()
     m.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))  # bare Linears are not blocks
-    m.one = nn.ModuleList([Stack()])  # a single module is not a repeated block (its inner list is)
+    m.one = nn.ModuleList([ResidualStack()])  # a single module is not a repeated block (its inner list is)
     assert find_blocks(m) == ["one.0.blocks.0", "one.0.blocks.1", "one.0.blocks.2"]
 
 
@@ -79,7 +69,7 @@ def test_relative_error_skips_padding(seed):
 
 
 def test_layerwise_distill_lowers_block_error_and_keeps_mask(seed):
-    teacher = Stack()
+    teacher = ResidualStack()
     student = copy.deepcopy(teacher)
     masks = _prune(student)
     add_sparse_lora(student, r=8, alpha=16)
@@ -109,7 +99,7 @@ def test_layerwise_distill_lowers_block_error_and_keeps_mask(seed):
 
 
 def test_bad_options_name_the_problem():
-    teacher = Stack()
+    teacher = ResidualStack()
     student = copy.deepcopy(teacher)
     _prune(student)
     add_sparse_lora(student, r=2)
@@ -129,7 +119,7 @@ def test_bad_options_name_the_problem():
 
 def test_explicit_params_and_on_step(seed):
     """``params=`` trains exactly those (no adapters needed), ``on_step`` sees every step in order."""
-    teacher = Stack()
+    teacher = ResidualStack()
     student = copy.deepcopy(teacher)
     with torch.no_grad():
         student.blocks[0][0].weight.mul_(0.5)
@@ -236,7 +226,7 @@ def test_restore_contrastive_option(seed, monkeypatch):
     import sparselora.restore as restore_mod
     from sparselora.distill import info_nce
 
-    teacher = Stack()
+    teacher = ResidualStack()
     student = copy.deepcopy(teacher)
     _prune(student)
     seen = {}

@@ -144,6 +144,17 @@ def _python_blocks(md: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", md, flags=re.S)
 
 
+def _run_readme_example(marker: str, tmp_path, monkeypatch) -> dict:
+    """Run the README's one python block containing ``marker`` in ``tmp_path``; its namespace."""
+    blocks = [b for b in _python_blocks((ROOT / "README.md").read_text()) if marker in b]
+    assert len(blocks) == 1, f"{len(blocks)} README python blocks contain {marker!r}"
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    return ns
+
+
 def test_readme_python_examples_run_as_written(tmp_path, monkeypatch):
     """The README's two stand-alone examples (the prune -> SparseLoRA -> sparsify -> save -> load flow,
     and the SparseLinear one) run as written; the Checkpoints snippet continues the first one on a GPU
@@ -172,12 +183,7 @@ def test_readme_learned_masks_example_runs(tmp_path, monkeypatch):
     """The learned-mask example: the pruned model carries exactly the learned 2:4 masks."""
     from sparselora.format import check_nm
 
-    blocks = [b for b in _python_blocks((ROOT / "README.md").read_text()) if "learn_masks(" in b]
-    assert len(blocks) == 1
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    ns: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), ns)
+    ns = _run_readme_example("learn_masks(", tmp_path, monkeypatch)
     masks, pruned = ns["learned"]["masks"], ns["pruned"]
     assert masks and set(masks) == set(ns["priors"])
     for name, keep in masks.items():
@@ -190,12 +196,7 @@ def test_readme_masked_restore_example_runs(tmp_path, monkeypatch):
     """The masked-restoration example: the kept weights trained, every mask exactly as pruned."""
     from sparselora.format import check_nm
 
-    blocks = [b for b in _python_blocks((ROOT / "README.md").read_text()) if 'method="masked"' in b]
-    assert len(blocks) == 1
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    ns: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), ns)
+    ns = _run_readme_example('method="masked"', tmp_path, monkeypatch)
     model, dense, stats = ns["model"], ns["dense"], ns["stats"]
     assert stats["method"] == "masked" and stats["names"]
     for name in stats["names"]:

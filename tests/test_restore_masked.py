@@ -7,27 +7,17 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import ResidualStack
 from sparselora.format import check_nm, nm_mask
 from sparselora.restore import MASKED_LR, pruned_linears, restore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class Stack(nn.Module):
-    def __init__(self, width=32, depth=3):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth))
-        self.head = nn.Linear(width, 8)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x + b(x)
-        return self.head(x)
-
 
 def _pruned_pair(seed):
     torch.manual_seed(seed)
-    teacher = Stack().eval()
+    teacher = ResidualStack().eval()
     student = copy.deepcopy(teacher)
     masks = {}
     for name, lin in student.named_modules():
