@@ -261,6 +261,7 @@ VARIANTS = {
     "ft-reprune-X9b": recipe(kind="ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048),
     "X9d:X9b+400steps": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=20, lr=3e-4, contrastive=0.5, n_train=2048, steps=400),
     "X9g:X9b+1000steps": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=50, lr=3e-4, contrastive=0.5, n_train=2048, steps=1000),
+    "lora-reprune-X9d": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=20, lr=4e-3, contrastive=0.5, n_train=2048, steps=400),
     "X9e:X9b+pairs0.03": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048, data="pairs", pairs=0.03),
     "X9c:X1-as-masked-FT-lr1e-3": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=1e-3, contrastive=0.5, n_train=2048),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
@@ -397,6 +398,7 @@ DISPLAY = {
     "X9e:X9b+pairs0.03": "+ masked restore on adjacent-sentence pairs + pair ranking term 0.03 (`distill.pair_kl`)",
     "ft-reprune-X9b": "+ every weight trained (dense), same recipe as masked, re-pruned by SparseGPT",
     "X10:X1+1000steps": "+ SparseLoRA default, 1000 steps",
+    "lora-reprune-X9d": "+ ordinary LoRA, default recipe with 400 steps, merged, re-pruned by SparseGPT",
 }
 
 
@@ -404,7 +406,7 @@ DISPLAY = {
 PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-reprune-E2"), ("X1:E2+2048sents", "sparsegpt"),
          ("X9b:X1-as-masked-FT-lr3e-4", "lora-reprune-X1"), ("X9b:X1-as-masked-FT-lr3e-4", "ft-reprune-X9b"),
          ("X9b:X1-as-masked-FT-lr3e-4", "X1:E2+2048sents"), ("X9d:X9b+400steps", "X9b:X1-as-masked-FT-lr3e-4"),
-         ("X9e:X9b+pairs0.03", "X9b:X1-as-masked-FT-lr3e-4")]
+         ("X9e:X9b+pairs0.03", "X9b:X1-as-masked-FT-lr3e-4"), ("X9d:X9b+400steps", "lora-reprune-X9d")]
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 
 
