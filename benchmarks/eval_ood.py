@@ -160,6 +160,8 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
     (:func:`_pairs`, as many sentences as ``n_train``); ``pairs``: :func:`pair_kl` at that weight."""
     if pairs and data != "pairs":
         raise ValueError("recipe: the pair term needs data='pairs'")
+    if kind not in ("sparselora", "masked-ft", "ft", "lora"):
+        raise ValueError(f"recipe: unknown kind {kind!r}")
     def run(ctx):
         from sparselora.distill import distill, info_nce, pair_kl
         from sparselora.lora import add_sparse_lora, lora_parameters, merge_sparse_lora
@@ -171,13 +173,10 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
             train = _mixed(n_train)(ctx["tok"], ctx["seed"])
         else:
             train = _v0_data(ctx)
-        model = copy.deepcopy(ctx["pruned"])
+        model = student_model = copy.deepcopy(ctx["pruned"])
         if kind == "sparselora":
             add_sparse_lora(model, r=rank, alpha=2 * rank)
-            student_model = model
-        elif kind in ("masked-ft", "ft"):  # the kept weights train (gradient masked) / every weight trains, re-pruned after
-            student_model = model
-        else:
+        elif kind == "lora":
             from peft import LoraConfig, get_peft_model
 
             targets = sorted({n.split(".")[-1] for n in ctx["masks"]})
@@ -214,18 +213,13 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         else:
             h = distill(wrap(student_model), wrap(ctx["dense"]), train, params=params, **opts)
         t, c = time.time() - t, time.process_time() - c
-        if kind == "sparselora":
-            merge_sparse_lora(model)
+        if kind in ("sparselora", "masked-ft"):  # trained inside the masks: the same masks, exactly
+            if kind == "sparselora":
+                merge_sparse_lora(model)
             check_same_mask(model, ctx["masks"])
             out = model
-        elif kind == "masked-ft":
-            check_same_mask(model, ctx["masks"])
-            out = model
-        elif kind == "ft":
-            out = model
-            prune_24(out, "sparsegpt", ctx["calib"], **ctx["prune_kw"])
-        else:
-            out = student_model.merge_and_unload()
+        else:  # "ft" (every weight) / "lora" (peft, merged): off the masks, so re-pruned by SparseGPT
+            out = student_model.merge_and_unload() if kind == "lora" else model
             prune_24(out, "sparsegpt", ctx["calib"], **ctx["prune_kw"])
         return out, {"train_s": t, "train_cpu_s": c, "loss_last": h["last"]}
     return run

@@ -549,29 +549,28 @@ def cmd_restore(args) -> int:
                                       max_text_tokens=args.calib_seq_len)
         state = dict(info, stage="restored")
         restore_mod = _need("sparselora.restore", "SparseLoRA restoration")
-        if args.method == "masked":  # the kept weights train in place: the result is already merged
-            try:
-                stats = restore_mod.restore(student, teacher, batches, steps=args.steps, lr=args.lr, loss=args.loss,
-                                            output_fn=_output_fn, progress=not args.quiet, method="masked")
-            except FloatingPointError as e:
-                raise CLIError(f"{e}; try a smaller --lr (now {args.lr or restore_mod.MASKED_LR})") from None
-            except ValueError as e:  # the student cannot train in place (dtype, adapters, off-mask weights): says which layer
-                raise CLIError(str(e)) from None
-            state = dict(state, stage="merged", restore={"method": "masked", "steps": args.steps, "loss": args.loss,
-                                                         "lr": args.lr or restore_mod.MASKED_LR})
+        lr = args.lr or restore_mod.DEFAULT_LR[args.method]
+        masked = args.method == "masked"  # the kept weights train in place: the result is already merged
+        if not masked:
+            if not args.merge:
+                save_model(student, tmp, state, tokenizer_from=Path(args.model))  # the frozen pruned base, before adapters
+            names = lora.add_sparse_lora(student, r=args.rank, alpha=args.alpha)
+            print(f"distilling {args.steps} steps into {len(names)} SparseLoRA layers ...", file=sys.stderr, flush=True)
+        try:
+            stats = restore_mod.restore(  # default recipe: block-wise distillation
+                student, teacher, batches, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=lr, loss=args.loss,
+                output_fn=_output_fn, progress=not args.quiet, method=args.method)
+        except FloatingPointError as e:
+            raise CLIError(f"{e}; try a smaller --lr (now {lr})") from None
+        except ValueError as e:
+            if not masked:
+                raise
+            raise CLIError(str(e)) from None  # the student cannot train in place (dtype, adapters, off-mask weights): names the layer
+        if masked:
+            state = dict(state, stage="merged", restore={"method": "masked", "steps": args.steps, "loss": args.loss, "lr": lr})
             save_model(student, tmp, state, tokenizer_from=Path(args.model))
             print(f"restored {len(stats['names'])} pruned layers in place for {args.steps} steps: {_short(stats)} -> {args.out}")
             return 0
-        if not args.merge:
-            save_model(student, tmp, state, tokenizer_from=Path(args.model))  # the frozen pruned base, before adapters
-        names = lora.add_sparse_lora(student, r=args.rank, alpha=args.alpha)
-        print(f"distilling {args.steps} steps into {len(names)} SparseLoRA layers ...", file=sys.stderr, flush=True)
-        try:
-            stats = restore_mod.restore(  # default recipe: block-wise distillation
-                student, teacher, batches, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr, loss=args.loss,
-                output_fn=_output_fn, progress=not args.quiet)
-        except FloatingPointError as e:
-            raise CLIError(f"{e}; try a smaller --lr (now {args.lr or restore_mod.RECIPE['lr']})") from None
         state["lora"] = {"r": args.rank, "alpha": args.alpha, "names": list(names), "steps": args.steps, "loss": args.loss}
         if args.merge:
             lora.merge_sparse_lora(student)

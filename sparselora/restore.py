@@ -37,7 +37,7 @@ import torch.nn as nn
 from .distill import distill, info_nce
 from .lora import add_sparse_lora
 
-__all__ = ["RECIPE", "METHODS", "MASKED_LR", "EMBEDDING_CONTRASTIVE", "restore", "pruned_linears"]
+__all__ = ["RECIPE", "METHODS", "MASKED_LR", "DEFAULT_LR", "EMBEDDING_CONTRASTIVE", "restore", "pruned_linears"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ METHODS = ("sparselora", "masked")
 #: peak learning rate of ``method="masked"`` (Adam on the weights themselves, not on adapters);
 #: on all-MiniLM-L6-v2 (seed 0) 1e-4 under-trained, 1e-3 fitted the training text and lost out of domain
 MASKED_LR = 3e-4
+
+#: the peak learning rate ``restore`` (and the CLI) uses when none is given, by method
+DEFAULT_LR = {"sparselora": RECIPE["lr"], "masked": MASKED_LR}
 
 #: weight of the :func:`sparselora.distill.info_nce` term for sentence-embedding models (pass
 #: ``contrastive=EMBEDDING_CONTRASTIVE`` with an ``output_fn`` that returns one embedding per
@@ -118,8 +121,8 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     ``method`` (:data:`METHODS`): ``"sparselora"`` attaches SparseLoRA adapters (rank ``rank``) to the
     pruned layers if it has none yet; merge them with :func:`sparselora.lora.merge_sparse_lora`
     (exactly 2:4, same mask). ``"masked"`` trains the kept weights of every pruned layer in place
-    (gradient masked, exactly the same mask afterwards, nothing to merge); ``lr`` defaults to
-    :data:`MASKED_LR` for it and to ``RECIPE["lr"]`` for adapters.
+    (gradient masked, exactly the same mask afterwards, nothing to merge). ``lr`` defaults to
+    :data:`DEFAULT_LR` of the method.
     ``contrastive`` > 0 adds that weight times :func:`sparselora.distill.info_nce` on the compared
     outputs, which must then be ``[batch, dim]`` embeddings (see :data:`EMBEDDING_CONTRASTIVE`).
     Returns distill's stats plus ``"names"`` (the restored layers) and ``"method"``."""
@@ -136,14 +139,13 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
         layers = _masked_layers(student)
         names = list(layers)
         overrides["params"] = [lin.weight for lin in layers.values()]
-        lr = MASKED_LR if lr is None else lr
     else:
         names = [n for n, m in student.named_modules() if isinstance(m, SparseLoRALinear)]
         if not names:
             names = add_sparse_lora(student, r=rank, alpha=alpha if alpha is not None else RECIPE["alpha_per_rank"] * rank)
         if not names:
             raise ValueError("restore: the student has no pruned (2:4) Linear layers to attach adapters to")
-        lr = RECIPE["lr"] if lr is None else lr
+    lr = DEFAULT_LR[method] if lr is None else lr
     opts = {k: RECIPE[k] for k in ("schedule", "warmup", "layers", "layer_weight")}
     if contrastive:
         if "aux_loss" in overrides:

@@ -238,6 +238,11 @@ def calibration_texts(n: int, seed: int = 0, domains: tuple[str, ...] = CALIBRAT
             pools.append(pool)
     if not pools:
         raise RuntimeError(f"no calibration text found in domains {domains}")
+    return _round_robin(pools, n)
+
+
+def _round_robin(pools: list[list], n: int) -> list:
+    """The first ``n`` items taking one from each pool in turn (a shorter pool drops out when empty)."""
     out, i = [], 0
     while len(out) < n and any(i < len(p) for p in pools):
         out.extend(p[i] for p in pools if i < len(p))
@@ -257,8 +262,7 @@ def calibration_pairs(n: int, seed: int = 0, domains: tuple[str, ...] = CALIBRAT
             pools.append(pool)
     if not pools:
         raise RuntimeError(f"no multi-sentence documents found in domains {domains}")
-    out = [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)]
-    return out[:n]
+    return _round_robin(pools, n)
 
 
 def eval_pool(domain: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
