@@ -153,15 +153,21 @@ def _pairs(n_pairs, per_batch=8):
 
 
 def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", warmup=0, lr=2e-3, steps=200, rank=16,
-           contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0, bank=0.0, norms=False, pairs=0.0):
+           contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0, bank=0.0, norms=False, pairs=0.0, block_steps=0,
+           block_lr=3e-4):
     """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned.
     ``norms``: LayerNorm weights/biases and every Linear bias train beside the adapters (dense, tiny,
     no effect on the masks). ``data='pairs'``: the training text is adjacent-sentence pairs
-    (:func:`_pairs`, as many sentences as ``n_train``); ``pairs``: :func:`pair_kl` at that weight."""
+    (:func:`_pairs`, as many sentences as ``n_train``); ``pairs``: :func:`pair_kl` at that weight.
+    ``block_steps``: first :func:`sparselora.block_reconstruct.reconstruct_blocks` with that many steps
+    per block at ``block_lr`` on the training text (``kind='masked-ft'`` only); ``steps=0`` then skips
+    the end-to-end stage."""
     if pairs and data != "pairs":
         raise ValueError("recipe: the pair term needs data='pairs'")
     if kind not in ("sparselora", "masked-ft", "ft", "lora"):
         raise ValueError(f"recipe: unknown kind {kind!r}")
+    if (block_steps and kind != "masked-ft") or (not steps and not block_steps):
+        raise ValueError("recipe: block_steps needs kind='masked-ft', and steps=0 needs block_steps")
     def run(ctx):
         from sparselora.distill import distill, info_nce, pair_kl
         from sparselora.lora import add_sparse_lora, lora_parameters, merge_sparse_lora
@@ -208,7 +214,15 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         t, c = time.time(), time.process_time()
         opts = dict(steps=steps, lr=lr, loss="cosine", progress=False, layers=names, layer_weight=layer_weight, schedule=schedule,
                     warmup=warmup, aux_loss=aux)
-        if kind == "masked-ft":  # the library's path: sparselora.restore.restore(method="masked")
+        extra = {}
+        if block_steps:
+            from sparselora.block_reconstruct import reconstruct_blocks
+
+            r = reconstruct_blocks(model, ctx["dense"], train, steps=block_steps, lr=block_lr, progress=False)
+            extra = {"block_err_after": [b["after"] for b in r["blocks"]], "block_err_before": [b.get("before") for b in r["blocks"]]}
+        if not steps:
+            h = {"last": float("nan")}
+        elif kind == "masked-ft":  # the library's path: sparselora.restore.restore(method="masked")
             h = restore(wrap(student_model), wrap(ctx["dense"]), train, method="masked", **opts)
         else:
             h = distill(wrap(student_model), wrap(ctx["dense"]), train, params=params, **opts)
@@ -221,7 +235,7 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         else:  # "ft" (every weight) / "lora" (peft, merged): off the masks, so re-pruned by SparseGPT
             out = student_model.merge_and_unload() if kind == "lora" else model
             prune_24(out, "sparsegpt", ctx["calib"], **ctx["prune_kw"])
-        return out, {"train_s": t, "train_cpu_s": c, "loss_last": h["last"]}
+        return out, {"train_s": t, "train_cpu_s": c, "loss_last": h["last"], **extra}
     return run
 
 
@@ -258,6 +272,12 @@ VARIANTS = {
     "lora-reprune-X9d": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=20, lr=4e-3, contrastive=0.5, n_train=2048, steps=400),
     "X9e:X9b+pairs0.03": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048, data="pairs", pairs=0.03),
     "X9c:X1-as-masked-FT-lr1e-3": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=1e-3, contrastive=0.5, n_train=2048),
+    "R1:blocks128-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=128, block_lr=1e-3, n_train=2048),
+    "R2:R1+X9b": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5, n_train=2048,
+                        block_steps=128, block_lr=1e-3),
+    "R3:blocks128-lr3e-4+X9b": recipe(kind="masked-ft", layers="blocks", schedule="cosine", warmup=10, lr=3e-4, contrastive=0.5,
+                                      n_train=2048, block_steps=128, block_lr=3e-4),
+    "R4:blocks256-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=2048),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
     "X3:E2+relational10": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, rel=10.0),
     "E2:C+contrastive0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5),
@@ -369,7 +389,6 @@ DISPLAY = {
     "X3:E2+relational10": "+ SparseLoRA, blocks + contrastive 0.5 + similarity-matrix matching (10), 512 sentences",
     "X5:X1+400steps": "+ SparseLoRA, the default for embedding models with 400 steps instead of 200",
     "X6:X1+bank0.5": "+ SparseLoRA, the default + InfoNCE 0.5 against a bank of all 2048 teacher embeddings",
-    "lora-reprune-X7": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=2048, norms=True),
     "X4:E2+4096sents": "+ SparseLoRA, blocks + contrastive 0.5, 4096 sentences",
     "lora-reprune-X1": "+ ordinary LoRA, same recipe and data as the default, merged, re-pruned by SparseGPT",
     "sparselora-v0": "+ SparseLoRA, previous recipe (stdlib text, final-output cosine, lr 2e-3 constant), merged",
@@ -392,6 +411,10 @@ DISPLAY = {
     "X9e:X9b+pairs0.03": "+ masked restore on adjacent-sentence pairs + pair ranking term 0.03 (`distill.pair_kl`)",
     "ft-reprune-X9b": "+ every weight trained (dense), same recipe as masked, re-pruned by SparseGPT",
     "X10:X1+1000steps": "+ SparseLoRA default, 1000 steps",
+    "R1:blocks128-lr1e-3": "+ block-wise reconstruction only (`reconstruct_blocks`, 128 steps per block, lr 1e-3)",
+    "R2:R1+X9b": "+ block-wise reconstruction (128 steps per block, lr 1e-3), then masked restore (200 steps)",
+    "R3:blocks128-lr3e-4+X9b": "+ block-wise reconstruction (128 steps per block, lr 3e-4), then masked restore (200 steps)",
+    "R4:blocks256-lr1e-3": "+ block-wise reconstruction only (256 steps per block, lr 1e-3)",
     "lora-reprune-X9d": "+ ordinary LoRA, default recipe with 400 steps, merged, re-pruned by SparseGPT",
 }
 

@@ -28,7 +28,6 @@ stay the default: they train in any dtype at any size and keep the frozen base s
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -36,10 +35,9 @@ import torch.nn as nn
 
 from .distill import distill, info_nce
 from .lora import add_sparse_lora
+from .masked_training import masked_gradients, masked_layers, pruned_linears
 
 __all__ = ["RECIPE", "METHODS", "MASKED_LR", "DEFAULT_LR", "EMBEDDING_CONTRASTIVE", "restore", "pruned_linears"]
-
-log = logging.getLogger(__name__)
 
 # the default budget and objective; the CLI's ``restore`` uses these
 RECIPE = dict(steps=200, rank=16, alpha_per_rank=2.0, lr=4e-3, schedule="cosine", warmup=10, layers="blocks",
@@ -63,51 +61,6 @@ DEFAULT_LR = {"sparselora": RECIPE["lr"], "masked": MASKED_LR}
 #: example): on all-MiniLM-L6-v2 it kept the restored model's nearest-neighbour order, which cosine
 #: matching alone lost (``benchmarks/results/eval_ood.md``)
 EMBEDDING_CONTRASTIVE = 0.5
-
-
-def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The pruned layers of ``model``: every plain ``nn.Linear`` carrying a ``sparse_mask`` buffer."""
-    return {n: m for n, m in model.named_modules()
-            if type(m) is nn.Linear and isinstance(getattr(m, "sparse_mask", None), torch.Tensor)}
-
-
-@contextlib.contextmanager
-def _masked_gradients(layers: dict[str, nn.Linear]):
-    """Each layer's weight gradient is multiplied by its mask while inside; on leaving, the hooks are
-    removed and every weight is re-masked (a no-op unless something wrote outside the mask)."""
-    hooks = [lin.weight.register_hook(lambda g, m=lin.sparse_mask: g * m.to(g.dtype)) for lin in layers.values()]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-        with torch.no_grad():
-            for lin in layers.values():
-                lin.weight.mul_(lin.sparse_mask.to(lin.weight.dtype))
-
-
-def _masked_layers(student: nn.Module) -> dict[str, nn.Linear]:
-    from .lora import SparseLoRALinear, layer_mask
-
-    if any(isinstance(m, SparseLoRALinear) for m in student.modules()):
-        raise ValueError("restore(method='masked'): the student has SparseLoRA adapters; merge them first "
-                         "(sparselora.lora.merge_sparse_lora) or use method='sparselora'")
-    layers = pruned_linears(student)
-    if not layers:
-        raise ValueError("restore(method='masked'): the student has no pruned Linear layers (no sparse_mask buffer); prune it first")
-    for name, lin in layers.items():
-        if lin.weight.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"restore(method='masked'): {name}.weight is {lin.weight.dtype}; the weights train themselves, and "
-                             f"updates of ~lr x weight round away in {lin.weight.dtype}: load the student in float32 or use "
-                             "method='sparselora'")
-        layer_mask(lin, name)  # a valid 2:4 mask, or a SparsityError naming the layer
-        if bool(((lin.weight != 0) & ~lin.sparse_mask.bool()).any()):
-            raise ValueError(f"restore(method='masked'): {name}.weight has nonzeros outside its sparse_mask")
-    trained = sum(lin.weight.numel() for lin in layers.values())
-    nbytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in layers.values())
-    log.info("masked restoration: %d weights of %d layers train in place; gradients and Adam state add %.1f MiB "
-             "(3x the trained weights)", trained, len(layers), 3 * nbytes / 2**20)
-    return layers
 
 
 def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], steps: int = RECIPE["steps"],
@@ -136,7 +89,7 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     if method == "masked":
         if "params" in overrides:
             raise ValueError("restore(method='masked'): the pruned weights are the parameters; do not pass params")
-        layers = _masked_layers(student)
+        layers = masked_layers(student, "restore(method='masked')")
         names = list(layers)
         overrides["params"] = [lin.weight for lin in layers.values()]
     else:
@@ -154,6 +107,6 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     opts.update(overrides)
     if steps <= opts["warmup"]:
         opts["warmup"] = steps // 10
-    with _masked_gradients(layers) if layers else contextlib.nullcontext():
+    with masked_gradients(layers) if layers else contextlib.nullcontext():
         stats = distill(student, teacher, batches, steps=steps, lr=lr, loss=loss, output_fn=output_fn, progress=progress, **opts)
     return dict(stats, names=names, method=method)

@@ -25,7 +25,7 @@ from ..families import DEFAULT_SKIP_PARTS, Family
 from ..format import SparsityError, check_finite
 from ..progress import progress_bar
 from .calibrate import (MemoryProbe, StatsCollector, as_batches, calibration_batches, capture_block_inputs, check_sequential,
-                        find_block_lists, run_block, run_model)
+                        find_block_lists, in_call_order, run_block, run_model)
 from .ecoflap import allocate_ratios, zeroth_order_scores
 from .offload import host_model_on_device, is_offloaded, layer_weight
 from .methods import Pattern, magnitude_mask, parse_pattern, sparsegpt_prune, wanda_mask
@@ -212,21 +212,7 @@ def _sequential(model, targets: dict[str, Target], batches, method, prune_layer,
     """Wanda/SparseGPT: calibrate and prune block by block (see :mod:`.calibrate`)."""
     need_norms, need_hessian = method == "wanda", method == "sparsegpt"
     block_lists, loose = find_block_lists(model, targets)
-
-    # process block lists in the order the model runs them (upstream parts first)
-    first_call: list[str] = []
-    hooks = [bl.module[0].register_forward_pre_hook(lambda *a, n=bl.name: first_call.append(n) if n not in first_call else None)
-             for bl in block_lists]
-    try:
-        run_model(model, batches[0])
-    finally:
-        for h in hooks:
-            h.remove()
-    rank = {n: k for k, n in enumerate(first_call)}
-    never = [bl.name for bl in block_lists if bl.name not in rank]
-    if never:
-        raise SparsityError(f"the calibration forward never ran block list(s) {never}: the batches do not exercise those parts")
-    block_lists.sort(key=lambda bl: rank[bl.name])
+    block_lists = in_call_order(model, block_lists, batches[0])  # upstream parts first
 
     for bl in block_lists:
         cap = capture_block_inputs(model, bl, batches)

@@ -48,6 +48,7 @@ __all__ = [
     "StatsCollector",
     "BlockList",
     "find_block_lists",
+    "in_call_order",
     "calibration_batches",
     "as_batches",
     "run_model",
@@ -183,6 +184,24 @@ def find_block_lists(model: nn.Module, targets: Iterable[str]) -> tuple[list[Blo
         bl.targets[i].append(t)
     order = {n: k for k, (n, _) in enumerate(model.named_modules())}
     return sorted(found.values(), key=lambda b: order[b.name]), loose
+
+
+def in_call_order(model: nn.Module, block_lists: list[BlockList], batch: Mapping) -> list[BlockList]:
+    """``block_lists`` sorted by when one forward of ``model`` on ``batch`` first enters each (so a
+    language model comes after the vision tower feeding it); a list never entered is an error."""
+    first_call: list[str] = []
+    hooks = [bl.module[0].register_forward_pre_hook(lambda *a, n=bl.name: first_call.append(n) if n not in first_call else None)
+             for bl in block_lists]
+    try:
+        run_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    rank = {n: k for k, n in enumerate(first_call)}
+    never = [bl.name for bl in block_lists if bl.name not in rank]
+    if never:
+        raise SparsityError(f"the calibration forward never ran block list(s) {never}: the batches do not exercise those parts")
+    return sorted(block_lists, key=lambda bl: rank[bl.name])
 
 
 # --------------------------------------------------------------------------- batches

@@ -1,0 +1,142 @@
+"""Block-wise reconstruction (``sparselora.block_reconstruct.reconstruct_blocks``) on a tiny VLM:
+every block of the vision tower and the language model is fitted in the order the model runs
+them, on the student's own inputs against the teacher's block outputs; masks stay exactly 2:4 and
+unchanged; nothing but the pruned weights moves; bad inputs get errors that say what is wrong."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sparselora.block_reconstruct import PROBE_BATCHES, reconstruct_blocks
+from sparselora.distill import _relative_error
+from sparselora.format import check_nm, nm_mask
+from sparselora.tiny_models import build, example_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FAM = "llava"  # a vision tower and a language model, both with block lists (see test_distill_layers)
+
+
+def _pruned_pair(seed):
+    teacher = build(FAM, seed=seed % 1000).eval()
+    student = copy.deepcopy(teacher)
+    masks = {}
+    for name, lin in student.named_modules():
+        if type(lin) is nn.Linear and lin.in_features % 4 == 0:
+            mask = nm_mask(lin.weight.detach().abs())
+            with torch.no_grad():
+                lin.weight.mul_(mask)
+            lin.register_buffer("sparse_mask", mask, persistent=False)
+            masks[name] = mask
+    return teacher, student, masks
+
+
+def _block_errors(student, teacher, batches):
+    """Each block's relative error, student against teacher, from one ordinary forward of each full
+    model (the reference for the replayed blocks)."""
+    from sparselora.distill import find_blocks
+
+    names = find_blocks(teacher)
+    out = {n: 0.0 for n in names}
+    for b in batches:
+        acts = {}
+        hooks = [m.get_submodule(n).register_forward_hook(lambda _m, _i, o, k=(who, n): acts.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+                 for who, m in (("s", student), ("t", teacher)) for n in names]
+        with torch.no_grad():
+            student(**b)
+            teacher(**b)
+        for h in hooks:
+            h.remove()
+        for n in names:
+            out[n] += _relative_error(acts[("s", n)], acts[("t", n)], b).item() / len(batches)
+    return out
+
+
+def test_replayed_blocks_match_the_full_models(seed):
+    """With no steps, each block's reported error is what the full models give at that block: the
+    student's inputs and the teacher's targets are replayed faithfully, in call order."""
+    teacher, student, masks = _pruned_pair(seed)
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed + s) for s in range(3)]
+    before = {n: p.detach().clone() for n, p in student.state_dict().items()}
+    ref = _block_errors(student, teacher, batches[:PROBE_BATCHES])
+    report = reconstruct_blocks(student, teacher, batches, steps=0, progress=False)
+    got = {r["name"]: r["after"] for r in report["blocks"]}
+    assert list(got) == list(ref)  # vision tower first, then the language model, every block
+    assert any("vis" in n for n in got) and any("lang" in n for n in got)
+    for n in ref:
+        assert got[n] == pytest.approx(ref[n], rel=1e-4, abs=1e-7), (n, got[n], ref[n])
+    assert max(ref.values()) > 1e-3  # pruning did move the blocks: the comparison is not between zeros
+    assert all("before" not in r for r in report["blocks"])
+    for n, v in student.state_dict().items():
+        assert torch.equal(v, before[n]), n
+
+
+def test_reconstruction_fits_each_block_and_keeps_the_masks(seed):
+    teacher, student, masks = _pruned_pair(seed)
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed + s) for s in range(4)]
+    held_out = [example_inputs(FAM, teacher, batch=2, seed=seed + 100 + s) for s in range(2)]
+    params0 = {n: p.detach().clone() for n, p in student.named_parameters()}
+    err0 = sum(_block_errors(student, teacher, held_out).values())
+    student.train()
+    report = reconstruct_blocks(student, teacher, batches, steps=40, lr=3e-3, warmup=4, progress=False)
+    assert student.training and not teacher.training  # modes handed back
+    trained = [r for r in report["blocks"] if r["layers"]]
+    assert trained and all(r["after"] < r["before"] for r in trained), trained
+    assert sum(_block_errors(student, teacher, held_out).values()) < 0.9 * err0  # it generalises beyond the batches
+    loose = set(report["loose"])
+    assert loose and all(not n.split(".")[-1].isdigit() for n in loose)  # e.g. lm_head, the projector
+    for name, mask in masks.items():
+        lin = student.get_submodule(name)
+        check_nm(lin.weight, name=name)
+        assert torch.equal(lin.sparse_mask, mask) and not ((lin.weight != 0) & ~mask).any(), name
+        moved = not torch.equal(lin.weight, params0[name + ".weight"])
+        assert moved == (name not in loose), name  # block layers trained, loose ones left alone
+    for n, p in student.named_parameters():
+        if n[: -len(".weight")] not in masks or not n.endswith(".weight"):
+            assert torch.equal(p, params0[n]), f"{n} moved"  # biases, norms, embeddings: untouched
+        assert p.requires_grad and p.grad is None, n
+
+
+def test_failure_leaves_the_masks_and_flags(seed, monkeypatch):
+    import sparselora.block_reconstruct as BR
+
+    teacher, student, masks = _pruned_pair(seed)
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed)]
+    real = BR._relative_error
+    calls = []
+
+    def poisoned(s, t, b):  # the fifth training loss is NaN
+        calls.append(1)
+        return real(s, t, b) * (float("nan") if len(calls) == 5 else 1.0)
+
+    monkeypatch.setattr(BR, "_relative_error", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        reconstruct_blocks(student, teacher, batches, steps=8, progress=False)
+    for name, mask in masks.items():
+        w = student.get_submodule(name).weight
+        assert not ((w != 0) & ~mask).any(), name
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_bad_inputs_name_the_problem(seed):
+    teacher, student, masks = _pruned_pair(seed)
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed)]
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        reconstruct_blocks(student, teacher, batches, steps=-1, progress=False)
+    with pytest.raises(ValueError, match="warmup"):
+        reconstruct_blocks(student, teacher, batches, steps=4, warmup=4, progress=False)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        reconstruct_blocks(student, teacher, batches, lr=0.0, progress=False)
+    with pytest.raises(ValueError, match="no pruned Linear"):
+        reconstruct_blocks(copy.deepcopy(teacher), teacher, batches, progress=False)
+    name = next(iter(masks))
+    half = copy.deepcopy(student)
+    half.get_submodule(name).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + r"\.weight is torch\.bfloat16"):
+        reconstruct_blocks(half, teacher, batches, progress=False)
+    other = copy.deepcopy(teacher)
+    lst = next(n for n, m in other.named_modules() if isinstance(m, nn.ModuleList) and "lang" in n)
+    del other.get_submodule(lst)[-1]
+    with pytest.raises(ValueError, match=f"teacher {lst!r} is not a ModuleList of"):
+        reconstruct_blocks(student, other, batches, progress=False)
