@@ -52,7 +52,7 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         t, c = time.perf_counter(), time.process_time()
         stats = restore(Embedder(student), Embedder(dense), train, steps=args.steps, loss="cosine", progress=False,
-                        teacher_cache_mb=cache_mb)
+                        teacher_cache_mb=cache_mb, method="sparselora")
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         losses.setdefault(cache_mb, stats["loss"])
         rows.append({"teacher_cache_mb": cache_mb, "steps": args.steps, "batches": len(train),

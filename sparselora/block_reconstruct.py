@@ -24,8 +24,11 @@ batches as that allows. Pruned Linears outside any block list (poolers, heads) a
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
-from typing import Iterable, Optional
+from types import SimpleNamespace
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -40,7 +43,7 @@ __all__ = ["reconstruct_blocks", "RECONSTRUCT"]
 log = logging.getLogger(__name__)
 
 #: the default budget: steps per block, Adam's peak learning rate, linear warm-up steps
-RECONSTRUCT = dict(steps=128, lr=3e-4, warmup=8)
+RECONSTRUCT = dict(steps=128, lr=1e-3, warmup=8)
 
 #: the first batches, at most this many, on which each block's error is reported before and after
 PROBE_BATCHES = 8
@@ -79,7 +82,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
         warmup = min(RECONSTRUCT["warmup"], steps // 10)
     if warmup < 0 or (steps and warmup >= steps):
         raise ValueError(f"reconstruct_blocks: warmup must be in [0, steps), got {warmup} for {steps} steps")
-    layers = masked_layers(student, "reconstruct_blocks")
+    layers = masked_layers(student, "reconstruct_blocks", low_precision=True)
     batches = as_batches(batches)
     lists, loose = find_block_lists(student, layers)
     if not lists:
@@ -87,6 +90,9 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
     if loose:
         log.info("reconstruct_blocks: %d pruned layers outside any block list stay as they are: %s", len(loose), loose[:4])
     lists = in_call_order(student, lists, batches[0])
+    largest = max(sum(layers[n].weight.numel() for n in names) for bl in lists for names in bl.targets)
+    log.info("reconstruct_blocks: one block at a time; the largest trains %d weights (float32 gradients and Adam "
+             "state: %.1f MiB, plus a float32 working copy of a lower-precision block)", largest, 12 * largest / 2**20)
     t_lists = _teacher_lists(teacher, lists)
     was_training = student.training, teacher.training
     grads = [(p, p.requires_grad) for p in student.parameters()]
@@ -136,9 +142,46 @@ def _mean_error(outs: list, target: list, batches: list, probe) -> float:
     return sum(_relative_error(o, target[b], batches[b]).item() for o, b in zip(outs, probe)) / len(probe)
 
 
+def _as_float32(x: Any) -> Any:
+    """Floating tensors (in tuples, lists, dicts) in float32; everything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() and x.dtype != torch.float64 else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_as_float32(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _as_float32(v) for k, v in x.items()}
+    return x
+
+
+@contextlib.contextmanager
+def _float32_working_copy(block: nn.Module):
+    """Inside, every bfloat16/float16 parameter and buffer of ``block`` is float32 (so Adam's small
+    updates accumulate instead of rounding away); on leaving, each is cast back to its own dtype,
+    rounding the accumulated update once. A float32/64 block is left as it is."""
+    low = {t for t in itertools.chain(block.parameters(), block.buffers())
+           if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64)}
+    dtypes = {id(t): t.dtype for t in low}
+    for t in low:
+        t.data = t.data.float()
+    try:
+        yield bool(low)
+    finally:
+        for t in low:
+            t.data = t.data.to(dtypes[id(t)])
+
+
 def _fit_block(block: nn.Module, layers: dict[str, nn.Linear], cap, i: int, hs: list, target: list, batches: list[dict],
                steps: int, lr: float, warmup: int) -> None:
     params = [lin.weight for lin in layers.values()]
+    with _float32_working_copy(block) as upcast:
+        if upcast:  # the block's other inputs (masks, position embeddings) in float32 too, for this block only
+            cap = SimpleNamespace(args={b: {i: _as_float32(a[i])} for b, a in enumerate(cap.args)},
+                                  kwargs={b: {i: _as_float32(k[i])} for b, k in enumerate(cap.kwargs)},
+                                  hidden_in_kwargs=cap.hidden_in_kwargs)
+        _adam_steps(block, layers, params, cap, i, hs, target, batches, steps, lr, warmup, upcast)
+
+
+def _adam_steps(block, layers, params, cap, i, hs, target, batches, steps, lr, warmup, upcast) -> None:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -147,7 +190,8 @@ def _fit_block(block: nn.Module, layers: dict[str, nn.Linear], cap, i: int, hs: 
         with masked_gradients(layers):
             for k in range(steps):
                 b = k % len(hs)
-                loss = _relative_error(run_block(block, cap, b, i, hs[b]), target[b], batches[b])
+                h = hs[b].float() if upcast else hs[b]
+                loss = _relative_error(run_block(block, cap, b, i, h), target[b], batches[b])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"reconstruct_blocks: non-finite loss at step {k} of block {i} ({list(layers)[:2]})")
                 opt.zero_grad(set_to_none=True)

@@ -43,6 +43,8 @@ from .steps import pattern_arg as _pattern
 
 MASKS_FILE = "sparselora_masks.safetensors"
 ADAPTERS_FILE = "sparselora_adapters.safetensors"
+#: restore --method choices, the default first (sparselora.restore.METHODS / DEFAULT_METHOD; a test keeps them equal)
+RESTORE_METHODS = ("blocks", "sparselora", "masked")
 STATE_FILE = "sparselora.json"
 # the keys of sparselora.tiny_models.BUILDERS, spelled out so that `--help` does not import torch (a test keeps them equal)
 EXTRA_COPY_HELP = ("let auto pick backends that keep a second copy of each weight next to the canonical one "
@@ -529,6 +531,15 @@ def cmd_restore(args) -> int:
         raise CLIError("give the pruned model directory (the output of 'sparselora prune')")
     if bool(args.teacher) == bool(args.teacher_tiny):
         raise CLIError("give the dense teacher: exactly one of --teacher DIR or --teacher-tiny FAMILY")
+    method = args.method
+    if method != "sparselora" and (args.rank is not None or args.alpha is not None):
+        raise CLIError(f"--rank and --alpha set the SparseLoRA adapters: they do not apply to --method {method}")
+    if method == "blocks" and args.loss is not None:
+        raise CLIError("--loss does not apply to --method blocks (each block matches its dense block's output)")
+    in_place = method != "sparselora"  # the kept weights train themselves: the result is already merged
+    if in_place and args.merge:
+        raise CLIError(f"--merge: --method {method} writes a merged model already (nothing to merge)")
+    rank, alpha, loss = args.rank or 16, args.alpha or 32.0, args.loss or "mse"
     lora, _ = _lora()
     tiny = args.teacher_tiny or _read_state(_model_dir(args.model, "model")).get("tiny")
     if args.teacher:
@@ -548,30 +559,35 @@ def cmd_restore(args) -> int:
                                       args.calib_batches, args.batch, data=data, processor_dirs=(args.model, args.teacher),
                                       max_text_tokens=args.calib_seq_len)
         state = dict(info, stage="restored")
-        restore_mod = _need("sparselora.restore", "SparseLoRA restoration")
-        lr = args.lr or restore_mod.DEFAULT_LR[args.method]
-        masked = args.method == "masked"  # the kept weights train in place: the result is already merged
-        if not masked:
+        restore_mod = _need("sparselora.restore", "restoration")
+        lr = args.lr or restore_mod.DEFAULT_LR[method]
+        steps = args.steps or restore_mod.DEFAULT_STEPS[method]
+        kw = {} if method == "blocks" else dict(loss=loss, output_fn=_output_fn)
+        if not in_place:
             if not args.merge:
                 save_model(student, tmp, state, tokenizer_from=Path(args.model))  # the frozen pruned base, before adapters
-            names = lora.add_sparse_lora(student, r=args.rank, alpha=args.alpha)
-            print(f"distilling {args.steps} steps into {len(names)} SparseLoRA layers ...", file=sys.stderr, flush=True)
+            names = lora.add_sparse_lora(student, r=rank, alpha=alpha)
+            print(f"distilling {steps} steps into {len(names)} SparseLoRA layers ...", file=sys.stderr, flush=True)
         try:
-            stats = restore_mod.restore(  # default recipe: block-wise distillation
-                student, teacher, batches, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=lr, loss=args.loss,
-                output_fn=_output_fn, progress=not args.quiet, method=args.method)
+            stats = restore_mod.restore(student, teacher, batches, steps=steps, lr=lr, progress=not args.quiet, method=method, **kw)
         except FloatingPointError as e:
             raise CLIError(f"{e}; try a smaller --lr (now {lr})") from None
         except ValueError as e:
-            if not masked:
+            if not in_place:
                 raise
             raise CLIError(str(e)) from None  # the student cannot train in place (dtype, adapters, off-mask weights): names the layer
-        if masked:
-            state = dict(state, stage="merged", restore={"method": "masked", "steps": args.steps, "loss": args.loss, "lr": lr})
-            save_model(student, tmp, state, tokenizer_from=Path(args.model))
-            print(f"restored {len(stats['names'])} pruned layers in place for {args.steps} steps: {_short(stats)} -> {args.out}")
+        if in_place:
+            record = {"method": method, "steps": steps, "lr": lr}
+            if method == "blocks":
+                record.update(steps_per="block", block_error_before=stats["block_error_before"],
+                              block_error_after=stats["block_error_after"])
+            else:
+                record["loss"] = loss
+            save_model(student, tmp, dict(state, stage="merged", restore=record), tokenizer_from=Path(args.model))
+            per = " per block" if method == "blocks" else ""
+            print(f"restored {len(stats['names'])} pruned layers in place ({method}, {steps} steps{per}): {_short(stats)} -> {args.out}")
             return 0
-        state["lora"] = {"r": args.rank, "alpha": args.alpha, "names": list(names), "steps": args.steps, "loss": args.loss}
+        state["lora"] = {"r": rank, "alpha": alpha, "names": list(names), "steps": steps, "loss": loss}
         if args.merge:
             lora.merge_sparse_lora(student)
             save_model(student, tmp, dict(state, stage="merged"), tokenizer_from=Path(args.model))
@@ -586,7 +602,7 @@ def cmd_restore(args) -> int:
                 raise CLIError("add_sparse_lora attached no trainable adapters")
             _atomic_write(tmp / ADAPTERS_FILE, lambda f: save_file(adapters, f))
             _write_state(tmp, state)
-    print(f"restored with SparseLoRA r={args.rank} for {args.steps} steps: {_short(stats)} -> {args.out}")
+    print(f"restored with SparseLoRA r={rank} for {steps} steps: {_short(stats)} -> {args.out}")
     return 0
 
 
@@ -825,24 +841,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output directory")
     sp.set_defaults(fn=cmd_prune)
 
-    sp = sub.add_parser("restore", help="recover quality with SparseLoRA distillation from the dense model",
-                        description="Attach SparseLoRA adapters (their update stays inside the 2:4 mask) and distil from the dense teacher.")
+    sp = sub.add_parser("restore", help="recover quality from the dense model (block-wise reconstruction, SparseLoRA or masked distillation)",
+                        description="Recover what pruning lost, from the dense teacher, without leaving the 2:4 masks: by default "
+                                    "each block's kept weights are fitted to the dense block (--method blocks); or SparseLoRA "
+                                    "adapters, or the kept weights, distilled end to end.")
     model_args(sp, tiny=False)
     sp.add_argument("--teacher", help="dense teacher model directory")
     sp.add_argument("--teacher-tiny", choices=TINY_FAMILIES, help="teacher is the built-in tiny model the student was pruned from")
     sp.add_argument("--teacher-offload", nargs="?", const="", metavar="DIR",
                     help="keep the teacher's weights on disk (accelerate disk offload into DIR, new or empty; a temporary "
                          "folder, removed afterwards, if DIR is omitted): one teacher module resident at a time")
-    sp.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: 200)")
-    sp.add_argument("--method", choices=["sparselora", "masked"], default="sparselora",
-                    help="sparselora: masked low-rank adapters, saved beside the frozen base (merge later; any dtype); masked: "
-                         "the kept weights train in place, gradient masked, written merged (float32 only; gradients and "
-                         "optimizer state add 3x the pruned weights' bytes). Default: sparselora")
+    sp.add_argument("--steps", type=_positive_int, default=None,
+                    help="optimizer steps (default: 128 per block for blocks, 200 for sparselora and masked)")
+    sp.add_argument("--method", choices=list(RESTORE_METHODS), default=RESTORE_METHODS[0],
+                    help="blocks (default): each block's kept weights fitted in place to the dense block's output, one block "
+                         "at a time (any dtype; optimizer state for one block), written merged; sparselora: masked low-rank "
+                         "adapters distilled end to end, saved beside the frozen base (merge later; any dtype); masked: the kept "
+                         "weights distilled end to end in place, written merged (float32 only; gradients and optimizer state "
+                         "add 3x the pruned weights' bytes)")
     sp.add_argument("--lr", type=_positive_float, default=None,
-                    help="peak learning rate (default: 4e-3 for sparselora, 3e-4 for masked; warm-up, then cosine)")
-    sp.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default: 16; sparselora only)")
-    sp.add_argument("--alpha", type=_positive_float, default=32, help="LoRA alpha (default: 32; sparselora only)")
-    sp.add_argument("--loss", default="mse", choices=["kl", "mse", "cosine"], help="distillation loss (default: mse)")
+                    help="peak learning rate (default: 1e-3 for blocks, 4e-3 for sparselora, 3e-4 for masked; warm-up, then cosine)")
+    sp.add_argument("--rank", type=_positive_int, default=None, help="LoRA rank r (default: 16; sparselora only)")
+    sp.add_argument("--alpha", type=_positive_float, default=None, help="LoRA alpha (default: 32; sparselora only)")
+    sp.add_argument("--loss", default=None, choices=["kl", "mse", "cosine"],
+                    help="distillation loss (default: mse; sparselora and masked only)")
     sp.add_argument("--calib-batches", type=_positive_int, default=16, help="training batches cycled over (default: 16)")
     calib_args(sp)
     sp.add_argument("--batch", type=_positive_int, default=8)

@@ -69,16 +69,16 @@ def _check_exact_24(model, masks: dict[str, torch.Tensor]) -> int:
 
 
 def _restore(student, teacher, batches, steps: int, loss: str, quiet: bool) -> dict:
-    """SparseLoRA restoration with the CLI's default recipe (:func:`sparselora.restore.restore`:
-    block-wise + final output, warm-up / cosine learning rate) + merge, when the SparseLoRA part is
-    installed."""
+    """SparseLoRA restoration (:func:`sparselora.restore.restore` with ``method="sparselora"``: every
+    block + final output matched, warm-up / cosine learning rate) + merge, when the SparseLoRA part
+    is installed: the demo shows the adapters and their exact 2:4 merge."""
     if not (have("sparselora.lora") and have("sparselora.restore")):
         return {"ran": False, "why": "sparselora.lora / sparselora.restore not installed"}
     from .lora import merge_sparse_lora
     from .restore import restore
 
     t = time.time()
-    stats = restore(student, teacher, batches, steps=steps, loss=loss, output_fn=output_fn, progress=not quiet)
+    stats = restore(student, teacher, batches, steps=steps, loss=loss, output_fn=output_fn, progress=not quiet, method="sparselora")
     merge_sparse_lora(student)
     student.eval()
     return {"ran": True, "layers": len(stats["names"]), "steps": steps, "loss": loss, "seconds": time.time() - t,

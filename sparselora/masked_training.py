@@ -9,14 +9,11 @@ exactly its 2:4 mask (no adapters, nothing to merge).
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 import torch.nn as nn
 
 __all__ = ["pruned_linears", "masked_layers", "masked_gradients"]
-
-log = logging.getLogger(__name__)
 
 
 def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -40,10 +37,11 @@ def masked_gradients(layers: dict[str, nn.Linear]):
                 lin.weight.mul_(lin.sparse_mask.to(lin.weight.dtype))
 
 
-def masked_layers(student: nn.Module, who: str) -> dict[str, nn.Linear]:
+def masked_layers(student: nn.Module, who: str, low_precision: bool = False) -> dict[str, nn.Linear]:
     """The pruned layers of ``student``, checked for in-place training (``who`` names the caller in
-    errors): no SparseLoRA adapters, at least one pruned layer, float32/64 weights, a valid mask
-    and no nonzero outside it. Logs what training them adds to memory."""
+    errors): no SparseLoRA adapters, at least one pruned layer, float32/64 weights (any floating
+    dtype with ``low_precision``: the caller trains a float32 working copy), a valid mask and no
+    nonzero outside it."""
     from .lora import SparseLoRALinear, layer_mask
 
     if any(isinstance(m, SparseLoRALinear) for m in student.modules()):
@@ -53,15 +51,11 @@ def masked_layers(student: nn.Module, who: str) -> dict[str, nn.Linear]:
     if not layers:
         raise ValueError(f"{who}: the student has no pruned Linear layers (no sparse_mask buffer); prune it first")
     for name, lin in layers.items():
-        if lin.weight.dtype not in (torch.float32, torch.float64):
+        if not lin.weight.is_floating_point() or (not low_precision and lin.weight.dtype not in (torch.float32, torch.float64)):
             raise ValueError(f"{who}: {name}.weight is {lin.weight.dtype}; the weights train themselves, and "
                              f"updates of ~lr x weight round away in {lin.weight.dtype}: load the student in float32 or use "
                              "method='sparselora'")
         layer_mask(lin, name)  # a valid 2:4 mask, or a SparsityError naming the layer
         if bool(((lin.weight != 0) & ~lin.sparse_mask.bool()).any()):
             raise ValueError(f"{who}: {name}.weight has nonzeros outside its sparse_mask")
-    trained = sum(lin.weight.numel() for lin in layers.values())
-    nbytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in layers.values())
-    log.info("%s: %d weights of %d layers train in place; gradients and Adam state add up to %.1f MiB "
-             "(3x the trained weights)", who, trained, len(layers), 3 * nbytes / 2**20)
     return layers

@@ -28,16 +28,20 @@ stay the default: they train in any dtype at any size and keep the frozen base s
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
+from .block_reconstruct import RECONSTRUCT, reconstruct_blocks
 from .distill import distill, info_nce
 from .lora import add_sparse_lora
 from .masked_training import masked_gradients, masked_layers, pruned_linears
 
-__all__ = ["RECIPE", "METHODS", "MASKED_LR", "DEFAULT_LR", "EMBEDDING_CONTRASTIVE", "restore", "pruned_linears"]
+log = logging.getLogger(__name__)
+
+__all__ = ["RECIPE", "METHODS", "DEFAULT_METHOD", "MASKED_LR", "DEFAULT_LR", "DEFAULT_STEPS", "EMBEDDING_CONTRASTIVE", "restore", "pruned_linears"]
 
 # the default budget and objective; the CLI's ``restore`` uses these
 RECIPE = dict(steps=200, rank=16, alpha_per_rank=2.0, lr=4e-3, schedule="cosine", warmup=10, layers="blocks",
@@ -46,15 +50,24 @@ RECIPE = dict(steps=200, rank=16, alpha_per_rank=2.0, lr=4e-3, schedule="cosine"
 #: ``sparselora``: low-rank adapters whose update is masked (memory-light, any weight dtype, merged
 #: afterwards); ``masked``: the kept weights themselves train in place, their gradient masked, so the
 #: pruned entries never move (no adapters, nothing to merge; optimizer state 2x the pruned weights;
-#: float32 weights only). Same recipe otherwise.
-METHODS = ("sparselora", "masked")
+#: float32 weights only). Same recipe otherwise. ``blocks``: block-wise reconstruction
+#: (:func:`sparselora.block_reconstruct.reconstruct_blocks`): each transformer block's kept weights
+#: fitted in place, one block at a time, to what the dense block produces (any dtype: a float32
+#: working copy of one block; optimizer state for one block only; nothing to merge).
+METHODS = ("blocks", "sparselora", "masked")
+
+#: what ``restore`` and the CLI's ``restore`` run when no method is given
+DEFAULT_METHOD = "blocks"
 
 #: peak learning rate of ``method="masked"`` (Adam on the weights themselves, not on adapters);
 #: on all-MiniLM-L6-v2 (seed 0) 1e-4 under-trained, 1e-3 fitted the training text and lost out of domain
 MASKED_LR = 3e-4
 
 #: the peak learning rate ``restore`` (and the CLI) uses when none is given, by method
-DEFAULT_LR = {"sparselora": RECIPE["lr"], "masked": MASKED_LR}
+DEFAULT_LR = {"blocks": RECONSTRUCT["lr"], "sparselora": RECIPE["lr"], "masked": MASKED_LR}
+
+#: the steps ``restore`` (and the CLI) runs when none are given, by method (``blocks``: per block)
+DEFAULT_STEPS = {"blocks": RECONSTRUCT["steps"], "sparselora": RECIPE["steps"], "masked": RECIPE["steps"]}
 
 #: weight of the :func:`sparselora.distill.info_nce` term for sentence-embedding models (pass
 #: ``contrastive=EMBEDDING_CONTRASTIVE`` with an ``output_fn`` that returns one embedding per
@@ -63,10 +76,10 @@ DEFAULT_LR = {"sparselora": RECIPE["lr"], "masked": MASKED_LR}
 EMBEDDING_CONTRASTIVE = 0.5
 
 
-def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], steps: int = RECIPE["steps"],
-            rank: int = RECIPE["rank"], alpha: Optional[float] = None, lr: Optional[float] = None, loss: str = "mse",
+def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], steps: Optional[int] = None,
+            rank: Optional[int] = None, alpha: Optional[float] = None, lr: Optional[float] = None, loss: Optional[str] = None,
             output_fn: Optional[Callable[[Any], Any]] = None, progress: bool = True, contrastive: float = 0.0,
-            method: str = "sparselora", **overrides) -> dict:
+            method: str = DEFAULT_METHOD, **overrides) -> dict:
     """Restore ``student`` (pruned, e.g. by :func:`sparselora.pruning.prune`) by distilling from
     ``teacher`` with the default recipe; ``overrides`` replace any other :data:`RECIPE` entry
     (``schedule``, ``warmup``, ``layers``, ``layer_weight``) or pass further :func:`distill` options.
@@ -74,22 +87,48 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     ``method`` (:data:`METHODS`): ``"sparselora"`` attaches SparseLoRA adapters (rank ``rank``) to the
     pruned layers if it has none yet; merge them with :func:`sparselora.lora.merge_sparse_lora`
     (exactly 2:4, same mask). ``"masked"`` trains the kept weights of every pruned layer in place
-    (gradient masked, exactly the same mask afterwards, nothing to merge). ``lr`` defaults to
-    :data:`DEFAULT_LR` of the method.
+    (gradient masked, exactly the same mask afterwards, nothing to merge).
     ``contrastive`` > 0 adds that weight times :func:`sparselora.distill.info_nce` on the compared
     outputs, which must then be ``[batch, dim]`` embeddings (see :data:`EMBEDDING_CONTRASTIVE`).
-    Returns distill's stats plus ``"names"`` (the restored layers) and ``"method"``."""
+    ``"blocks"`` runs :func:`sparselora.block_reconstruct.reconstruct_blocks` (``steps`` per block;
+    ``batches`` of forward-kwargs dicts; in place, nothing to merge, any dtype); the distillation
+    options (``rank``, ``alpha``, ``loss``, ``output_fn``, ``contrastive``, overrides) do not apply to
+    it and are refused. ``steps`` and ``lr`` default to :data:`DEFAULT_STEPS` / :data:`DEFAULT_LR` of
+    the method.
+    Returns distill's stats (``"blocks"``: reconstruct_blocks' report and the mean block error before
+    and after) plus ``"names"`` (the restored layers) and ``"method"``."""
     from .lora import SparseLoRALinear
 
     if method not in METHODS:
         raise ValueError(f"restore: method must be one of {', '.join(METHODS)}, got {method!r}")
     if not contrastive >= 0:
         raise ValueError(f"restore: contrastive must be >= 0, got {contrastive!r}")
+    steps = DEFAULT_STEPS[method] if steps is None else steps
+    lr = DEFAULT_LR[method] if lr is None else lr
+    if method == "blocks":
+        given = {k for k, v in dict(rank=rank, alpha=alpha, loss=loss, output_fn=output_fn).items() if v is not None}
+        given |= {"contrastive"} if contrastive else set()
+        if given or overrides:
+            raise ValueError(f"restore(method='blocks'): {', '.join(sorted(given | set(overrides)))} do not apply: each block "
+                             "matches its dense block's output (use method='sparselora' or 'masked' for end-to-end distillation)")
+        report = reconstruct_blocks(student, teacher, batches, steps=steps, lr=lr, progress=progress)
+        fitted = [r for r in report["blocks"] if "before" in r]
+        mean = (lambda key: sum(r[key] for r in fitted) / len(fitted)) if fitted else (lambda key: float("nan"))
+        names = [n for n in pruned_linears(student) if n not in set(report["loose"])]
+        return dict(report, names=names, method=method, steps=steps, block_error_before=mean("before"),
+                    block_error_after=mean("after"))
+    if method != "sparselora" and (rank is not None or alpha is not None):
+        raise ValueError(f"restore(method={method!r}): rank and alpha are the adapters' (method='sparselora')")
+    rank = RECIPE["rank"] if rank is None else rank
+    loss = "mse" if loss is None else loss
     layers = None
     if method == "masked":
         if "params" in overrides:
             raise ValueError("restore(method='masked'): the pruned weights are the parameters; do not pass params")
         layers = masked_layers(student, "restore(method='masked')")
+        nbytes = sum(lin.weight.numel() * lin.weight.element_size() for lin in layers.values())
+        log.info("masked restoration: %d weights of %d layers train in place; gradients and Adam state add %.1f MiB "
+                 "(3x the trained weights)", sum(lin.weight.numel() for lin in layers.values()), len(layers), 3 * nbytes / 2**20)
         names = list(layers)
         overrides["params"] = [lin.weight for lin in layers.values()]
     else:
@@ -98,7 +137,6 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
             names = add_sparse_lora(student, r=rank, alpha=alpha if alpha is not None else RECIPE["alpha_per_rank"] * rank)
         if not names:
             raise ValueError("restore: the student has no pruned (2:4) Linear layers to attach adapters to")
-    lr = DEFAULT_LR[method] if lr is None else lr
     opts = {k: RECIPE[k] for k in ("schedule", "warmup", "layers", "layer_weight")}
     if contrastive:
         if "aux_loss" in overrides:

@@ -3,6 +3,7 @@ every block of the vision tower and the language model is fitted in the order th
 them, on the student's own inputs against the teacher's block outputs; masks stay exactly 2:4 and
 unchanged; nothing but the pruned weights moves; bad inputs get errors that say what is wrong."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -74,16 +75,17 @@ def test_replayed_blocks_match_the_full_models(seed):
 
 def test_reconstruction_fits_each_block_and_keeps_the_masks(seed):
     teacher, student, masks = _pruned_pair(seed)
-    batches = [example_inputs(FAM, teacher, batch=2, seed=seed + s) for s in range(4)]
-    held_out = [example_inputs(FAM, teacher, batch=2, seed=seed + 100 + s) for s in range(2)]
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed + s) for s in range(8)]  # fewer: the tiny LM overfits
+    held_out = [example_inputs(FAM, teacher, batch=2, seed=seed + 100 + s) for s in range(4)]
     params0 = {n: p.detach().clone() for n, p in student.named_parameters()}
-    err0 = sum(_block_errors(student, teacher, held_out).values())
+    err0 = _block_errors(student, teacher, held_out)
     student.train()
     report = reconstruct_blocks(student, teacher, batches, steps=40, lr=3e-3, warmup=4, progress=False)
     assert student.training and not teacher.training  # modes handed back
     trained = [r for r in report["blocks"] if r["layers"]]
     assert trained and all(r["after"] < r["before"] for r in trained), trained
-    assert sum(_block_errors(student, teacher, held_out).values()) < 0.9 * err0  # it generalises beyond the batches
+    err1 = _block_errors(student, teacher, held_out)  # it generalises beyond the batches, in every block
+    assert sum(err1.values()) < 0.85 * sum(err0.values()) and all(err1[n] < 0.95 * err0[n] for n in err0), (err0, err1)
     loose = set(report["loose"])
     assert loose and all(not n.split(".")[-1].isdigit() for n in loose)  # e.g. lm_head, the projector
     for name, mask in masks.items():
@@ -130,13 +132,29 @@ def test_bad_inputs_name_the_problem(seed):
         reconstruct_blocks(student, teacher, batches, lr=0.0, progress=False)
     with pytest.raises(ValueError, match="no pruned Linear"):
         reconstruct_blocks(copy.deepcopy(teacher), teacher, batches, progress=False)
-    name = next(iter(masks))
-    half = copy.deepcopy(student)
-    half.get_submodule(name).to(torch.bfloat16)
-    with pytest.raises(ValueError, match=name.replace(".", r"\.") + r"\.weight is torch\.bfloat16"):
-        reconstruct_blocks(half, teacher, batches, progress=False)
     other = copy.deepcopy(teacher)
     lst = next(n for n, m in other.named_modules() if isinstance(m, nn.ModuleList) and "lang" in n)
     del other.get_submodule(lst)[-1]
     with pytest.raises(ValueError, match=f"teacher {lst!r} is not a ModuleList of"):
         reconstruct_blocks(student, other, batches, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_student_trains_a_float32_copy_per_block(seed, dtype):
+    """A bfloat16/float16 student: each block trains in a float32 working copy (an update of
+    ~lr x weight would round away in 8 or 11 mantissa bits) and is handed back in its own dtype,
+    fitted, with exactly its masks."""
+    teacher, student, masks = _pruned_pair(seed)
+    student.to(dtype)
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed + s) for s in range(2)]
+    dtypes = {n: t.dtype for n, t in itertools.chain(student.named_parameters(), student.named_buffers())}
+    params0 = {n: p.detach().clone() for n, p in student.named_parameters()}
+    report = reconstruct_blocks(student, teacher, batches, steps=30, lr=3e-3, progress=False)
+    assert {n: t.dtype for n, t in itertools.chain(student.named_parameters(), student.named_buffers())} == dtypes
+    trained = [r for r in report["blocks"] if r["layers"]]
+    assert trained and all(r["after"] < r["before"] for r in trained), trained
+    for name, mask in masks.items():
+        w = student.get_submodule(name).weight
+        assert not ((w != 0) & ~mask).any(), name
+        if name not in report["loose"]:
+            assert not torch.equal(w, params0[name + ".weight"]), f"{name}: the update rounded away"

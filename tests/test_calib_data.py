@@ -265,13 +265,13 @@ def test_cli_restore_feeds_the_calib_data_to_teacher_and_student(llava_dir, tmp_
     _png(imgs / "a.png")
     (tmp_path / "p.txt").write_text("list the objects\n")
     seen = {}
-    real = sparselora.restore.distill
+    real = sparselora.restore.reconstruct_blocks  # the default method's entry point
 
     def spy(student, teacher, batches, **kw):
         seen["batches"] = batches
         return real(student, teacher, batches, **kw)
 
-    monkeypatch.setattr(sparselora.restore, "distill", spy)
+    monkeypatch.setattr(sparselora.restore, "reconstruct_blocks", spy)
     assert main(["restore", str(pruned), "--teacher", str(llava_dir), "--steps", "1", "-q", "--calib", str(imgs),
                  "--calib-prompts", str(tmp_path / "p.txt"), "--calib-samples", "3", "--batch", "2", "--out", str(tmp_path / "r")]) == 0
     want = render(load_calib(str(imgs), str(tmp_path / "p.txt"), n=3), processor, batch=2, max_text_tokens=256)

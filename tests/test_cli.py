@@ -209,7 +209,7 @@ def test_restore_merge_sparsify_flow(tmp_path, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, "sparselora.distill", dist)
     p, r, m, s = (tmp_path / x for x in ("p", "r", "m", "s"))
     assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(p)]) == 0
-    assert main(["restore", str(p), "--teacher-tiny", "llava", "--steps", "3", "--rank", "4", "--lr", "1e-2",
+    assert main(["restore", str(p), "--method", "sparselora", "--teacher-tiny", "llava", "--steps", "3", "--rank", "4", "--lr", "1e-2",
                  "--calib-batches", "2", "--batch", "2", "-q", "--out", str(r)]) == 0
     assert (r / "sparselora_adapters.safetensors").exists()
     assert main(["merge", str(r), "--out", str(m)]) == 0
@@ -261,6 +261,46 @@ def test_restore_masked_writes_a_merged_model_with_the_same_masks(tmp_path, caps
     err = capsys.readouterr().err
     assert "torch.bfloat16" in err and "float32" in err and ".weight" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_restore_default_is_block_reconstruction(tmp_path, capsys, dtype):
+    """``restore`` with no --method: block-wise reconstruction, in place, in the student's own dtype;
+    the output is merged (``merge`` refuses it), keeps every mask exactly, records what ran, and
+    sparsifies; adapter options are refused with the reason."""
+    import sparselora.restore as R
+    from sparselora.cli import RESTORE_METHODS
+
+    assert RESTORE_METHODS == R.METHODS and RESTORE_METHODS[0] == R.DEFAULT_METHOD == "blocks"
+    p, r, s = (tmp_path / x for x in ("p", "r", "s"))
+    assert main(["prune", "--tiny", "llava", "--method", "magnitude", "--dtype", dtype, "-q", "--out", str(p)]) == 0
+    common = ["--teacher-tiny", "llava", "--dtype", dtype, "--calib-batches", "2", "--batch", "2", "-q"]
+    assert main(["restore", str(p), "--steps", "6", "--lr", "3e-3", *common, "--out", str(r)]) == 0
+    assert not (r / "sparselora_adapters.safetensors").exists()
+    pruned, _ = load_model(str(p), None)
+    restored, info = load_model(str(r), None)
+    rec = info["restore"]
+    assert info["stage"] == "merged" and rec["method"] == "blocks" and rec["steps"] == 6 and rec["lr"] == 3e-3
+    assert rec["block_error_after"] < rec["block_error_before"]
+    changed = 0
+    for name, lin in pruned.named_modules():
+        if not hasattr(lin, "sparse_mask"):
+            continue
+        w = restored.get_submodule(name).weight
+        assert w.dtype == lin.weight.dtype == getattr(torch, dtype), name
+        assert torch.equal(restored.get_submodule(name).sparse_mask, lin.sparse_mask), name
+        assert not ((w != 0) & ~lin.sparse_mask).any(), f"{name}: restored weight leaves its mask"
+        changed += not torch.equal(w, lin.weight)
+    assert changed > 0
+    capsys.readouterr()
+    assert main(["merge", str(r), "--out", str(tmp_path / "m")]) == 2
+    assert "already merged" in capsys.readouterr().err
+    assert main(["sparsify", str(r), "-q", "--out", str(s)]) == 0
+    for extra, words in ((["--rank", "8"], "--rank and --alpha"), (["--loss", "kl"], "--loss does not apply"),
+                         (["--merge"], "merged model already"), (["--method", "masked", "--alpha", "4"], "--method masked")):
+        assert main(["restore", str(p), *extra, *common, "--out", str(tmp_path / "x")]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
 
 
 def test_library_errors_are_clean(tmp_path, capsys):

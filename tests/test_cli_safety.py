@@ -50,7 +50,7 @@ def stages(tmp_path_factory):
     """One output of every stage on a tiny LLaVA: pruned, restored, merged, sparsified (all three formats)."""
     d = tmp_path_factory.mktemp("stages")
     assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(d / "p")]) == 0
-    assert main(["restore", str(d / "p"), "--teacher-tiny", "llava", "--steps", "2", "--rank", "4", "--calib-batches", "1",
+    assert main(["restore", str(d / "p"), "--method", "sparselora", "--teacher-tiny", "llava", "--steps", "2", "--rank", "4", "--calib-batches", "1",
                  "--batch", "2", "-q", "--out", str(d / "r")]) == 0
     assert main(["merge", str(d / "r"), "--out", str(d / "m")]) == 0
     assert main(["sparsify", str(d / "p"), "--format", "sparselora", "--out", str(d / "s")]) == 0
@@ -71,7 +71,8 @@ def _after(real):
     return f
 
 
-RESTORE = ["--teacher-tiny", "llava", "--steps", "2", "--rank", "4", "--calib-batches", "1", "--batch", "2", "-q"]
+RESTORE = ["--method", "sparselora", "--teacher-tiny", "llava", "--steps", "2", "--rank", "4", "--calib-batches", "1", "--batch", "2", "-q"]
+BLOCKS = ["--teacher-tiny", "llava", "--steps", "2", "--calib-batches", "1", "--batch", "2", "-q"]  # the default method
 # (command line with IN:x for stage x's output as input, the previous --out: another stage's output,
 # so that anything written into it changes it, what fails)
 INJECTIONS = [
@@ -84,6 +85,9 @@ INJECTIONS = [
     (["restore", "IN:p"] + RESTORE, "m", (sparselora.restore, "distill", KeyboardInterrupt)),
     (["restore", "IN:p"] + RESTORE, "m", (sparselora.checkpoint, "_atomic_write", "after")),
     (["restore", "IN:p", "--merge"] + RESTORE, "r", (sparselora.lora, "merge_sparse_lora", "after")),
+    (["restore", "IN:p"] + BLOCKS, "m", (sparselora.restore, "reconstruct_blocks", _boom)),
+    (["restore", "IN:p"] + BLOCKS, "m", (sparselora.restore, "reconstruct_blocks", KeyboardInterrupt)),
+    (["restore", "IN:p"] + BLOCKS, "m", (cli, "save_model", "after")),
     (["merge", "IN:r"], "s", (sparselora.lora, "merge_sparse_lora", _boom)),
     (["merge", "IN:r"], "s", (cli, "save_model", "after")),
     (["sparsify", "IN:p", "--format", "sparselora"], "r", (sparselora.checkpoint, "save_sparse", "after")),
@@ -126,7 +130,7 @@ def test_sigint_during_distillation_leaves_the_previous_output(stages, tmp_path)
     shutil.copytree(stages / "r", out)
     before = snapshot(out)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen([sys.executable, "-m", "sparselora", "restore", str(stages / "p"), "--teacher-tiny", "llava",
+    p = subprocess.Popen([sys.executable, "-m", "sparselora", "restore", str(stages / "p"), "--method", "sparselora", "--teacher-tiny", "llava",
                           "--steps", "1000000", "--rank", "4", "--calib-batches", "1", "--batch", "2", "-q", "--out", str(out)],
                          stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:

@@ -180,7 +180,7 @@ def test_default_recipe_on_tiny_vlm(fam, method, monkeypatch):
 
     before = errs()
     steps = RECIPE["steps"] // 2  # the default recipe, budget halved for speed
-    stats = restore(student, teacher, batches, steps=steps, rank=4, progress=False, method=method)
+    stats = restore(student, teacher, batches, steps=steps, progress=False, method=method, **({"rank": 4} if method == "sparselora" else {}))
     assert stats["steps"] == steps and len(stats["loss"]) == steps
     assert stats["teacher_forwards"] == len(batches)  # teacher outputs cached per batch
     assert len(hooked) == 2
@@ -238,16 +238,16 @@ def test_restore_contrastive_option(seed, monkeypatch):
 
     monkeypatch.setattr(restore_mod, "distill", spy)
     b = [torch.randn(8, 32) for _ in range(2)]
-    restore_mod.restore(student, teacher, b, steps=4, progress=False, contrastive=0.5)
+    restore_mod.restore(student, teacher, b, steps=4, progress=False, method="sparselora", contrastive=0.5)
     s, t = torch.randn(8, 8), torch.randn(8, 8)
     assert torch.allclose(seen["aux_loss"](s, t), 0.5 * info_nce(s, t))
     seen.clear()
-    restore_mod.restore(student, teacher, b, steps=4, progress=False)
+    restore_mod.restore(student, teacher, b, steps=4, progress=False, method="sparselora")
     assert seen.get("aux_loss") is None  # off unless asked: a VLM's logits are not sentence embeddings
     with pytest.raises(ValueError, match="contrastive must be >= 0"):
-        restore_mod.restore(student, teacher, b, steps=4, progress=False, contrastive=-1.0)
+        restore_mod.restore(student, teacher, b, steps=4, progress=False, method="sparselora", contrastive=-1.0)
     with pytest.raises(ValueError, match="not both"):
-        restore_mod.restore(student, teacher, b, steps=4, progress=False, contrastive=0.5, aux_loss=lambda s, t: s.sum())
+        restore_mod.restore(student, teacher, b, steps=4, progress=False, method="sparselora", contrastive=0.5, aux_loss=lambda s, t: s.sum())
 
 
 def test_pair_kl_against_float64_and_what_it_measures(seed):

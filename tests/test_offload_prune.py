@@ -213,7 +213,8 @@ def test_cli_restore_with_teacher_offload(tmp_path, monkeypatch, capsys):
 
     p = tmp_path / "p"
     assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(p)]) == 0
-    common = ["--teacher-tiny", "llava", "--steps", "3", "--rank", "4", "--lr", "1e-2", "--calib-batches", "2", "--batch", "2", "-q"]
+    common = ["--method", "sparselora", "--teacher-tiny", "llava", "--steps", "3", "--rank", "4", "--lr", "1e-2", "--calib-batches", "2",
+              "--batch", "2", "-q"]
     real_restore, seen = restore_mod.restore, []
 
     def spying_restore(student, teacher, *a, **k):

@@ -106,7 +106,7 @@ def test_masked_restore_bad_students_name_the_problem(seed):
 
     teacher, student, _ = _pruned_pair(seed)
     x = [torch.randn(8, 32)]
-    with pytest.raises(ValueError, match="method must be one of sparselora, masked, got 'full'"):
+    with pytest.raises(ValueError, match="method must be one of blocks, sparselora, masked, got 'full'"):
         restore(student, teacher, x, steps=2, progress=False, method="full")
     with pytest.raises(ValueError, match="no pruned Linear layers"):
         restore(copy.deepcopy(teacher), teacher, x, steps=2, progress=False, method="masked")
