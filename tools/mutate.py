@@ -234,9 +234,16 @@ MUTANTS = [
            "        return ((1 - p).to(self.source.dtype) @ self.cand / (p.shape[-1] - 1)).reshape(rows, -1)",
            ("tests/test_learned_masks.py::test_learning_moves_a_wrong_prior_to_the_right_mask",)),
     Mutant("masked-restore-gradient-unmasked", "restore", "masked restoration lets the pruned entries train (re-masked only at the end)",
-           "sparselora/restore.py", "    hooks = [lin.weight.register_hook(lambda g, m=lin.sparse_mask: g * m.to(g.dtype)) for lin in layers.values()]",
+           "sparselora/masked_training.py", "    hooks = [lin.weight.register_hook(lambda g, m=lin.sparse_mask: g * m.to(g.dtype)) for lin in layers.values()]",
            "    hooks = []",
            ("tests/test_restore_masked.py::test_masked_restore_trains_inside_the_mask_only",)),
+    Mutant("blocks-target-on-student-inputs", "restore", "block reconstruction runs the teacher's block on the student's inputs",
+           "sparselora/block_reconstruct.py", "target = [run_block(tl.module[i], cap_t, b, i, h) for b, h in enumerate(ht)]",
+           "target = [run_block(tl.module[i], cap_t, b, i, h) for b, h in enumerate(hs)]",
+           ("tests/test_block_reconstruct.py::test_replayed_blocks_match_the_full_models",)),
+    Mutant("blocks-low-precision-kept-float32", "restore", "a bfloat16 block stays in its float32 working copy",
+           "sparselora/block_reconstruct.py", "            t.data = t.data.to(dtypes[id(t)])", "            pass",
+           ("tests/test_block_reconstruct.py::test_low_precision_student_trains_a_float32_copy_per_block",)),
 ]
 
 
