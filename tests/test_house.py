@@ -140,6 +140,30 @@ def test_pruning_quiet_when_not_a_terminal(monkeypatch):
         assert ("magnitude" in stream.getvalue()) == tty, stream.getvalue()
 
 
+def test_readme_cli_flow_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's step-by-step CLI flow (prune -> restore -> sparsify -> bench) runs as written, in
+    order, each command through ``main``; the restored model is exactly 2:4 with the pruned masks."""
+    import shlex
+
+    from sparselora.cli import load_model, main
+
+    flows = [b for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S) if "sparselora prune    --tiny" in b]
+    assert len(flows) == 1, len(flows)
+    commands = [shlex.split(line.split("#")[0]) for line in flows[0].splitlines() if line.startswith("sparselora ")]
+    assert [c[1] for c in commands] == ["prune", "restore", "sparsify", "bench"]
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    for argv in commands:
+        assert main(argv[1:] + ["-q"]) == 0, argv  # every command of the flow takes -q (no progress bars)
+    pruned, _ = load_model("pruned", None)
+    restored, info = load_model("restored", None)
+    assert info["stage"] == "merged" and info["restore"]["method"] == "blocks"
+    for name, lin in pruned.named_modules():
+        if hasattr(lin, "sparse_mask"):
+            w = restored.get_submodule(name).weight
+            assert torch.equal(restored.get_submodule(name).sparse_mask, lin.sparse_mask) and not w[~lin.sparse_mask].any(), name
+
+
 def _python_blocks(md: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", md, flags=re.S)
 
