@@ -280,6 +280,8 @@ VARIANTS = {
     "R4:blocks256-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=2048),
     "R5:blocks128-lr3e-3": recipe(kind="masked-ft", steps=0, block_steps=128, block_lr=3e-3, n_train=2048),
     "R6:blocks64-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=64, block_lr=1e-3, n_train=2048),
+    "R7:blocks512-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048),
+    "R8:blocks256-4096sents": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=4096),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
     "X3:E2+relational10": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, rel=10.0),
     "E2:C+contrastive0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5),
@@ -419,6 +421,8 @@ DISPLAY = {
     "R4:blocks256-lr1e-3": "+ block-wise reconstruction only (256 steps per block, lr 1e-3)",
     "R5:blocks128-lr3e-3": "+ block-wise reconstruction only (128 steps per block, lr 3e-3)",
     "R6:blocks64-lr1e-3": "+ block-wise reconstruction only (64 steps per block, lr 1e-3)",
+    "R7:blocks512-lr1e-3": "+ block-wise reconstruction, 512 steps per block",
+    "R8:blocks256-4096sents": "+ block-wise reconstruction, 256 steps per block over 4096 sentences (one pass)",
     "lora-reprune-X9d": "+ ordinary LoRA, default recipe with 400 steps, merged, re-pruned by SparseGPT",
 }
 

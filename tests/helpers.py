@@ -156,3 +156,17 @@ class ResidualStack(torch.nn.Module):
         for b in self.blocks:
             x = x + b(x)
         return self.head(x)
+
+
+def magnitude_24_in_place(model: torch.nn.Module, keep=lambda name, lin: True) -> dict:
+    """Prune every plain Linear of ``model`` that ``keep(name, lin)`` selects to 2:4 by magnitude, in
+    place, with its ``sparse_mask`` buffer (what ``sparselora.pruning.prune`` leaves): the masks."""
+    masks = {}
+    for name, lin in model.named_modules():
+        if type(lin) is torch.nn.Linear and keep(name, lin):
+            mask = nm_mask(lin.weight.detach().abs())
+            with torch.no_grad():
+                lin.weight.mul_(mask)
+            lin.register_buffer("sparse_mask", mask, persistent=False)
+            masks[name] = mask
+    return masks

@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from sparselora.block_reconstruct import PROBE_BATCHES, reconstruct_blocks
 from sparselora.distill import _relative_error
-from sparselora.format import check_nm, nm_mask
+from helpers import magnitude_24_in_place
+from sparselora.format import check_nm
 from sparselora.tiny_models import build, example_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -22,14 +23,7 @@ FAM = "llava"  # a vision tower and a language model, both with block lists (see
 def _pruned_pair(seed):
     teacher = build(FAM, seed=seed % 1000).eval()
     student = copy.deepcopy(teacher)
-    masks = {}
-    for name, lin in student.named_modules():
-        if type(lin) is nn.Linear and lin.in_features % 4 == 0:
-            mask = nm_mask(lin.weight.detach().abs())
-            with torch.no_grad():
-                lin.weight.mul_(mask)
-            lin.register_buffer("sparse_mask", mask, persistent=False)
-            masks[name] = mask
+    masks = magnitude_24_in_place(student, lambda name, lin: lin.in_features % 4 == 0)
     return teacher, student, masks
 
 

@@ -232,6 +232,21 @@ def test_restore_merge_sparsify_flow(tmp_path, monkeypatch, capsys):
         torch.testing.assert_close(packed(**inputs).logits, merged(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+def _same_masks_trained(pruned, restored, dtype=None) -> int:
+    """Every pruned layer of ``restored`` keeps ``pruned``'s mask exactly (and ``dtype``); how many
+    of their weights changed."""
+    changed = 0
+    for name, lin in pruned.named_modules():
+        if not hasattr(lin, "sparse_mask"):
+            continue
+        w = restored.get_submodule(name).weight
+        assert dtype is None or w.dtype == lin.weight.dtype == dtype, name
+        assert torch.equal(restored.get_submodule(name).sparse_mask, lin.sparse_mask), name
+        assert not ((w != 0) & ~lin.sparse_mask).any(), f"{name}: restored weight leaves its mask"
+        changed += not torch.equal(w, lin.weight)
+    return changed
+
+
 def test_restore_masked_writes_a_merged_model_with_the_same_masks(tmp_path, capsys):
     """``restore --method masked``: the kept weights train in place; the output is already merged
     (``merge`` refuses it), keeps every mask exactly, and sparsifies; a bfloat16 student is refused
@@ -244,15 +259,7 @@ def test_restore_masked_writes_a_merged_model_with_the_same_masks(tmp_path, caps
     pruned, _ = load_model(str(p), None)
     restored, info = load_model(str(r), None)
     assert info["stage"] == "merged" and info["restore"] == {"method": "masked", "steps": 3, "loss": "mse", "lr": 1e-3}
-    changed = 0
-    for name, lin in pruned.named_modules():
-        if not hasattr(lin, "sparse_mask"):
-            continue
-        w = restored.get_submodule(name).weight
-        assert torch.equal(restored.get_submodule(name).sparse_mask, lin.sparse_mask), name
-        assert not ((w != 0) & ~lin.sparse_mask).any(), f"{name}: restored weight leaves its mask"
-        changed += not torch.equal(w, lin.weight)
-    assert changed > 0
+    assert _same_masks_trained(pruned, restored) > 0
     capsys.readouterr()
     assert main(["merge", str(r), "--out", str(tmp_path / "m")]) == 2
     assert "already merged" in capsys.readouterr().err
@@ -282,16 +289,7 @@ def test_restore_default_is_block_reconstruction(tmp_path, capsys, dtype):
     rec = info["restore"]
     assert info["stage"] == "merged" and rec["method"] == "blocks" and rec["steps"] == 6 and rec["lr"] == 3e-3
     assert rec["block_error_after"] < rec["block_error_before"]
-    changed = 0
-    for name, lin in pruned.named_modules():
-        if not hasattr(lin, "sparse_mask"):
-            continue
-        w = restored.get_submodule(name).weight
-        assert w.dtype == lin.weight.dtype == getattr(torch, dtype), name
-        assert torch.equal(restored.get_submodule(name).sparse_mask, lin.sparse_mask), name
-        assert not ((w != 0) & ~lin.sparse_mask).any(), f"{name}: restored weight leaves its mask"
-        changed += not torch.equal(w, lin.weight)
-    assert changed > 0
+    assert _same_masks_trained(pruned, restored, getattr(torch, dtype)) > 0
     capsys.readouterr()
     assert main(["merge", str(r), "--out", str(tmp_path / "m")]) == 2
     assert "already merged" in capsys.readouterr().err

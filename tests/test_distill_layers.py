@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from sparselora.distill import _relative_error, distill, find_blocks, lr_factor
-from helpers import ResidualStack
-from sparselora.format import check_nm, nm_mask
+from helpers import ResidualStack, magnitude_24_in_place
+from sparselora.format import check_nm
 from sparselora.lora import add_sparse_lora, merge_sparse_lora
 from sparselora.tiny_models import build, example_inputs
 
@@ -18,15 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prune(model, parts=None):
-    masks = {}
-    for name, lin in model.named_modules():
-        if type(lin) is nn.Linear and lin.in_features % 4 == 0 and (parts is None or any(p in name for p in parts)):
-            mask = nm_mask(lin.weight.detach().abs())
-            with torch.no_grad():
-                lin.weight.mul_(mask)
-            lin.register_buffer("sparse_mask", mask, persistent=False)
-            masks[name] = mask
-    return masks
+    return magnitude_24_in_place(model, lambda name, lin: lin.in_features % 4 == 0 and (parts is None or any(p in name for p in parts)))
 
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import ResidualStack
-from sparselora.format import check_nm, nm_mask
+from helpers import ResidualStack, magnitude_24_in_place
+from sparselora.format import check_nm
 from sparselora.restore import MASKED_LR, pruned_linears, restore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -19,14 +19,7 @@ def _pruned_pair(seed):
     torch.manual_seed(seed)
     teacher = ResidualStack().eval()
     student = copy.deepcopy(teacher)
-    masks = {}
-    for name, lin in student.named_modules():
-        if type(lin) is nn.Linear and name.startswith("blocks"):
-            mask = nm_mask(lin.weight.detach().abs())
-            with torch.no_grad():
-                lin.weight.mul_(mask)
-            lin.register_buffer("sparse_mask", mask, persistent=False)
-            masks[name] = mask
+    masks = magnitude_24_in_place(student, lambda name, lin: name.startswith("blocks"))
     return teacher, student, masks
 
 
