@@ -218,7 +218,11 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         if block_steps:
             from sparselora.block_reconstruct import reconstruct_blocks
 
+            import sparselora.block_reconstruct as BR
+
+            BR._SCREEN_DENSE_PARAMS = norms
             r = reconstruct_blocks(model, ctx["dense"], train, steps=block_steps, lr=block_lr, progress=False)
+            BR._SCREEN_DENSE_PARAMS = False
             extra = {"block_err_after": [b["after"] for b in r["blocks"]], "block_err_before": [b.get("before") for b in r["blocks"]]}
         if not steps:
             h = {"last": float("nan")}
@@ -282,6 +286,7 @@ VARIANTS = {
     "R6:blocks64-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=64, block_lr=1e-3, n_train=2048),
     "R7:blocks512-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048),
     "R8:blocks256-4096sents": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=4096),
+    "R9:R4+norms": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=2048, norms=True),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
     "X3:E2+relational10": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, rel=10.0),
     "E2:C+contrastive0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5),
@@ -423,6 +428,7 @@ DISPLAY = {
     "R6:blocks64-lr1e-3": "+ block-wise reconstruction only (64 steps per block, lr 1e-3)",
     "R7:blocks512-lr1e-3": "+ block-wise reconstruction, 512 steps per block",
     "R8:blocks256-4096sents": "+ block-wise reconstruction, 256 steps per block over 4096 sentences (one pass)",
+    "R9:R4+norms": "+ block-wise reconstruction, 256 steps per block, the blocks' biases and LayerNorms trained too",
     "lora-reprune-X9d": "+ ordinary LoRA, default recipe with 400 steps, merged, re-pruned by SparseGPT",
 }
 

@@ -279,6 +279,14 @@ def test_restore_default_is_block_reconstruction(tmp_path, capsys, dtype):
     from sparselora.cli import RESTORE_METHODS
 
     assert RESTORE_METHODS == R.METHODS and RESTORE_METHODS[0] == R.DEFAULT_METHOD == "blocks"
+    from sparselora.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd" or getattr(a, "choices", None) and "restore" in a.choices)
+    helps = {a.dest: a.help for a in sub.choices["restore"]._actions}
+    steps, lr = R.DEFAULT_STEPS, R.DEFAULT_LR  # the help states the library's defaults
+    assert f"{steps['blocks']} per block for blocks, {steps['sparselora']} for sparselora" in helps["steps"]
+    e = {k: "{}e{}".format(*(lambda m, x: (m, int(x)))(*f"{v:.0e}".split("e"))) for k, v in lr.items()}  # 0.001 -> 1e-3
+    assert f"{e['blocks']} for blocks, {e['sparselora']} for sparselora, {e['masked']} for masked" in helps["lr"], helps["lr"]
     p, r, s = (tmp_path / x for x in ("p", "r", "s"))
     assert main(["prune", "--tiny", "llava", "--method", "magnitude", "--dtype", dtype, "-q", "--out", str(p)]) == 0
     common = ["--teacher-tiny", "llava", "--dtype", dtype, "--calib-batches", "2", "--batch", "2", "-q"]
