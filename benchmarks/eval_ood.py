@@ -18,6 +18,10 @@ default 512 mixed calibration sentences in batches of 16; budget: same steps, ba
   * ``lora-reprune-*`` — the same recipe with ordinary peft LoRA, merged, re-pruned by SparseGPT
   * ``X9b:...`` — the same objective, data and steps with ``restore(method="masked")`` (the kept
     weights trained in place, lr 3e-4); ``ft-reprune-X9b`` — every weight trained, re-pruned
+  * ``R4:blocks256-lr1e-3`` — the default, ``restore(method="blocks")``: block-wise reconstruction
+    (:func:`sparselora.block_reconstruct.reconstruct_blocks`, 256 steps per block, lr 1e-3) on the
+    same 2048 sentences; ``R1`` / ``R6`` / ``R7`` 128 / 64 / 512 steps per block; its same-budget
+    baseline is ``lora-reprune-X9d`` (400 steps)
   * ``sparselora-v0`` / ``lora-reprune-v0`` — the first round's recipe (benchmarks/quality_sparselora.py)
   * further variants (the ladder and what was screened): see ``VARIANTS``; ``MAIN`` is the default set
 The seed draws the evaluation sentences/pairs, the training sentences and the adapter init.

@@ -1,29 +1,34 @@
-"""The default restoration recipe: SparseLoRA adapters on every pruned layer, distilled from the
-dense teacher block by block (every repeated transformer block's output, vision and language
-alike, plus the final output), with a warm-up + cosine learning-rate schedule.
+"""Restoration: recover what pruning lost from the dense teacher without leaving the 2:4 masks.
 
-Why this recipe (all-MiniLM-L6-v2, ``benchmarks/results/eval_ood.md``, measured on five held-out
-domains): matching every block tells each adapter what its own block should produce and closed
-more of the cosine gap than matching the final output only. For sentence-embedding models add
-``contrastive=EMBEDDING_CONTRASTIVE`` (with an ``output_fn`` that pools): it keeps the
-nearest-neighbour order that cosine matching alone loses. Feed it varied data, as many distinct
-examples as the steps can visit: 2048 distinct sentences beat 512 cycled at the same cost
-(:func:`sparselora.text_sources.calibration_texts` mixes several sources). What it does not do
-there: recover the labelled retrieval task lost by one-shot 2:4 pruning (see the README).
+Three methods (:data:`METHODS`), one entry point, :func:`restore`:
 
-What it starts from matters as much: SparseGPT calibrated on ~2048 varied sentences (not 512) and
-followed by the kept-weight refit (``prune(..., refit_iters=100)``) gave the best restored model
-measured (held-out cosine 0.900 over 3 seeds, against 0.881 from the plain 512-sentence base).
-The better the base, the less the restore adds (+0.034 on the plain base, +0.014 on that one).
-Masks learned end to end before restoring (:mod:`sparselora.pruning.learned_masks`) raised the
-one-shot model slightly, but not the restored one.
+* ``"blocks"`` (the default, :data:`DEFAULT_METHOD`): block-wise reconstruction
+  (:func:`sparselora.block_reconstruct.reconstruct_blocks`): each transformer block's kept weights
+  are fitted in place, one block at a time, to what the dense block produces on the student's own
+  inputs. Any dtype (a float32 working copy of one block), optimizer state for one block only,
+  nothing to merge.
+* ``"sparselora"``: SparseLoRA adapters on every pruned layer, distilled end to end (every
+  repeated block's output plus the final output, warm-up + cosine learning rate), merged
+  afterwards with exactly the same mask; the frozen base stays shareable.
+* ``"masked"``: the kept weights distilled end to end in place, gradient masked (float32 only;
+  gradients and Adam state add 3x the pruned weights' bytes).
 
-What trains matters too: ``method="masked"`` (the kept weights themselves, gradient masked) beat
-the rank-16 adapters on that base on every seed (held-out cosine 0.906 against 0.900, 3 seeds, at
-less CPU time; 0.912 with 400 steps) and training every weight then re-pruning (0.900); SparseLoRA
-needed 5x the steps (0.905, seed 0) to match it (``benchmarks/results/eval_ood_masked.md``). It
-needs float32 weights and 3x the pruned weights' bytes for gradients and Adam state, so adapters
-stay the default: they train in any dtype at any size and keep the frozen base shareable.
+Why the default (all-MiniLM-L6-v2, every Linear 2:4 by SparseGPT on 2048 mixed sentences + the
+kept-weight refit; five held-out domains, ``benchmarks/results/eval_ood_blocks.md``): block-wise
+reconstruction at 256 steps per block reached held-out cosine 0.932 on every seed (one-shot 0.887,
+SparseLoRA 0.900, masked 0.906 at 200 steps and 0.912 at 400, "LoRA, merge, re-prune" 0.896-0.898)
+at ~245 CPU-s on one thread, and kept the dense model's nearest neighbours best (top-1 agreement
+0.78 against 0.70-0.71). A local objective tells every weight exactly what its block should
+produce, and a step costs one block's forward and backward, with no teacher pass. Following it
+with end-to-end distillation lowered the held-out cosine (0.9185 against 0.9235, seed 0).
+
+For the end-to-end methods: matching every block closed more of the cosine gap than matching the
+final output only; for sentence-embedding models add ``contrastive=EMBEDDING_CONTRASTIVE`` (with an
+``output_fn`` that pools). Feed any method varied data, as many distinct examples as the steps can
+visit (:func:`sparselora.text_sources.calibration_texts` mixes several sources). What it starts
+from matters as much: SparseGPT calibrated on ~2048 varied sentences and followed by the
+kept-weight refit (``prune(..., refit_iters=100)``) was the best base measured. What none of them
+does there: bring the labelled retrieval task back to the dense model's accuracy (see the README).
 """
 from __future__ import annotations
 

@@ -242,3 +242,21 @@ def test_cli_restore_with_teacher_offload(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["restore", str(p), *common, "--teacher-offload", str(tmp_path / "off"), "--out", str(tmp_path / "again")]) == 2
     assert "--teacher-offload" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_cli_blocks_restore_with_teacher_offload(tmp_path):
+    """The default restore (block-wise reconstruction) with the teacher kept on disk gives the same
+    model as with the teacher in memory (the teacher's blocks replay through accelerate's hooks)."""
+    from sparselora.cli import load_model, main
+
+    p = tmp_path / "p"
+    assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(p)]) == 0
+    common = ["--teacher-tiny", "llava", "--steps", "4", "--calib-batches", "2", "--batch", "2", "-q"]
+    assert main(["restore", str(p), *common, "--out", str(tmp_path / "mem")]) == 0
+    assert main(["restore", str(p), *common, "--teacher-offload", "--out", str(tmp_path / "disk")]) == 0
+    (mem, info), (disk, _) = load_model(str(tmp_path / "mem"), None), load_model(str(tmp_path / "disk"), None)
+    assert info["restore"]["method"] == "blocks" and info["restore"]["block_error_after"] < info["restore"]["block_error_before"]
+    want, got = mem.state_dict(), disk.state_dict()
+    assert set(got) == set(want)
+    for k, t in want.items():
+        torch.testing.assert_close(got[k], t, rtol=1e-5, atol=1e-6, msg=k)
