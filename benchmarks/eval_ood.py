@@ -170,7 +170,7 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         raise ValueError("recipe: the pair term needs data='pairs'")
     if kind not in ("sparselora", "masked-ft", "ft", "lora"):
         raise ValueError(f"recipe: unknown kind {kind!r}")
-    if (block_steps and kind != "masked-ft") or (not steps and not block_steps):
+    if (block_steps and (kind != "masked-ft" or norms)) or (not steps and not block_steps):
         raise ValueError("recipe: block_steps needs kind='masked-ft', and steps=0 needs block_steps")
     def run(ctx):
         from sparselora.distill import distill, info_nce, pair_kl
@@ -222,11 +222,7 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         if block_steps:
             from sparselora.block_reconstruct import reconstruct_blocks
 
-            import sparselora.block_reconstruct as BR
-
-            BR._SCREEN_DENSE_PARAMS = norms
             r = reconstruct_blocks(model, ctx["dense"], train, steps=block_steps, lr=block_lr, progress=False)
-            BR._SCREEN_DENSE_PARAMS = False
             extra = {"block_err_after": [b["after"] for b in r["blocks"]], "block_err_before": [b.get("before") for b in r["blocks"]]}
         if not steps:
             h = {"last": float("nan")}
@@ -290,7 +286,7 @@ VARIANTS = {
     "R6:blocks64-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=64, block_lr=1e-3, n_train=2048),
     "R7:blocks512-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048),
     "R8:blocks256-4096sents": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=4096),
-    "R9:R4+norms": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=2048, norms=True),
+    "lora-reprune-600": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=30, lr=4e-3, contrastive=0.5, n_train=2048, steps=600),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
     "X3:E2+relational10": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, rel=10.0),
     "E2:C+contrastive0.5": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5),
@@ -395,7 +391,7 @@ DISPLAY = {
     "dense": "dense",
     "sparsegpt": "one-shot SparseGPT 2:4 (no restoration)",
     "E2:C+contrastive0.5": "+ SparseLoRA, every block matched + contrastive term (InfoNCE 0.5 on sentence embeddings), 512 sentences, merged",
-    "X1:E2+2048sents": "**+ SparseLoRA, default for embedding models** (same, 2048 distinct sentences), merged",
+    "X1:E2+2048sents": "+ SparseLoRA, end to end (blocks + output + contrastive 0.5, 2048 distinct sentences), merged",
     "lora-reprune-E2": "+ ordinary LoRA, same recipe as row 4, merged, re-pruned by SparseGPT",
     "E3:C+contrastive2": "+ SparseLoRA, blocks + contrastive 2.0, 512 sentences",
     "F4:C+r128-lr1.4e-3": "+ SparseLoRA, blocks, rank 128 (lr 1.4e-3), 512 sentences",
@@ -417,7 +413,7 @@ DISPLAY = {
     "X8c:X1+pairs0.03": "+ SparseLoRA default on adjacent-sentence pairs + pair ranking term 0.03",
     "X8d:X1-on-pair-text": "+ SparseLoRA default on adjacent-sentence pairs (no pair term)",
     "X9:X1-as-masked-FT-lr1e-4": "+ masked restore (kept weights trained, lr 1e-4), default objective and data",
-    "X9b:X1-as-masked-FT-lr3e-4": "**+ masked restore** (`restore(method=\"masked\")`: the kept weights trained in place, lr 3e-4), same objective, data, steps",
+    "X9b:X1-as-masked-FT-lr3e-4": "+ masked restore (`restore(method=\"masked\")`: the kept weights distilled end to end in place, lr 3e-4), same objective, data, steps",
     "X9c:X1-as-masked-FT-lr1e-3": "+ masked restore, lr 1e-3",
     "X9d:X9b+400steps": "+ masked restore, 400 steps",
     "X9g:X9b+1000steps": "+ masked restore, 1000 steps",
@@ -427,12 +423,14 @@ DISPLAY = {
     "R1:blocks128-lr1e-3": "+ block-wise reconstruction only (`reconstruct_blocks`, 128 steps per block, lr 1e-3)",
     "R2:R1+X9b": "+ block-wise reconstruction (128 steps per block, lr 1e-3), then masked restore (200 steps)",
     "R3:blocks128-lr3e-4+X9b": "+ block-wise reconstruction (128 steps per block, lr 3e-4), then masked restore (200 steps)",
-    "R4:blocks256-lr1e-3": "+ block-wise reconstruction only (256 steps per block, lr 1e-3)",
+    "R4:blocks256-lr1e-3": "**+ block-wise reconstruction, the default** (`restore()`: 256 steps per block, lr 1e-3)",
     "R5:blocks128-lr3e-3": "+ block-wise reconstruction only (128 steps per block, lr 3e-3)",
     "R6:blocks64-lr1e-3": "+ block-wise reconstruction only (64 steps per block, lr 1e-3)",
     "R7:blocks512-lr1e-3": "+ block-wise reconstruction, 512 steps per block",
     "R8:blocks256-4096sents": "+ block-wise reconstruction, 256 steps per block over 4096 sentences (one pass)",
+    # measured at 96f6fb2 with a screening switch since removed (it did not help): the blocks' biases and norms trained too
     "R9:R4+norms": "+ block-wise reconstruction, 256 steps per block, the blocks' biases and LayerNorms trained too",
+    "lora-reprune-600": "+ ordinary LoRA, end-to-end recipe with 600 steps, merged, re-pruned by SparseGPT",
     "lora-reprune-X9d": "+ ordinary LoRA, default recipe with 400 steps, merged, re-pruned by SparseGPT",
 }
 
@@ -441,7 +439,13 @@ DISPLAY = {
 PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-reprune-E2"), ("X1:E2+2048sents", "sparsegpt"),
          ("X9b:X1-as-masked-FT-lr3e-4", "lora-reprune-X1"), ("X9b:X1-as-masked-FT-lr3e-4", "ft-reprune-X9b"),
          ("X9b:X1-as-masked-FT-lr3e-4", "X1:E2+2048sents"), ("X9d:X9b+400steps", "X9b:X1-as-masked-FT-lr3e-4"),
-         ("X9e:X9b+pairs0.03", "X9b:X1-as-masked-FT-lr3e-4"), ("X9d:X9b+400steps", "lora-reprune-X9d")]
+         ("X9e:X9b+pairs0.03", "X9b:X1-as-masked-FT-lr3e-4"), ("X9d:X9b+400steps", "lora-reprune-X9d"),
+         # the default (block-wise, 256 steps per block) against its same-budget baseline and the others
+         ("R4:blocks256-lr1e-3", "lora-reprune-X9d"), ("R4:blocks256-lr1e-3", "sparsegpt"), ("R4:blocks256-lr1e-3", "X9d:X9b+400steps"),
+         ("R4:blocks256-lr1e-3", "X1:E2+2048sents"), ("R1:blocks128-lr1e-3", "lora-reprune-X1"), ("R4:blocks256-lr1e-3", "R1:blocks128-lr1e-3"),
+         ("R2:R1+X9b", "R1:blocks128-lr1e-3"), ("R8:blocks256-4096sents", "R4:blocks256-lr1e-3"),
+         ("R9:R4+norms", "R4:blocks256-lr1e-3"), ("R7:blocks512-lr1e-3", "R4:blocks256-lr1e-3"),
+         ("R7:blocks512-lr1e-3", "lora-reprune-600"), ("R7:blocks512-lr1e-3", "lora-reprune-X9d"), ("R7:blocks512-lr1e-3", "sparsegpt")]
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 
 

@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 #: the default budget: steps per block, Adam's peak learning rate, linear warm-up steps
 RECONSTRUCT = dict(steps=256, lr=1e-3, warmup=8)
 
-_SCREEN_DENSE_PARAMS = False
-
 #: the first batches, at most this many, on which each block's error is reported before and after
 PROBE_BATCHES = 8
 
@@ -175,8 +173,6 @@ def _float32_working_copy(block: nn.Module):
 def _fit_block(block: nn.Module, layers: dict[str, nn.Linear], cap, i: int, hs: list, target: list, batches: list[dict],
                steps: int, lr: float, warmup: int) -> None:
     params = [lin.weight for lin in layers.values()]
-    if _SCREEN_DENSE_PARAMS:  # screening only (benchmarks/eval_ood.py): the block's biases and norms too
-        params += [p for n, p in block.named_parameters() if n.endswith("bias") or "norm" in n.lower()]
     with _float32_working_copy(block) as upcast:
         if upcast:  # the block's other inputs (masks, position embeddings) in float32 too, for this block only
             cap = SimpleNamespace(args={b: {i: _as_float32(a[i])} for b, a in enumerate(cap.args)},
