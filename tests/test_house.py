@@ -140,6 +140,21 @@ def test_pruning_quiet_when_not_a_terminal(monkeypatch):
         assert ("magnitude" in stream.getvalue()) == tty, stream.getvalue()
 
 
+def test_readme_block_reconstruction_example_runs(tmp_path, monkeypatch):
+    """The block-wise (default) restoration example: blocks got nearer to the dense ones, every mask
+    exactly as pruned."""
+    from sparselora.format import check_nm
+
+    ns = _run_readme_example("block_error_before", tmp_path, monkeypatch)
+    model, report = ns["model"], ns["report"]
+    assert report["method"] == "blocks" and report["names"]
+    assert report["block_error_after"] < report["block_error_before"]
+    for name in report["names"]:
+        lin = model.get_submodule(name)
+        check_nm(lin.weight, name=name)
+        assert not lin.weight[~lin.sparse_mask].any(), name
+
+
 def test_readme_cli_flow_runs_as_written(tmp_path, monkeypatch, capsys):
     """The README's step-by-step CLI flow (prune -> restore -> sparsify -> bench) runs as written, in
     order, each command through ``main``; the restored model is exactly 2:4 with the pruned masks."""
