@@ -66,8 +66,9 @@ def _teacher_lists(teacher: nn.Module, student_lists) -> dict:
 
 def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable[dict], steps: int = RECONSTRUCT["steps"],
                        lr: float = RECONSTRUCT["lr"], warmup: Optional[int] = None, progress: bool = True) -> dict:
-    """Reconstruct every block of ``student`` (pruned, float32) from ``teacher`` (dense, same
-    architecture) on ``batches`` (forward-kwargs dicts, as for pruning), ``steps`` steps per block.
+    """Reconstruct every block of ``student`` (pruned; any floating dtype) from ``teacher`` (dense,
+    same architecture) on ``batches`` (forward-kwargs dicts, as for pruning), ``steps`` steps per
+    block. One progress bar counts every step of every block.
 
     ``warmup`` (linear warm-up steps) defaults to :data:`RECONSTRUCT`'s, at most a tenth of ``steps``.
     Both models run in ``eval()`` (no dropout; restored afterwards). Returns ``{"blocks": [{"name",
@@ -102,6 +103,8 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
         p.requires_grad_(False)
     report = []
     probe = range(min(len(batches), PROBE_BATCHES))  # the batches the before/after errors are measured on
+    fitted = sum(1 for bl in lists for names in bl.targets if names)
+    bar = progress_bar(total=fitted * steps, desc="reconstruct blocks", enabled=progress and steps > 0)
     try:
         for bl in lists:
             tl = t_lists[bl.name]
@@ -111,26 +114,27 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
             nbytes = 3 * sum(h.numel() * h.element_size() for h in hs)
             log.info("reconstruct_blocks %s: %d blocks, hidden states of %d batches resident (~%.1f MiB)",
                      bl.name, len(bl), len(batches), nbytes / 2**20)
-            for i in progress_bar(range(len(bl)), desc=f"reconstruct {bl.name}", enabled=progress):
+            for i in range(len(bl)):
                 block = bl.module[i]
                 names = bl.targets[i]
                 row = {"name": f"{bl.name}.{i}", "layers": len(names)}
                 with torch.no_grad():
-                    target = [run_block(tl.module[i], cap_t, b, i, h) for b, h in enumerate(ht)]
+                    ht = [run_block(tl.module[i], cap_t, b, i, h) for b, h in enumerate(ht)]  # this block's targets
                     if names and steps:
-                        row["before"] = _mean_error([run_block(block, cap_s, b, i, hs[b]) for b in probe], target, batches, probe)
+                        row["before"] = _mean_error([run_block(block, cap_s, b, i, hs[b]) for b in probe], ht, batches, probe)
                 if names and steps:
-                    _fit_block(block, {n: layers[n] for n in names}, cap_s, i, hs, target, batches, steps, lr, warmup)
+                    bar.set_postfix_str(row["name"])
+                    _fit_block(block, {n: layers[n] for n in names}, cap_s, i, hs, ht, batches, steps, lr, warmup, bar)
                 with torch.no_grad():
                     hs = [run_block(block, cap_s, b, i, h) for b, h in enumerate(hs)]
-                    row["after"] = _mean_error([hs[b] for b in probe], target, batches, probe)
+                    row["after"] = _mean_error([hs[b] for b in probe], ht, batches, probe)
                 for b, h in enumerate(hs):
                     if not torch.isfinite(h).all():
                         raise FloatingPointError(f"reconstruct_blocks: block {row['name']} output is not finite on batch {b}")
-                ht = target
                 report.append(row)
             del cap_s, cap_t, hs, ht
     finally:
+        bar.close()
         for p, req in grads:
             p.requires_grad_(req)
         student.train(was_training[0])
@@ -171,17 +175,17 @@ def _float32_working_copy(block: nn.Module):
 
 
 def _fit_block(block: nn.Module, layers: dict[str, nn.Linear], cap, i: int, hs: list, target: list, batches: list[dict],
-               steps: int, lr: float, warmup: int) -> None:
+               steps: int, lr: float, warmup: int, bar) -> None:
     params = [lin.weight for lin in layers.values()]
     with _float32_working_copy(block) as upcast:
         if upcast:  # the block's other inputs (masks, position embeddings) in float32 too, for this block only
             cap = SimpleNamespace(args={b: {i: _as_float32(a[i])} for b, a in enumerate(cap.args)},
                                   kwargs={b: {i: _as_float32(k[i])} for b, k in enumerate(cap.kwargs)},
                                   hidden_in_kwargs=cap.hidden_in_kwargs)
-        _adam_steps(block, layers, params, cap, i, hs, target, batches, steps, lr, warmup, upcast)
+        _adam_steps(block, layers, params, cap, i, hs, target, batches, steps, lr, warmup, upcast, bar)
 
 
-def _adam_steps(block, layers, params, cap, i, hs, target, batches, steps, lr, warmup, upcast) -> None:
+def _adam_steps(block, layers, params, cap, i, hs, target, batches, steps, lr, warmup, upcast, bar) -> None:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -198,6 +202,7 @@ def _adam_steps(block, layers, params, cap, i, hs, target, batches, steps, lr, w
                 loss.backward()
                 opt.step()
                 sched.step()
+                bar.update(1)
     finally:
         for p in params:
             p.requires_grad_(False)
