@@ -18,10 +18,10 @@ default 512 mixed calibration sentences in batches of 16; budget: same steps, ba
   * ``lora-reprune-*`` — the same recipe with ordinary peft LoRA, merged, re-pruned by SparseGPT
   * ``X9b:...`` — the same objective, data and steps with ``restore(method="masked")`` (the kept
     weights trained in place, lr 3e-4); ``ft-reprune-X9b`` — every weight trained, re-pruned
-  * ``R4:blocks256-lr1e-3`` — the default, ``restore(method="blocks")``: block-wise reconstruction
-    (:func:`sparselora.block_reconstruct.reconstruct_blocks`, 256 steps per block, lr 1e-3) on the
-    same 2048 sentences; ``R1`` / ``R6`` / ``R7`` 128 / 64 / 512 steps per block; its same-budget
-    baseline is ``lora-reprune-X9d`` (400 steps)
+  * ``R7:blocks512-lr1e-3`` — the default, ``restore(method="blocks")``: block-wise reconstruction
+    (:func:`sparselora.block_reconstruct.reconstruct_blocks`, 512 steps per block, lr 1e-3) on the
+    same 2048 sentences; ``R6`` / ``R1`` / ``R4`` 64 / 128 / 256 steps per block; its same-budget
+    baseline is ``lora-reprune-600`` (600 steps, ~350 CPU-s against ~385)
   * ``sparselora-v0`` / ``lora-reprune-v0`` — the first round's recipe (benchmarks/quality_sparselora.py)
   * further variants (the ladder and what was screened): see ``VARIANTS``; ``MAIN`` is the default set
 The seed draws the evaluation sentences/pairs, the training sentences and the adapter init.
@@ -423,10 +423,10 @@ DISPLAY = {
     "R1:blocks128-lr1e-3": "+ block-wise reconstruction only (`reconstruct_blocks`, 128 steps per block, lr 1e-3)",
     "R2:R1+X9b": "+ block-wise reconstruction (128 steps per block, lr 1e-3), then masked restore (200 steps)",
     "R3:blocks128-lr3e-4+X9b": "+ block-wise reconstruction (128 steps per block, lr 3e-4), then masked restore (200 steps)",
-    "R4:blocks256-lr1e-3": "**+ block-wise reconstruction, the default** (`restore()`: 256 steps per block, lr 1e-3)",
+    "R4:blocks256-lr1e-3": "+ block-wise reconstruction, 256 steps per block",
     "R5:blocks128-lr3e-3": "+ block-wise reconstruction only (128 steps per block, lr 3e-3)",
     "R6:blocks64-lr1e-3": "+ block-wise reconstruction only (64 steps per block, lr 1e-3)",
-    "R7:blocks512-lr1e-3": "+ block-wise reconstruction, 512 steps per block",
+    "R7:blocks512-lr1e-3": "**+ block-wise reconstruction, the default** (`restore()`: 512 steps per block, lr 1e-3)",
     "R8:blocks256-4096sents": "+ block-wise reconstruction, 256 steps per block over 4096 sentences (one pass)",
     # measured at 96f6fb2 with a screening switch since removed (it did not help): the blocks' biases and norms trained too
     "R9:R4+norms": "+ block-wise reconstruction, 256 steps per block, the blocks' biases and LayerNorms trained too",

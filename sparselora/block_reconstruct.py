@@ -43,7 +43,7 @@ __all__ = ["reconstruct_blocks", "RECONSTRUCT"]
 log = logging.getLogger(__name__)
 
 #: the default budget: steps per block, Adam's peak learning rate, linear warm-up steps
-RECONSTRUCT = dict(steps=256, lr=1e-3, warmup=8)
+RECONSTRUCT = dict(steps=512, lr=1e-3, warmup=8)
 
 #: the first batches, at most this many, on which each block's error is reported before and after
 PROBE_BATCHES = 8

@@ -852,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the teacher's weights on disk (accelerate disk offload into DIR, new or empty; a temporary "
                          "folder, removed afterwards, if DIR is omitted): one teacher module resident at a time")
     sp.add_argument("--steps", type=_positive_int, default=None,
-                    help="optimizer steps (default: 256 per block for blocks, 200 for sparselora and masked)")
+                    help="optimizer steps (default: 512 per block for blocks, 200 for sparselora and masked)")
     sp.add_argument("--method", choices=list(RESTORE_METHODS), default=RESTORE_METHODS[0],
                     help="blocks (default): each block's kept weights fitted in place to the dense block's output, one block "
                          "at a time (any dtype; optimizer state for one block), written merged; sparselora: masked low-rank "
