@@ -399,7 +399,7 @@ DISPLAY = {
     "X5:X1+400steps": "+ SparseLoRA, the default for embedding models with 400 steps instead of 200",
     "X6:X1+bank0.5": "+ SparseLoRA, the default + InfoNCE 0.5 against a bank of all 2048 teacher embeddings",
     "X4:E2+4096sents": "+ SparseLoRA, blocks + contrastive 0.5, 4096 sentences",
-    "lora-reprune-X1": "+ ordinary LoRA, same recipe and data as the default, merged, re-pruned by SparseGPT",
+    "lora-reprune-X1": "+ ordinary LoRA, the SparseLoRA recipe and data (200 steps), merged, re-pruned by SparseGPT",
     "sparselora-v0": "+ SparseLoRA, previous recipe (stdlib text, final-output cosine, lr 2e-3 constant), merged",
     "lora-reprune-v0": "+ ordinary LoRA, previous recipe, merged, re-pruned by SparseGPT",
     "A:mixed-data": "+ SparseLoRA, mixed text, final-output cosine",
@@ -420,7 +420,7 @@ DISPLAY = {
     "X9e:X9b+pairs0.03": "+ masked restore on adjacent-sentence pairs + pair ranking term 0.03 (`distill.pair_kl`)",
     "ft-reprune-X9b": "+ every weight trained (dense), same recipe as masked, re-pruned by SparseGPT",
     "X10:X1+1000steps": "+ SparseLoRA default, 1000 steps",
-    "R1:blocks128-lr1e-3": "+ block-wise reconstruction only (`reconstruct_blocks`, 128 steps per block, lr 1e-3)",
+    "R1:blocks128-lr1e-3": "+ block-wise reconstruction, 128 steps per block",
     "R2:R1+X9b": "+ block-wise reconstruction (128 steps per block, lr 1e-3), then masked restore (200 steps)",
     "R3:blocks128-lr3e-4+X9b": "+ block-wise reconstruction (128 steps per block, lr 3e-4), then masked restore (200 steps)",
     "R4:blocks256-lr1e-3": "+ block-wise reconstruction, 256 steps per block",
@@ -430,8 +430,8 @@ DISPLAY = {
     "R8:blocks256-4096sents": "+ block-wise reconstruction, 256 steps per block over 4096 sentences (one pass)",
     # measured at 96f6fb2 with a screening switch since removed (it did not help): the blocks' biases and norms trained too
     "R9:R4+norms": "+ block-wise reconstruction, 256 steps per block, the blocks' biases and LayerNorms trained too",
-    "lora-reprune-600": "+ ordinary LoRA, end-to-end recipe with 600 steps, merged, re-pruned by SparseGPT",
-    "lora-reprune-X9d": "+ ordinary LoRA, default recipe with 400 steps, merged, re-pruned by SparseGPT",
+    "lora-reprune-600": "+ ordinary LoRA, the SparseLoRA recipe with 600 steps, merged, re-pruned by SparseGPT",
+    "lora-reprune-X9d": "+ ordinary LoRA, the SparseLoRA recipe with 400 steps, merged, re-pruned by SparseGPT",
 }
 
 
@@ -445,7 +445,8 @@ PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-r
          ("R4:blocks256-lr1e-3", "X1:E2+2048sents"), ("R1:blocks128-lr1e-3", "lora-reprune-X1"), ("R4:blocks256-lr1e-3", "R1:blocks128-lr1e-3"),
          ("R2:R1+X9b", "R1:blocks128-lr1e-3"), ("R8:blocks256-4096sents", "R4:blocks256-lr1e-3"),
          ("R9:R4+norms", "R4:blocks256-lr1e-3"), ("R7:blocks512-lr1e-3", "R4:blocks256-lr1e-3"),
-         ("R7:blocks512-lr1e-3", "lora-reprune-600"), ("R7:blocks512-lr1e-3", "lora-reprune-X9d"), ("R7:blocks512-lr1e-3", "sparsegpt")]
+         ("R7:blocks512-lr1e-3", "lora-reprune-600"), ("R7:blocks512-lr1e-3", "lora-reprune-X9d"), ("R7:blocks512-lr1e-3", "lora-reprune-X1"),
+         ("R7:blocks512-lr1e-3", "sparsegpt"), ("R7:blocks512-lr1e-3", "X1:E2+2048sents"), ("R7:blocks512-lr1e-3", "X9d:X9b+400steps")]
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 
 
