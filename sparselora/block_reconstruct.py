@@ -111,6 +111,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
             with torch.no_grad():
                 cap_s, cap_t = capture_block_inputs(student, bl, batches), capture_block_inputs(teacher, tl, batches)
             hs, ht = cap_s.hidden, cap_t.hidden
+            _check_sequential(bl, cap_s)
             nbytes = 3 * sum(h.numel() * h.element_size() for h in hs)
             log.info("reconstruct_blocks %s: %d blocks, hidden states of %d batches resident (~%.1f MiB)",
                      bl.name, len(bl), len(batches), nbytes / 2**20)
@@ -140,6 +141,20 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
         student.train(was_training[0])
         teacher.train(was_training[1])
     return {"blocks": report, "loose": loose}
+
+
+def _check_sequential(bl, cap) -> None:
+    """Block 0 replayed on batch 0 must give what the model itself fed block 1; otherwise (a residual
+    or norm between blocks, outside them) every replayed input would be wrong."""
+    ref = cap.next_hidden0
+    if ref is None or len(bl) < 2:
+        return
+    with torch.no_grad():
+        out = run_block(bl.module[0], cap, 0, 0, cap.hidden[0])
+    if out.shape != ref.shape or (out.float() - ref.float()).abs().max() > 1e-3 * (ref.float().abs().max() + 1e-12):
+        raise ValueError(f"reconstruct_blocks: {bl.name!r} is not a plain sequential stack (block 0's output is not what the "
+                         "model feeds block 1), so replayed block inputs would be wrong; use restore(method='masked') or "
+                         "method='sparselora' for this model")
 
 
 def _mean_error(outs: list, target: list, batches: list, probe) -> float:

@@ -172,3 +172,22 @@ def test_every_tiny_family_reconstructs(fam):
     for name, mask in masks.items():
         w = student.get_submodule(name).weight
         assert not ((w != 0) & ~mask).any(), name
+
+
+def test_restore_default_refuses_tensor_batches_with_the_way_out(seed):
+    """``restore()`` defaults to block-wise reconstruction, which captures block inputs from a whole
+    forward: tensor batches (fine for the end-to-end methods) get an error naming the alternatives."""
+    from helpers import ResidualStack
+    from sparselora.restore import restore
+
+    teacher = ResidualStack()
+    student = copy.deepcopy(teacher)
+    magnitude_24_in_place(student, lambda name, lin: name.startswith("blocks"))
+    with pytest.raises(ValueError, match="method='sparselora' or 'masked'"):
+        restore(student, teacher, [torch.randn(8, 32)], steps=2, progress=False)
+    # dict batches reach the blocks; this model adds its residual outside them, so replay would be
+    # wrong: refused, not silently fitted on wrong inputs
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    with pytest.raises(ValueError, match="not a plain sequential stack"):
+        restore(student, teacher, [{"x": torch.randn(8, 32)}], steps=2, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())
