@@ -36,7 +36,7 @@ import torch.nn as nn
 from .distill import _relative_error, lr_factor
 from .masked_training import masked_gradients, masked_layers
 from .progress import progress_bar
-from .pruning.calibrate import as_batches, capture_block_inputs, find_block_lists, in_call_order, run_block
+from .pruning.calibrate import as_batches, capture_block_inputs, check_sequential, find_block_lists, in_call_order, run_block
 
 __all__ = ["reconstruct_blocks", "RECONSTRUCT"]
 
@@ -84,7 +84,10 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
     if warmup < 0 or (steps and warmup >= steps):
         raise ValueError(f"reconstruct_blocks: warmup must be in [0, steps), got {warmup} for {steps} steps")
     layers = masked_layers(student, "reconstruct_blocks", low_precision=True)
-    batches = as_batches(batches)
+    try:
+        batches = as_batches(batches)
+    except TypeError as e:  # block inputs are captured from a forward of the whole model: forward() kwargs only
+        raise ValueError(f"reconstruct_blocks: {e}; for tensor or tuple batches use restore(method='sparselora' or 'masked')") from None
     lists, loose = find_block_lists(student, layers)
     if not lists:
         raise ValueError("reconstruct_blocks: no pruned layer lives in a block list (nn.ModuleList of blocks)")
@@ -111,7 +114,10 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
             with torch.no_grad():
                 cap_s, cap_t = capture_block_inputs(student, bl, batches), capture_block_inputs(teacher, tl, batches)
             hs, ht = cap_s.hidden, cap_t.hidden
-            _check_sequential(bl, cap_s)
+            if len(bl) > 1:  # block 0 replayed must give what the model fed block 1, or every replayed input is wrong
+                with torch.no_grad():
+                    check_sequential(bl, cap_s, run_block(bl.module[0], cap_s, 0, 0, hs[0]),
+                                     instead="use restore(method='masked') or method='sparselora' for this model")
             nbytes = 3 * sum(h.numel() * h.element_size() for h in hs)
             log.info("reconstruct_blocks %s: %d blocks, hidden states of %d batches resident (~%.1f MiB)",
                      bl.name, len(bl), len(batches), nbytes / 2**20)
@@ -141,20 +147,6 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
         student.train(was_training[0])
         teacher.train(was_training[1])
     return {"blocks": report, "loose": loose}
-
-
-def _check_sequential(bl, cap) -> None:
-    """Block 0 replayed on batch 0 must give what the model itself fed block 1; otherwise (a residual
-    or norm between blocks, outside them) every replayed input would be wrong."""
-    ref = cap.next_hidden0
-    if ref is None or len(bl) < 2:
-        return
-    with torch.no_grad():
-        out = run_block(bl.module[0], cap, 0, 0, cap.hidden[0])
-    if out.shape != ref.shape or (out.float() - ref.float()).abs().max() > 1e-3 * (ref.float().abs().max() + 1e-12):
-        raise ValueError(f"reconstruct_blocks: {bl.name!r} is not a plain sequential stack (block 0's output is not what the "
-                         "model feeds block 1), so replayed block inputs would be wrong; use restore(method='masked') or "
-                         "method='sparselora' for this model")
 
 
 def _mean_error(outs: list, target: list, batches: list, probe) -> float:
@@ -197,28 +189,24 @@ def _fit_block(block: nn.Module, layers: dict[str, nn.Linear], cap, i: int, hs: 
             cap = SimpleNamespace(args={b: {i: _as_float32(a[i])} for b, a in enumerate(cap.args)},
                                   kwargs={b: {i: _as_float32(k[i])} for b, k in enumerate(cap.kwargs)},
                                   hidden_in_kwargs=cap.hidden_in_kwargs)
-        _adam_steps(block, layers, params, cap, i, hs, target, batches, steps, lr, warmup, upcast, bar)
-
-
-def _adam_steps(block, layers, params, cap, i, hs, target, batches, steps, lr, warmup, upcast, bar) -> None:
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, "cosine", warmup))
-    try:
-        with masked_gradients(layers):
-            for k in range(steps):
-                b = k % len(hs)
-                h = hs[b].float() if upcast else hs[b]
-                loss = _relative_error(run_block(block, cap, b, i, h), target[b], batches[b])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"reconstruct_blocks: non-finite loss at step {k} of block {i} ({list(layers)[:2]})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-    finally:
         for p in params:
-            p.requires_grad_(False)
-            p.grad = None
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, "cosine", warmup))
+        try:
+            with masked_gradients(layers):
+                for k in range(steps):
+                    b = k % len(hs)
+                    h = hs[b].float() if upcast else hs[b]
+                    loss = _relative_error(run_block(block, cap, b, i, h), target[b], batches[b])
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"reconstruct_blocks: non-finite loss at step {k} of block {i} ({list(layers)[:2]})")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    bar.update(1)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None

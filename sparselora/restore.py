@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -118,15 +118,11 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
         if given or overrides:
             raise ValueError(f"restore(method='blocks'): {', '.join(sorted(given | set(overrides)))} do not apply: each block "
                              "matches its dense block's output (use method='sparselora' or 'masked' for end-to-end distillation)")
-        batches = list(batches) if not isinstance(batches, (dict, torch.Tensor)) else [batches]
-        if not all(isinstance(b, Mapping) for b in batches):
-            raise ValueError("restore(method='blocks'): batches must be dicts of forward() kwargs (each block's inputs are "
-                             "captured from a forward of the whole model); for tensor or tuple batches use "
-                             "method='sparselora' or 'masked'")
         report = reconstruct_blocks(student, teacher, batches, steps=steps, lr=lr, progress=progress)
         fitted = [r for r in report["blocks"] if "before" in r]
         mean = (lambda key: sum(r[key] for r in fitted) / len(fitted)) if fitted else (lambda key: float("nan"))
-        names = [n for n in pruned_linears(student) if n not in set(report["loose"])]
+        loose = set(report["loose"])
+        names = [n for n in pruned_linears(student) if n not in loose]
         return dict(report, names=names, method=method, steps=steps, block_error_before=mean("before"),
                     block_error_after=mean("after"))
     if method != "sparselora" and (rank is not None or alpha is not None):

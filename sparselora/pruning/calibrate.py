@@ -369,16 +369,25 @@ def run_block(block: nn.Module, cap: _Captured, b: int, i: int, hidden: torch.Te
     return block_output(out)
 
 
-def check_sequential(blocks: BlockList, cap: _Captured, dense_out0: torch.Tensor) -> None:
-    """Warn if replaying block 0 does not reproduce the input the model fed block 1."""
+def check_sequential(blocks: BlockList, cap: _Captured, dense_out0: torch.Tensor, instead: Optional[str] = None) -> None:
+    """Warn if replaying block 0 does not reproduce the input the model fed block 1; with ``instead``
+    (what to do for such a model), raise a :class:`SparsityError` saying so rather than warn (for
+    callers whose results would be wrong, not merely off)."""
     ref = cap.next_hidden0
-    if ref is None or ref.shape != dense_out0.shape:
-        if ref is not None:
-            warnings.warn(f"block list {blocks.name!r}: block 0 output shape {tuple(dense_out0.shape)} differs from block 1 input "
-                          f"{tuple(ref.shape)}; sequential calibration may be wrong for this model", stacklevel=3)
+    if ref is None:
         return
-    err = (dense_out0.float() - ref.float()).abs().max().item()
-    scale = ref.float().abs().max().item() + 1e-12
-    if err > 1e-3 * scale:
-        warnings.warn(f"block list {blocks.name!r} is not a plain sequential stack (replayed block 0 output differs from the "
-                      f"model's block 1 input by {err:.3g}, max |x| {scale:.3g}); calibration statistics may be off", stacklevel=3)
+    if ref.shape != dense_out0.shape:
+        head = (f"block list {blocks.name!r}: block 0 output shape {tuple(dense_out0.shape)} differs from block 1 input "
+                f"{tuple(ref.shape)}")
+        tail = "sequential calibration may be wrong for this model"
+    else:
+        err = (dense_out0.float() - ref.float()).abs().max().item()
+        scale = ref.float().abs().max().item() + 1e-12
+        if err <= 1e-3 * scale:
+            return
+        head = (f"block list {blocks.name!r} is not a plain sequential stack (replayed block 0 output differs from the "
+                f"model's block 1 input by {err:.3g}, max |x| {scale:.3g})")
+        tail = "calibration statistics may be off"
+    if instead is not None:
+        raise SparsityError(f"{head}: replayed block inputs would be wrong; {instead}")
+    warnings.warn(f"{head}; {tail}", stacklevel=3)
