@@ -158,7 +158,7 @@ def _pairs(n_pairs, per_batch=8):
 
 def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", warmup=0, lr=2e-3, steps=200, rank=16,
            contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0, bank=0.0, norms=False, pairs=0.0, block_steps=0,
-           block_lr=3e-4):
+           block_lr=3e-4, mask_steps=0, by_length=False):
     """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned.
     ``norms``: LayerNorm weights/biases and every Linear bias train beside the adapters (dense, tiny,
     no effect on the masks). ``data='pairs'``: the training text is adjacent-sentence pairs
@@ -180,7 +180,7 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         if data == "pairs":
             train = _pairs(n_train // 2)(ctx["tok"], ctx["seed"])
         elif data == "mixed":
-            train = _mixed(n_train)(ctx["tok"], ctx["seed"])
+            train = _mixed(n_train, by_length)(ctx["tok"], ctx["seed"])
         else:
             train = _v0_data(ctx)
         model = student_model = copy.deepcopy(ctx["pruned"])
@@ -222,8 +222,10 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         if block_steps:
             from sparselora.block_reconstruct import reconstruct_blocks
 
-            r = reconstruct_blocks(model, ctx["dense"], train, steps=block_steps, lr=block_lr, progress=False)
+            r = reconstruct_blocks(model, ctx["dense"], train, steps=block_steps, lr=block_lr, mask_steps=mask_steps, progress=False)
             extra = {"block_err_after": [b["after"] for b in r["blocks"]], "block_err_before": [b.get("before") for b in r["blocks"]]}
+            if mask_steps:
+                extra["mask_changed"] = [b.get("mask_changed") for b in r["blocks"]]
         if not steps:
             h = {"last": float("nan")}
         elif kind == "masked-ft":  # the library's path: sparselora.restore.restore(method="masked")
@@ -234,7 +236,8 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         if kind in ("sparselora", "masked-ft"):  # trained inside the masks: the same masks, exactly
             if kind == "sparselora":
                 merge_sparse_lora(model)
-            check_same_mask(model, ctx["masks"])
+            # learned masks (mask_steps): exactly 2:4 on the mask each layer now records
+            check_same_mask(model, {n: model.get_submodule(n).sparse_mask.bool() for n in ctx["masks"]} if mask_steps else ctx["masks"])
             out = model
         else:  # "ft" (every weight) / "lora" (peft, merged): off the masks, so re-pruned by SparseGPT
             out = student_model.merge_and_unload() if kind == "lora" else model
@@ -285,6 +288,13 @@ VARIANTS = {
     "R5:blocks128-lr3e-3": recipe(kind="masked-ft", steps=0, block_steps=128, block_lr=3e-3, n_train=2048),
     "R6:blocks64-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=64, block_lr=1e-3, n_train=2048),
     "R7:blocks512-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048),
+    "M1:R7+masks256": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, mask_steps=256),
+    "M2:R7+masks384": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, mask_steps=384),
+    "M3:R4+masks128": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=2048, mask_steps=128),
+    "R10:blocks2048-lr1e-3": recipe(kind="masked-ft", steps=0, block_steps=2048, block_lr=1e-3, n_train=2048),
+    "R11:blocks512-lr2e-3": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=2e-3, n_train=2048),
+    "R12:R7-by-length": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, by_length=True),
+    "R13:blocks896-by-length": recipe(kind="masked-ft", steps=0, block_steps=896, block_lr=1e-3, n_train=2048, by_length=True),
     "R8:blocks256-4096sents": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=4096),
     "lora-reprune-600": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=30, lr=4e-3, contrastive=0.5, n_train=2048, steps=600),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
@@ -301,10 +311,13 @@ def _stdlib128(tok, seed):
             for x in train_s[:128]]
 
 
-def _mixed(n):
+def _mixed(n, by_length=False):
     def make(tok, seed):
+        from sparselora.calib_data import text_batches
         from sparselora.text_sources import calibration_texts
 
+        if by_length:  # the library's length-bucketed batches (sparselora.calib_data.text_batches)
+            return text_batches(tok, calibration_texts(n, seed=seed), 16, MAX_LEN, by_length=True, seed=seed)
         return batches(tok, calibration_texts(n, seed=seed))
     return make
 
@@ -427,6 +440,13 @@ DISPLAY = {
     "R5:blocks128-lr3e-3": "+ block-wise reconstruction only (128 steps per block, lr 3e-3)",
     "R6:blocks64-lr1e-3": "+ block-wise reconstruction only (64 steps per block, lr 1e-3)",
     "R7:blocks512-lr1e-3": "**+ block-wise reconstruction, the default** (`restore()`: 512 steps per block, lr 1e-3)",
+    "M1:R7+masks256": "+ block-wise reconstruction, 512 steps per block, the 2:4 masks learned in the first 256 (straight-through)",
+    "M2:R7+masks384": "+ block-wise reconstruction, 512 steps per block, the 2:4 masks learned in the first 384 (straight-through)",
+    "M3:R4+masks128": "+ block-wise reconstruction, 256 steps per block, the 2:4 masks learned in the first 128 (straight-through)",
+    "R10:blocks2048-lr1e-3": "+ block-wise reconstruction, 2048 steps per block (4x the default: how far more steps go)",
+    "R11:blocks512-lr2e-3": "+ block-wise reconstruction, 512 steps per block, lr 2e-3",
+    "R12:R7-by-length": "+ block-wise reconstruction, 512 steps per block, length-bucketed batches (`text_batches(by_length=True)`)",
+    "R13:blocks896-by-length": "+ block-wise reconstruction, 896 steps per block, length-bucketed batches",
     "R8:blocks256-4096sents": "+ block-wise reconstruction, 256 steps per block over 4096 sentences (one pass)",
     # measured at 96f6fb2 with a screening switch since removed (it did not help): the blocks' biases and norms trained too
     "R9:R4+norms": "+ block-wise reconstruction, 256 steps per block, the blocks' biases and LayerNorms trained too",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -352,13 +353,24 @@ def split_text(sentences: list[str], n_eval: int) -> tuple[list[str], list[str]]
     return keyed[n_eval:], keyed[:n_eval]
 
 
-def text_batches(tokenizer, sentences: list[str], batch: int, max_length: int) -> list[dict]:
+def text_batches(tokenizer, sentences: list[str], batch: int, max_length: int, by_length: bool = False,
+                 seed: int = 0) -> list[dict]:
+    """Tokenised batches of ``batch`` sentences, each padded to its longest (at most ``max_length``).
+
+    ``by_length``: sentences of similar token length are batched together, and the batches come in
+    a random order drawn from ``seed``. Padding is compute that teaches nothing: on mixed prose a
+    random batch of 16 is about 45 % padding, a length-sorted one under 1 %."""
+    if by_length:
+        lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]]
+        sentences = [sentences[i] for i in sorted(range(len(sentences)), key=lambda i: (lengths[i], i))]
     out = []
     for i in range(0, len(sentences), batch):
         chunk = sentences[i:i + batch]
         if chunk:
             enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             out.append(dict(enc))
+    if by_length:  # not short-to-long: whatever cycles over them (a schedule, an epoch) sees a mix
+        random.Random(seed).shuffle(out)
     return out
 
 

@@ -279,3 +279,34 @@ def test_cli_restore_feeds_the_calib_data_to_teacher_and_student(llava_dir, tmp_
     assert len(got) == len(want) == 2
     for g, w in zip(got, want):
         assert set(g) == set(w) and all(torch.equal(g[k], w[k]) for k in w)
+
+
+def test_text_batches_by_length_keeps_every_sentence_and_drops_the_padding(processor, seed):
+    """``by_length``: the same sentences, each once, in batches of similar length (far less padding
+    than batches in the given order), the batch order drawn from ``seed`` (not short to long)."""
+    import random
+
+    tok = processor.tokenizer
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    sents = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) + f" {i}" for i in range(67)]
+
+    def rows(batches):
+        out = []
+        for b in batches:
+            for ids, keep in zip(b["input_ids"].tolist(), b["attention_mask"].tolist()):
+                out.append(tuple(i for i, k in zip(ids, keep) if k))
+        return out
+
+    def padding(batches):
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    plain = cd.text_batches(tok, sents, 8, max_length=24)
+    assert rows(plain) == [tuple(tok(s, truncation=True, max_length=24)["input_ids"]) for s in sents]  # in order
+    bucketed = cd.text_batches(tok, sents, 8, max_length=24, by_length=True, seed=seed)
+    assert sorted(rows(bucketed)) == sorted(rows(plain)) and len(bucketed) == len(plain) == 9
+    assert padding(bucketed) < 0.5 * padding(plain), (padding(bucketed), padding(plain))
+    widths = [b["input_ids"].shape[1] for b in bucketed]
+    assert widths != sorted(widths) or len(set(widths)) == 1  # shuffled, not short to long
+    again = cd.text_batches(tok, sents, 8, max_length=24, by_length=True, seed=seed)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(bucketed, again))  # the seed decides
