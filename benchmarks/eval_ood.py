@@ -295,6 +295,8 @@ VARIANTS = {
     "R11:blocks512-lr2e-3": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=2e-3, n_train=2048),
     "R12:R7-by-length": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, by_length=True),
     "R13:blocks896-by-length": recipe(kind="masked-ft", steps=0, block_steps=896, block_lr=1e-3, n_train=2048, by_length=True),
+    "R14:blocks768-by-length-lr2e-3": recipe(kind="masked-ft", steps=0, block_steps=768, block_lr=2e-3, n_train=2048, by_length=True),
+    "R15:R7-128sents": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=128),
     "R8:blocks256-4096sents": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=4096),
     "lora-reprune-600": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=30, lr=4e-3, contrastive=0.5, n_train=2048, steps=600),
     "X4:E2+4096sents": recipe(layers="blocks", schedule="cosine", warmup=10, lr=4e-3, contrastive=0.5, n_train=4096),
@@ -447,6 +449,8 @@ DISPLAY = {
     "R11:blocks512-lr2e-3": "+ block-wise reconstruction, 512 steps per block, lr 2e-3",
     "R12:R7-by-length": "+ block-wise reconstruction, 512 steps per block, length-bucketed batches (`text_batches(by_length=True)`)",
     "R13:blocks896-by-length": "+ block-wise reconstruction, 896 steps per block, length-bucketed batches",
+    "R15:R7-128sents": "+ block-wise reconstruction, 512 steps per block on 128 sentences (the CLI's default calibration size)",
+    "R14:blocks768-by-length-lr2e-3": "+ block-wise reconstruction, 768 steps per block at lr 2e-3 on length-bucketed batches (the default's CPU time)",
     "R8:blocks256-4096sents": "+ block-wise reconstruction, 256 steps per block over 4096 sentences (one pass)",
     # measured at 96f6fb2 with a screening switch since removed (it did not help): the blocks' biases and norms trained too
     "R9:R4+norms": "+ block-wise reconstruction, 256 steps per block, the blocks' biases and LayerNorms trained too",

@@ -25,9 +25,9 @@ objective tells every weight exactly what its block should produce. It is the lo
 (or instead of) end-to-end distillation, :func:`sparselora.restore.restore` with
 ``method="masked"``.
 
-Memory: the student's and the teacher's hidden states at the current block for every batch (and
-the targets) stay resident: about 3 × batches × tokens × hidden × 4 bytes (logged); pass as many
-batches as that allows. Pruned Linears outside any block list (poolers, heads) are left as they are.
+Memory: for every batch, the student's input to the current block and the teacher's output of it
+stay resident, each replaced batch by batch as the blocks advance: about 2 × batches × tokens ×
+hidden × the model's bytes per element (logged); pass as many batches as that allows. Pruned Linears outside any block list (poolers, heads) are left as they are.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
                 with torch.no_grad():
                     check_sequential(bl, cap_s, run_block(bl.module[0], cap_s, 0, 0, hs[0]),
                                      instead="use restore(method='masked') or method='sparselora' for this model")
-            nbytes = 3 * sum(h.numel() * h.element_size() for h in hs)
+            nbytes = 2 * sum(h.numel() * h.element_size() for h in hs)
             log.info("reconstruct_blocks %s: %d blocks, hidden states of %d batches resident (~%.1f MiB)",
                      bl.name, len(bl), len(batches), nbytes / 2**20)
             for i in range(len(bl)):
@@ -140,7 +140,8 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
                 names = bl.targets[i]
                 row = {"name": f"{bl.name}.{i}", "layers": len(names)}
                 with torch.no_grad():
-                    ht = [run_block(tl.module[i], cap_t, b, i, h) for b, h in enumerate(ht)]  # this block's targets
+                    for b, h in enumerate(ht):  # this block's targets, in place: one batch more resident, not a copy
+                        ht[b] = run_block(tl.module[i], cap_t, b, i, h)
                     if names and steps:
                         row["before"] = _mean_error([run_block(block, cap_s, b, i, hs[b]) for b in probe], ht, batches, probe)
                 if names and steps:
@@ -148,7 +149,8 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
                     row.update(_fit_block(block, {n: layers[n] for n in names}, cap_s, i, hs, ht, batches, steps, lr, warmup, bar,
                                           mask_steps))
                 with torch.no_grad():
-                    hs = [run_block(block, cap_s, b, i, h) for b, h in enumerate(hs)]
+                    for b, h in enumerate(hs):
+                        hs[b] = run_block(block, cap_s, b, i, h)
                     row["after"] = _mean_error([hs[b] for b in probe], ht, batches, probe)
                 for b, h in enumerate(hs):
                     if not torch.isfinite(h).all():

@@ -358,7 +358,8 @@ def calibration_batches(model, info: dict, model_dir: str | None, n: int, batch:
         if tok is not None and getattr(model.config, "model_type", "") in ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet", "llama", "gemma", "qwen2", "opt", "mistral"):
             from .text_sources import calibration_texts  # several text sources mixed (see sparselora.restore)
 
-            return text_batches(tok, calibration_texts(n * batch), batch, max_length)
+            # length-bucketed: padding is compute (about 45 % of random batches of mixed text)
+            return text_batches(tok, calibration_texts(n * batch), batch, max_length, by_length=True)
     raise CLIError(f"this command needs calibration inputs and {model_dir} has no processor (processor_config.json or "
                    "preprocessor_config.json) to make them with: copy the original model's processor files into it, or call "
                    "the Python API with your own batches")
