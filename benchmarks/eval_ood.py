@@ -470,7 +470,13 @@ PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-r
          ("R2:R1+X9b", "R1:blocks128-lr1e-3"), ("R8:blocks256-4096sents", "R4:blocks256-lr1e-3"),
          ("R9:R4+norms", "R4:blocks256-lr1e-3"), ("R7:blocks512-lr1e-3", "R4:blocks256-lr1e-3"),
          ("R7:blocks512-lr1e-3", "lora-reprune-600"), ("R7:blocks512-lr1e-3", "lora-reprune-X9d"), ("R7:blocks512-lr1e-3", "lora-reprune-X1"),
-         ("R7:blocks512-lr1e-3", "sparsegpt"), ("R7:blocks512-lr1e-3", "X1:E2+2048sents"), ("R7:blocks512-lr1e-3", "X9d:X9b+400steps")]
+         ("R7:blocks512-lr1e-3", "sparsegpt"), ("R7:blocks512-lr1e-3", "X1:E2+2048sents"), ("R7:blocks512-lr1e-3", "X9d:X9b+400steps"),
+         # the default's neighbours: more steps, another lr, learned masks, bucketed batches, less data
+         ("R14:blocks768-by-length-lr2e-3", "R7:blocks512-lr1e-3"), ("R12:R7-by-length", "R7:blocks512-lr1e-3"),
+         ("R10:blocks2048-lr1e-3", "R7:blocks512-lr1e-3"), ("R11:blocks512-lr2e-3", "R7:blocks512-lr1e-3"),
+         ("R13:blocks896-by-length", "R7:blocks512-lr1e-3"), ("M1:R7+masks256", "R7:blocks512-lr1e-3"),
+         ("M2:R7+masks384", "R7:blocks512-lr1e-3"), ("R15:R7-128sents", "R7:blocks512-lr1e-3"),
+         ("R14:blocks768-by-length-lr2e-3", "lora-reprune-600"), ("R14:blocks768-by-length-lr2e-3", "sparsegpt")]
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 
 
