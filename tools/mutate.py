@@ -238,12 +238,21 @@ MUTANTS = [
            "    hooks = []",
            ("tests/test_restore_masked.py::test_masked_restore_trains_inside_the_mask_only",)),
     Mutant("blocks-target-on-student-inputs", "restore", "block reconstruction runs the teacher's block on the student's inputs",
-           "sparselora/block_reconstruct.py", "ht = [run_block(tl.module[i], cap_t, b, i, h) for b, h in enumerate(ht)]",
-           "ht = [run_block(tl.module[i], cap_t, b, i, h) for b, h in enumerate(hs)]",
+           "sparselora/block_reconstruct.py", "ht[b] = run_block(tl.module[i], cap_t, b, i, h)",
+           "ht[b] = run_block(tl.module[i], cap_t, b, i, hs[b])",
            ("tests/test_block_reconstruct.py::test_replayed_blocks_match_the_full_models",)),
     Mutant("blocks-low-precision-kept-float32", "restore", "a bfloat16 block stays in its float32 working copy",
            "sparselora/block_reconstruct.py", "            t.data = t.data.to(dtypes[id(t)])", "            pass",
            ("tests/test_block_reconstruct.py::test_low_precision_student_trains_a_float32_copy_per_block",)),
+    Mutant("blocks-learned-mask-not-recorded", "restore", "mask learning zeroes the weights off the learned mask but keeps the old sparse_mask",
+           "sparselora/block_reconstruct.py", "lin.sparse_mask.copy_(new.to(lin.sparse_mask.dtype))", "pass",
+           ("tests/test_block_reconstruct.py::test_mask_learning_moves_masks_and_stays_exactly_24",)),
+    Mutant("bucketed-batches-short-to-long", "restore", "length-bucketed batches come short to long, not shuffled",
+           "sparselora/calib_data.py", "random.Random(seed).shuffle(out)", "pass",
+           ("tests/test_calib_data.py::test_text_batches_by_length_keeps_every_sentence_and_drops_the_padding",)),
+    Mutant("cli-blocks-text-min-ignored", "restore", "the CLI's built-in text ignores the block-wise minimum of sentences",
+           "sparselora/cli.py", "calibration_texts(max(n * batch, min_text))", "calibration_texts(n * batch)",
+           ("tests/test_cli.py::test_text_calibration_batches_are_bucketed_and_honour_min_text",)),
 ]
 
 
