@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -7,6 +8,12 @@ import torch
 # any @triton.jit function is first called (importing torch does not call any).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A shell starts a background job (`cmd &` without job control, as CI wrappers and `nohup` do) with
+# SIGINT ignored, and Python then installs no Ctrl-C handler, for itself or the CLIs it spawns. The
+# Ctrl-C tests (test_staging, test_cli_safety) need what a terminal gives: an interruptible process.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
