@@ -18,7 +18,7 @@ each block the forward sees each weight's 2:4 projection (its two largest magnit
 4) while the gradient reaches every entry (straight-through, as SR-STE and MaskLLM train masks),
 starting from the pruning masks; then the masks are fixed, recorded in ``sparse_mask``, and the
 kept weights train on. The result is exactly 2:4, on the learned mask. Off by default: on
-MiniLM it moved ~10 % of the masks and did not fit the blocks measurably better (see the README).
+MiniLM it moved 7-11 % of the kept entries and fitted the blocks no better (see the README).
 
 Why: a step costs one block's forward and backward (no teacher, no other block), and the
 objective tells every weight exactly what its block should produce. It is the local stage before
@@ -27,7 +27,8 @@ objective tells every weight exactly what its block should produce. It is the lo
 
 Memory: for every batch, the student's input to the current block and the teacher's output of it
 stay resident, each replaced batch by batch as the blocks advance: about 2 × batches × tokens ×
-hidden × the model's bytes per element (logged); pass as many batches as that allows. Pruned Linears outside any block list (poolers, heads) are left as they are.
+hidden × the model's bytes per element (logged); pass as many batches as that allows. Pruned
+Linears outside any block list (poolers, heads) are left as they are.
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ MASKS_FILE = "sparselora_masks.safetensors"
 ADAPTERS_FILE = "sparselora_adapters.safetensors"
 #: restore --method choices, the default first (sparselora.restore.METHODS / DEFAULT_METHOD; a test keeps them equal)
 RESTORE_METHODS = ("blocks", "sparselora", "masked")
-#: block-wise restoration of a text model on the built-in text: at least this many sentences by default
+#: block-wise restoration of a text model on its built-in text: this many sentences unless --calib-batches is given
 BLOCKS_TEXT_SENTENCES = 2048
 STATE_FILE = "sparselora.json"
 # the keys of sparselora.tiny_models.BUILDERS, spelled out so that `--help` does not import torch (a test keeps them equal)
