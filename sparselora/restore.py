@@ -20,9 +20,10 @@ SparseLoRA 0.900, masked 0.906 at 200 steps and 0.912 at 400, "LoRA, merge, re-p
 at 200-600 steps), kept the dense model's nearest neighbours best (top-1 agreement 0.79 against
 0.70-0.72) and was the only restoration that raised the labelled retrieval task at all (over
 one-shot, 5 seeds: MRR +0.010 on every seed, acc@1 +0.010 ± 0.017), ahead of every LoRA re-prune
-budget on every metric and seed; ~385 CPU-s on one thread, 230 s wall on two. A local objective tells every weight exactly what its block should produce, and
-a step costs one block's forward and backward, with no teacher pass. Following it with end-to-end
-distillation lowered the held-out cosine (0.9185 against 0.9235 at 128 steps per block, seed 0).
+budget on every metric and seed; ~385 CPU-s on one thread, 230 s wall on two. A local objective
+tells every weight exactly what its block should produce, and a step costs one block's forward and
+backward, with no teacher pass. Following it with end-to-end distillation lowered the held-out
+cosine (0.9185 against 0.9235 at 128 steps per block, seed 0).
 
 For the end-to-end methods: matching every block closed more of the cosine gap than matching the
 final output only; for sentence-embedding models add ``contrastive=EMBEDDING_CONTRASTIVE`` (with an

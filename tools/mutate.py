@@ -250,7 +250,7 @@ MUTANTS = [
     Mutant("bucketed-batches-short-to-long", "restore", "length-bucketed batches come short to long, not shuffled",
            "sparselora/calib_data.py", "random.Random(seed).shuffle(out)", "pass",
            ("tests/test_calib_data.py::test_text_batches_by_length_keeps_every_sentence_and_drops_the_padding",)),
-    Mutant("cli-blocks-text-min-ignored", "restore", "the CLI's built-in text ignores the block-wise recipe (2048 sentences in batches of 16)",
+    Mutant("cli-blocks-text-recipe-ignored", "restore", "the CLI's built-in text ignores the block-wise recipe (2048 sentences in batches of 16)",
            "sparselora/cli.py", "sentences, batch = text or (n * batch, batch)", "sentences = n * batch",
            ("tests/test_cli.py::test_text_calibration_batches_are_bucketed_and_sized",)),
 ]
