@@ -9,6 +9,13 @@ Rows are appended to ``benchmarks/results/eval_ood.jsonl`` as they finish (one p
 variant, so an interrupted run keeps what it measured and a rerun skips what exists; pass
 ``--fresh`` to start over); the table of means ± spread goes to ``eval_ood.{md,json}``.
 
+Every row carries the fingerprints of its evaluation set (``eval_id``,
+:meth:`sparselora.eval_text.EvalSet.fingerprint`) and of the 2:4 base it started from (``base_id``,
+:func:`model_fingerprint`). Both come from text read out of installed packages, so another
+environment (other package versions) measures on other text from another base: a rerun remeasures
+every row whose fingerprints are not the current ones, and a table holds, per seed, only rows of
+one evaluation set and one base (:func:`comparable`; rows from before fingerprints are left out).
+
 Variants (all start from the same SparseGPT 2:4 model of a seed, calibrated as ``--base`` says,
 default 512 mixed calibration sentences in batches of 16; budget: same steps, batch, rank):
   * ``dense``, ``sparsegpt`` — the references (no restoration)
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import statistics
 import sys
@@ -381,6 +389,50 @@ def learned_base(dense, tok, seed, prior, calib, prune_kw, opts):
     return out, {"mask_changed": changed, "mask_learn_s": t, "mask_learn_cpu_s": c}
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of every pruned layer's weight and mask: which 2:4 base a row started from (the
+    base depends on the calibration text, read from installed packages, and on float rounding)."""
+    h = hashlib.sha256()
+    for name, m in sorted(model.named_modules(), key=lambda x: x[0]):
+        if hasattr(m, "sparse_mask"):
+            h.update(name.encode())
+            h.update(m.weight.detach().cpu().contiguous().numpy().tobytes())
+            h.update(m.sparse_mask.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def comparable(rows: list[dict]) -> tuple[list[dict], int]:
+    """The rows of each seed measured on the same evaluation set (``eval_id``) and, but for dense,
+    from the same 2:4 base (``base_id``) as that seed's newest fingerprinted rows; returns them and
+    how many were left out (another evaluation set or base, e.g. another environment's package
+    text, or rows from before fingerprints, which cannot be matched)."""
+    ref = {}
+    for r in rows:
+        if "eval_id" in r:
+            e, b = ref.get(r["seed"], (None, None))
+            if e != r["eval_id"]:
+                b = None
+            ref[r["seed"]] = (r["eval_id"], r.get("base_id", b))
+    keep = [r for r in rows if r["seed"] in ref and r.get("eval_id") == ref[r["seed"]][0]
+            and (r["variant"] == "dense" or r.get("base_id") == ref[r["seed"]][1])]
+    return keep, len(rows) - len(keep)
+
+
+def base_context(base: str, seed: int, dense, tok) -> tuple[dict, dict]:
+    """The SparseGPT 2:4 base of ``seed`` as ``--base`` describes it, and the context every
+    variant of :data:`VARIANTS` takes; returns ``(ctx, extra row fields of the base)``."""
+    calib = BASES[base](tok, seed)
+    pruned = copy.deepcopy(dense)
+    prune_kw = {"refit_iters": REFIT_ITERS} if "-refit" in base or base in LEARNED else {}
+    prune_kw.update(BASE_PRUNE.get(base, {}))
+    prune_24(pruned, "sparsegpt", calib, **prune_kw)
+    base_extra = {}
+    if base in LEARNED:
+        pruned, base_extra = learned_base(dense, tok, seed, pruned, calib, prune_kw, LEARNED[base])
+    masks = {n: m.sparse_mask.clone() for n, m in pruned.named_modules() if hasattr(m, "sparse_mask")}
+    return dict(seed=seed, dense=dense, tok=tok, pruned=pruned, masks=masks, calib=calib, prune_kw=prune_kw), base_extra
+
+
 #: the main table (3 seeds); the other variants were screened on seed 0 (``eval_ood_screen.md``)
 MAIN = ["dense", "sparsegpt", "C:B+cosine-lr", "E2:C+contrastive0.5", "X1:E2+2048sents", "lora-reprune-E2", "lora-reprune-X1"]
 
@@ -516,7 +568,8 @@ def across_bases(args) -> int:
     out = []
     for base in args.across_bases:
         for v in args.variants:
-            rs = [r for r in rows if r.get("base", "stdlib128") == base and r["variant"] == v and r["seed"] in args.seeds]
+            rs = [r for r in comparable([r for r in rows if r.get("base", "stdlib128") == base])[0]
+                  if r["variant"] == v and r["seed"] in args.seeds]
             if rs:
                 out.append({"base": base, "variant": v, "seeds": len(rs),
                             **{c: statistics.mean(r[c] for r in rs) for c in cols if all(c in r for r in rs)}})
@@ -552,29 +605,27 @@ def main(argv=None):
         log.unlink()
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
     done = [r for r in done if r.get("base", "stdlib128") == args.base]  # rows of another base stay in the log
-    have = {(r["seed"], r["variant"]) for r in done}
     dense, tok = load() if not args.report else (None, None)
     for seed in [] if args.report else args.seeds:
-        todo = [v for v in args.variants if (seed, v) not in have]
+        evalset = build_eval(seed)
+        ids = {"eval_id": evalset.fingerprint()}
+        ctx, base_extra = base_context(args.base, seed, dense, tok)
+        pruned = ctx["pruned"]
+        ids["base_id"] = model_fingerprint(pruned)
+        # done: measured on this evaluation set and (but for dense) from this base; anything else is remeasured
+        have = {r["variant"] for r in done if r["seed"] == seed and r.get("eval_id") == ids["eval_id"]
+                and (r["variant"] == "dense" or r.get("base_id") == ids["base_id"])}
+        todo = [v for v in args.variants if v not in have]
+        print(f"seed {seed}: evaluation set {ids['eval_id']}, base {ids['base_id']}; to measure: {todo}", flush=True)
         if not todo:
             continue
         t = time.time()
-        ev = Evaluator(dense, tok, build_eval(seed))
+        ev = Evaluator(dense, tok, evalset)
         print(f"seed {seed}: eval set ready in {time.time() - t:.0f}s", flush=True)
-        calib = BASES[args.base](tok, seed)
-        pruned = copy.deepcopy(dense)
-        prune_kw = {"refit_iters": REFIT_ITERS} if "-refit" in args.base or args.base in LEARNED else {}
-        prune_kw.update(BASE_PRUNE.get(args.base, {}))
-        prune_24(pruned, "sparsegpt", calib, **prune_kw)
-        base_extra = {}
-        if args.base in LEARNED:
-            pruned, base_extra = learned_base(dense, tok, seed, pruned, calib, prune_kw, LEARNED[args.base])
-        masks = {n: m.sparse_mask.clone() for n, m in pruned.named_modules() if hasattr(m, "sparse_mask")}
-        ctx = dict(seed=seed, dense=dense, tok=tok, pruned=pruned, masks=masks, calib=calib, prune_kw=prune_kw)
         for v in todo:
             t = time.time()
             if v == "dense":
-                row = {"seed": seed, "variant": v, "base": args.base, **ev.dense_row()}
+                row = {"seed": seed, "variant": v, "base": args.base, "eval_id": ids["eval_id"], **ev.dense_row()}
                 print(json.dumps(row), flush=True)
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -584,12 +635,14 @@ def main(argv=None):
                 model, extra = pruned, {}
             else:
                 model, extra = VARIANTS[v](ctx)
-            row = {"seed": seed, "variant": v, "base": args.base, **ev(model), **base_extra, **extra, "wall_s": time.time() - t}
+            row = {"seed": seed, "variant": v, "base": args.base, **ids, **ev(model), **base_extra, **extra, "wall_s": time.time() - t}
             print(json.dumps(row), flush=True)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             done.append(row)
-    rows = [r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds]
+    rows, left_out = comparable([r for r in done if r["variant"] in args.variants and r["seed"] in args.seeds])
+    if left_out:
+        print(f"{left_out} rows left out: measured on another evaluation set or base (or before fingerprints)", flush=True)
     table = sorted(summarize(rows), key=lambda r: args.variants.index(r["variant"]))
     metrics = ["cos_mixed", *(f"cos_{d}" for d in EVAL_DOMAINS), "cos_p10", "acc1", "acc1_vs_dense", "mrr", "nn_agree",
                "train_s", "train_cpu_s"]
@@ -600,7 +653,10 @@ def main(argv=None):
     cols = ["variant", "seeds"] + [m + " ±sd" for m in metrics]
     summary = {"model": f"all-MiniLM-L6-v2, all 37 Linears 2:4 (SparseGPT calibrated on {args.base})",
                "evaluation": "sparselora.eval_text: 5 held-out domains x 200 sentences, 500 retrieval pairs, per seed",
-               "seeds": sorted({r["seed"] for r in rows}), "threads": args.threads}
+               "seeds": sorted({r["seed"] for r in rows}), "threads": args.threads,
+               "evaluation sets / bases": ", ".join(sorted({f"{r['seed']}: {r['eval_id']}/{r.get('base_id')}" for r in rows
+                                                            if r["variant"] != "dense"})),
+               "rows left out (other evaluation set or base)": left_out}
     jpath, mpath = write_results(args.name, table, cols, summary)
     pairs = paired(rows)
     with mpath.open("a") as f:

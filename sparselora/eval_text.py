@@ -13,10 +13,14 @@ Two measurements, both offline on the CPU:
   query and the second its answer; a query is right when its own answer is the nearest of all
   answers (acc@1, also MRR). The dense model is well below 1.0 here, so losses show.
 
-A seed picks the sentences and the pairs (a different draw per seed, same domains).
+A seed picks the sentences and the pairs (a different draw per seed, same domains). The text comes
+from installed packages, so another environment draws other text for the same seed:
+:meth:`EvalSet.fingerprint` says which set a number was measured on.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -35,6 +39,13 @@ class EvalSet:
     queries: list[str] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)  # answers[i] belongs to queries[i]
     pair_domains: list[str] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        """A short hash of every text of the set, in order. The domains are read from installed
+        packages, so the same seed draws other text where other package versions are installed:
+        results are comparable only between rows with the same fingerprint."""
+        blob = json.dumps([self.seed, sorted(self.sentences.items()), self.queries, self.answers, self.pair_domains])
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def all_texts(self) -> set[str]:
         return {s for v in self.sentences.values() for s in v} | set(self.queries) | set(self.answers)

@@ -84,6 +84,10 @@ DEFAULT_STEPS = {"blocks": RECONSTRUCT["steps"], "sparselora": RECIPE["steps"], 
 EMBEDDING_CONTRASTIVE = 0.5
 
 
+#: the further options ``restore(method="blocks")`` passes to :func:`reconstruct_blocks`
+BLOCK_OPTIONS = ("warmup", "mask_steps")
+
+
 def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], steps: Optional[int] = None,
             rank: Optional[int] = None, alpha: Optional[float] = None, lr: Optional[float] = None, loss: Optional[str] = None,
             output_fn: Optional[Callable[[Any], Any]] = None, progress: bool = True, contrastive: float = 0.0,
@@ -101,7 +105,8 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     ``"blocks"`` runs :func:`sparselora.block_reconstruct.reconstruct_blocks` (``steps`` per block;
     ``batches`` of forward-kwargs dicts; in place, nothing to merge, any dtype); the distillation
     options (``rank``, ``alpha``, ``loss``, ``output_fn``, ``contrastive``, overrides) do not apply to
-    it and are refused. ``steps`` and ``lr`` default to :data:`DEFAULT_STEPS` / :data:`DEFAULT_LR` of
+    it and are refused; its own options (:data:`BLOCK_OPTIONS`: ``warmup``, ``mask_steps``) pass
+    through as overrides. ``steps`` and ``lr`` default to :data:`DEFAULT_STEPS` / :data:`DEFAULT_LR` of
     the method.
     Returns distill's stats (``"blocks"``: reconstruct_blocks' report and the mean block error before
     and after) plus ``"names"`` (the restored layers) and ``"method"``."""
@@ -116,10 +121,12 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     if method == "blocks":
         given = {k for k, v in dict(rank=rank, alpha=alpha, loss=loss, output_fn=output_fn).items() if v is not None}
         given |= {"contrastive"} if contrastive else set()
-        if given or overrides:
-            raise ValueError(f"restore(method='blocks'): {', '.join(sorted(given | set(overrides)))} do not apply: each block "
-                             "matches its dense block's output (use method='sparselora' or 'masked' for end-to-end distillation)")
-        report = reconstruct_blocks(student, teacher, batches, steps=steps, lr=lr, progress=progress)
+        foreign = given | (set(overrides) - set(BLOCK_OPTIONS))
+        if foreign:
+            raise ValueError(f"restore(method='blocks'): {', '.join(sorted(foreign))} do not apply: each block "
+                             "matches its dense block's output (use method='sparselora' or 'masked' for end-to-end distillation; "
+                             f"block-wise options: {', '.join(BLOCK_OPTIONS)})")
+        report = reconstruct_blocks(student, teacher, batches, steps=steps, lr=lr, progress=progress, **overrides)
         fitted = [r for r in report["blocks"] if "before" in r]
         mean = (lambda key: sum(r[key] for r in fitted) / len(fitted)) if fitted else (lambda key: float("nan"))
         loose = set(report["loose"])

@@ -269,3 +269,29 @@ def test_restore_default_refuses_tensor_batches_with_the_way_out(seed):
     with pytest.raises(ValueError, match="not a plain sequential stack"):
         restore(student, teacher, [{"x": torch.randn(8, 32)}], steps=2, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())
+
+
+def test_restore_blocks_passes_its_own_options_and_refuses_the_others(seed, monkeypatch):
+    """``restore(method='blocks', mask_steps=..., warmup=...)`` reaches reconstruct_blocks (masks
+    learned through the one entry point); distillation options are still refused by name, with the
+    block-wise options listed, before anything trains."""
+    from sparselora import restore as restore_mod
+
+    teacher, student, masks = _pruned_pair(seed)
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed + s) for s in range(2)]
+    seen = {}
+    real = restore_mod.reconstruct_blocks
+    monkeypatch.setattr(restore_mod, "reconstruct_blocks", lambda *a, **kw: (seen.update(kw), real(*a, **kw))[1])
+    out = restore_mod.restore(student, teacher, batches, steps=20, lr=3e-3, mask_steps=10, warmup=2, progress=False)
+    assert seen["mask_steps"] == 10 and seen["warmup"] == 2 and seen["steps"] == 20, seen
+    assert any(r.get("mask_changed", 0) > 0 for r in out["blocks"]), out["blocks"]
+    for name in masks:
+        lin = student.get_submodule(name)
+        check_nm(lin.weight, name=name)
+        assert not ((lin.weight != 0) & ~lin.sparse_mask.bool()).any(), name
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    with pytest.raises(ValueError, match=r"layer_weight do not apply.*block-wise options: warmup, mask_steps"):
+        restore_mod.restore(student, teacher, batches, steps=2, layer_weight=0.5, mask_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"mask_steps must be in \[0, steps=2\]"):
+        restore_mod.restore(student, teacher, batches, steps=2, mask_steps=5, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())

@@ -32,3 +32,44 @@ def test_summary_subtracts_the_same_seeds_dense():
     row = next(r for r in summarize(rows) if r["variant"] == a)
     assert abs(row["acc1_vs_dense"] - statistics.mean([0.40 - 0.45, 0.39 - 0.45, 0.42 - 0.45])) < 1e-12
     assert row["seeds"] == 3
+
+
+def test_only_rows_of_one_evaluation_set_and_base_are_compared():
+    """Rows of an earlier environment (other evaluation text or another 2:4 base) and rows without
+    fingerprints are left out; dense rows need only the evaluation set; each seed keeps its own."""
+    from benchmarks.eval_ood import comparable
+
+    rows = [{"seed": 0, "variant": "dense", "acc1": 0.46},  # no fingerprint: from before them
+            {"seed": 0, "variant": "dense", "eval_id": "e_old", "acc1": 0.45},
+            {"seed": 0, "variant": "x", "eval_id": "e_old", "base_id": "b_old"},
+            {"seed": 0, "variant": "dense", "eval_id": "e0", "acc1": 0.44},
+            {"seed": 0, "variant": "x", "eval_id": "e0", "base_id": "b_other"},  # same text, another base
+            {"seed": 0, "variant": "x", "eval_id": "e0", "base_id": "b0"},
+            {"seed": 0, "variant": "y", "eval_id": "e0", "base_id": "b0"},
+            {"seed": 1, "variant": "x", "eval_id": "e1", "base_id": "b1"},
+            {"seed": 2, "variant": "x"}]
+    keep, left = comparable(rows)
+    assert keep == [rows[3], rows[5], rows[6], rows[7]] and left == 5
+    assert comparable([])[0] == [] and comparable([rows[0]]) == ([], 1)
+
+
+def test_model_fingerprint_follows_the_pruned_weights_and_masks():
+    import copy
+
+    import torch
+    import torch.nn as nn
+
+    from benchmarks.eval_ood import model_fingerprint
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    for lin in m:
+        lin.register_buffer("sparse_mask", (torch.rand(8, 8) > 0.5))
+    base = model_fingerprint(m)
+    assert base == model_fingerprint(copy.deepcopy(m))
+    w = copy.deepcopy(m)
+    with torch.no_grad():
+        w[1].weight[0, 0] = torch.nextafter(w[1].weight[0, 0], torch.tensor(1.0))  # one rounding step
+    k = copy.deepcopy(m)
+    k[0].sparse_mask[0, 0] ^= True
+    assert len({base, model_fingerprint(w), model_fingerprint(k)}) == 3

@@ -107,3 +107,17 @@ def test_evaluator_on_minilm():
     got = ev(pruned)
     assert got["cos_mixed"] < 0.95 and set(got) == set(ref)
     assert all(0.0 < got[f"cos_{d}"] < 0.99 for d in ev.set.sentences)
+
+
+def test_fingerprint_names_the_text_of_the_set():
+    """Same draw, same fingerprint; any changed, added or reordered text (another package version's
+    docstrings) gives another one, so rows measured on different sets are never compared."""
+    a = EvalSet(0, {"x": ["One sentence here.", "Two sentences here."]}, ["Q one?"], ["A one."], ["x"])
+    same = EvalSet(0, {"x": ["One sentence here.", "Two sentences here."]}, ["Q one?"], ["A one."], ["x"])
+    assert a.fingerprint() == same.fingerprint() and len(a.fingerprint()) == 12
+    others = [EvalSet(0, {"x": ["One sentence here.", "Two sentences HERE."]}, ["Q one?"], ["A one."], ["x"]),
+              EvalSet(0, {"x": ["Two sentences here.", "One sentence here."]}, ["Q one?"], ["A one."], ["x"]),
+              EvalSet(0, {"x": ["One sentence here.", "Two sentences here."]}, ["Q one?"], ["A two."], ["x"]),
+              EvalSet(1, {"x": ["One sentence here.", "Two sentences here."]}, ["Q one?"], ["A one."], ["x"])]
+    assert len({a.fingerprint(), *(o.fingerprint() for o in others)}) == 1 + len(others)
+    assert build_eval(0).fingerprint() == build_eval(0).fingerprint() != build_eval(1).fingerprint()

@@ -253,6 +253,12 @@ MUTANTS = [
     Mutant("cli-blocks-text-recipe-ignored", "restore", "the CLI's built-in text ignores the block-wise recipe (2048 sentences in batches of 16)",
            "sparselora/cli.py", "sentences, batch = text or (n * batch, batch)", "sentences = n * batch",
            ("tests/test_cli.py::test_text_calibration_batches_are_bucketed_and_sized",)),
+    Mutant("eval-ood-compares-across-bases", "restore", "the out-of-domain report pairs rows that started from different 2:4 bases",
+           "benchmarks/eval_ood.py", 'and (r["variant"] == "dense" or r.get("base_id") == ref[r["seed"]][1])]', "]",
+           ("tests/test_eval_ood_report.py::test_only_rows_of_one_evaluation_set_and_base_are_compared",)),
+    Mutant("restore-blocks-drops-mask-steps", "restore", "restore(method='blocks') accepts mask_steps but does not pass it on",
+           "sparselora/restore.py", "lr=lr, progress=progress, **overrides)", "lr=lr, progress=progress)",
+           ("tests/test_block_reconstruct.py::test_restore_blocks_passes_its_own_options_and_refuses_the_others",)),
 ]
 
 
