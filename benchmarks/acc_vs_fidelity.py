@@ -113,6 +113,28 @@ def measure_seed(seed: int, base: str, variant: str, dense, tok, save=None) -> l
     return rows
 
 
+def diagnose(path: Path) -> list[str]:
+    """What the saved embeddings of one seed say about each model's error: acc@1 − dense as is and
+    with the error's mean over the calibration text removed (a common offset, which an output bias
+    could undo), and the share of the calibration error in its top principal directions."""
+    emb = torch.load(path)
+    ref = emb["dense"]
+    acc_d, _ = retrieval(ref["q"], ref["a"])
+    out = []
+    for name in [k for k in emb if k != "dense"]:
+        m = emb[name]
+        err = m["calib"] - ref["calib"]
+        mu = err.mean(0)
+        shifted = {k: F.normalize(v - mu, dim=-1) for k, v in m.items()}
+        s = torch.linalg.svdvals(err - mu) ** 2
+        share = (s / s.sum()).cumsum(0)
+        out.append(f"{path.name} {name}: acc@1 − dense {retrieval(m['q'], m['a'])[0] - acc_d:+.3f}, calibration mean error "
+                   f"removed {retrieval(shifted['q'], shifted['a'])[0] - acc_d:+.3f}; |mean error| / rms error "
+                   f"{mu.norm() / err.norm(dim=1).pow(2).mean().sqrt():.3f}; top 1/5/20 principal directions hold "
+                   f"{share[0]:.2f}/{share[4]:.2f}/{share[19]:.2f} of the error")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="retrieval acc@1 against held-out fidelity along each 2:4 model's own error")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -123,7 +145,12 @@ def main(argv=None):
     ap.add_argument("--name", default="acc_vs_fidelity")
     ap.add_argument("--save-emb", metavar="DIR", help="also save every embedding (and the calibration text's) there")
     ap.add_argument("--report", action="store_true", help="only rewrite the table from the rows measured so far")
+    ap.add_argument("--diagnose", metavar="DIR", help="only analyse the embeddings --save-emb wrote there (see diagnose())")
     args = ap.parse_args(argv)
+    if args.diagnose:
+        for f in sorted(Path(args.diagnose).glob("emb_seed*.pt")):
+            print("\n".join(diagnose(f)))
+        return 0
     torch.set_num_threads(args.threads)
     log = Path(args.log)
     rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
