@@ -19,7 +19,7 @@ block-wise reconstruction at 512 steps per block reached held-out cosine 0.937 (
 SparseLoRA 0.900, masked 0.906 at 200 steps and 0.912 at 400, "LoRA, merge, re-prune" 0.896-0.900
 at 200-600 steps), kept the dense model's nearest neighbours best (top-1 agreement 0.79 against
 0.70-0.72) and was the only restoration that raised the labelled retrieval task at all (over
-one-shot, 5 seeds: MRR +0.010 on every seed, acc@1 +0.010 ± 0.017), ahead of every LoRA re-prune
+one-shot, 5 seeds: MRR +0.014 on every seed, acc@1 +0.013 ± 0.016), ahead of every LoRA re-prune
 budget on every metric and seed; ~385 CPU-s on one thread, 230 s wall on two. A local objective
 tells every weight exactly what its block should produce, and a step costs one block's forward and
 backward, with no teacher pass. Following it with end-to-end distillation lowered the held-out
