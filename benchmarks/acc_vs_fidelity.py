@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
 from benchmarks.eval_ood import BASES, VARIANTS, base_context, load  # noqa: E402
+from sparselora.eval_text import _retrieval  # noqa: E402
 
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: isotropic-noise curve: noise draws averaged per point (acc@1 of one draw is noisy)
@@ -41,9 +42,9 @@ NOISE_DRAWS = 8
 
 
 def retrieval(q: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:
-    sim = q @ a.T
-    rank = (sim > sim.diagonal().unsqueeze(1)).sum(1)
-    return (rank == 0).float().mean().item(), (1.0 / (rank + 1).float()).mean().item()
+    """(acc@1, MRR), as :mod:`sparselora.eval_text` scores them."""
+    r = _retrieval(q, a)
+    return r["acc1"], r["mrr"]
 
 
 def along(dense: dict, model: dict, alpha: float) -> dict:

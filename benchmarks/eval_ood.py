@@ -609,14 +609,14 @@ def main(argv=None):
     for seed in [] if args.report else args.seeds:
         evalset = build_eval(seed)
         ids = {"eval_id": evalset.fingerprint()}
-        ctx, base_extra = base_context(args.base, seed, dense, tok)
-        pruned = ctx["pruned"]
-        ids["base_id"] = model_fingerprint(pruned)
+        if any(v != "dense" for v in args.variants):  # the dense row needs no 2:4 base
+            ctx, base_extra = base_context(args.base, seed, dense, tok)
+            ids["base_id"] = model_fingerprint(ctx["pruned"])
         # done: measured on this evaluation set and (but for dense) from this base; anything else is remeasured
         have = {r["variant"] for r in done if r["seed"] == seed and r.get("eval_id") == ids["eval_id"]
-                and (r["variant"] == "dense" or r.get("base_id") == ids["base_id"])}
+                and (r["variant"] == "dense" or r.get("base_id") == ids.get("base_id"))}
         todo = [v for v in args.variants if v not in have]
-        print(f"seed {seed}: evaluation set {ids['eval_id']}, base {ids['base_id']}; to measure: {todo}", flush=True)
+        print(f"seed {seed}: evaluation set {ids['eval_id']}, base {ids.get('base_id')}; to measure: {todo}", flush=True)
         if not todo:
             continue
         t = time.time()
@@ -632,7 +632,7 @@ def main(argv=None):
                 done.append(row)
                 continue
             if v == "sparsegpt":
-                model, extra = pruned, {}
+                model, extra = ctx["pruned"], {}
             else:
                 model, extra = VARIANTS[v](ctx)
             row = {"seed": seed, "variant": v, "base": args.base, **ids, **ev(model), **base_extra, **extra, "wall_s": time.time() - t}
