@@ -92,7 +92,7 @@ def measure_seed(seed: int, base: str, variant: str, dense, tok, save=None) -> l
     restored, _ = VARIANTS[variant](ctx)
     print(f"seed {seed}: {variant} in {time.process_time() - t:.0f} CPU-s", flush=True)
     rows, saved = [], {"dense": ref}
-    calib = calibration_texts(2048, seed=seed) if save else None
+    calib = calibration_texts(2048, seed=seed, domains=ctx["domains"]) if save else None
     for name, model in (("sparsegpt", ctx["pruned"]), (variant, restored)):
         emb = saved[name] = embeddings(model, tok, ev)
         for alpha in ALPHAS:

@@ -157,7 +157,7 @@ def _pairs(n_pairs, per_batch=8):
     def make(tok, seed):
         from sparselora.text_sources import calibration_pairs
 
-        pairs = calibration_pairs(n_pairs, seed=seed)
+        pairs = calibration_pairs(n_pairs, seed=seed, domains=DOMAINS3)
         return [dict(tok([q for q, _ in chunk] + [a for _, a in chunk], padding=True, truncation=True, max_length=MAX_LEN,
                          return_tensors="pt", return_token_type_ids=False))
                 for chunk in (pairs[i: i + per_batch] for i in range(0, len(pairs), per_batch)) if len(chunk) == per_batch]
@@ -188,7 +188,7 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         if data == "pairs":
             train = _pairs(n_train // 2)(ctx["tok"], ctx["seed"])
         elif data == "mixed":
-            train = _mixed(n_train, by_length)(ctx["tok"], ctx["seed"])
+            train = _mixed(n_train, by_length, ctx.get("domains", DOMAINS3))(ctx["tok"], ctx["seed"])
         else:
             train = _v0_data(ctx)
         model = student_model = copy.deepcopy(ctx["pruned"])
@@ -321,21 +321,30 @@ def _stdlib128(tok, seed):
             for x in train_s[:128]]
 
 
-def _mixed(n, by_length=False):
+#: the calibration domains every base and training text of these tables drew on until 2026-12-07
+#: (pinned here, so rows measured before the library's default grew stay reproducible)
+DOMAINS3 = ("stdlib", "pyref", "transformers")
+#: the five-domain pool (+ PyTorch / Hugging Face docstrings, + general-purpose library docstrings)
+DOMAINS5 = DOMAINS3 + ("torch", "libraries")
+
+
+def _mixed(n, by_length=False, domains=DOMAINS3):
     def make(tok, seed):
         from sparselora.calib_data import text_batches
         from sparselora.text_sources import calibration_texts
 
         if by_length:  # the library's length-bucketed batches (sparselora.calib_data.text_batches)
-            return text_batches(tok, calibration_texts(n, seed=seed), 16, MAX_LEN, by_length=True, seed=seed)
-        return batches(tok, calibration_texts(n, seed=seed))
+            return text_batches(tok, calibration_texts(n, seed=seed, domains=domains), 16, MAX_LEN, by_length=True, seed=seed)
+        return batches(tok, calibration_texts(n, seed=seed, domains=domains))
+    make.domains = domains
     return make
 
 
 #: the SparseGPT calibration of the 2:4 base every variant of a run starts from
 BASES = {"stdlib128": _stdlib128, "mixed512": _mixed(512), "mixed2048": _mixed(2048), "mixed512-refit": _mixed(512),
          "mixed2048-refit": _mixed(2048), "mixed4096-refit": _mixed(4096), "mixed512-refit-damp0.1": _mixed(512),
-         "mixed2048-refit-damp0.003": _mixed(2048), "mixed2048-refit-damp0.1": _mixed(2048)}
+         "mixed2048-refit-damp0.003": _mixed(2048), "mixed2048-refit-damp0.1": _mixed(2048),
+         "mixed5-2048-refit": _mixed(2048, domains=DOMAINS5), "mixed5-4096-refit": _mixed(4096, domains=DOMAINS5)}
 #: further SparseGPT options of a base (``percdamp``: the ridge toward the dense weights)
 BASE_PRUNE = {"mixed512-refit-damp0.1": dict(percdamp=0.1), "mixed2048-refit-damp0.003": dict(percdamp=0.003),
               "mixed2048-refit-damp0.1": dict(percdamp=0.1)}
@@ -430,7 +439,9 @@ def base_context(base: str, seed: int, dense, tok) -> tuple[dict, dict]:
     if base in LEARNED:
         pruned, base_extra = learned_base(dense, tok, seed, pruned, calib, prune_kw, LEARNED[base])
     masks = {n: m.sparse_mask.clone() for n, m in pruned.named_modules() if hasattr(m, "sparse_mask")}
-    return dict(seed=seed, dense=dense, tok=tok, pruned=pruned, masks=masks, calib=calib, prune_kw=prune_kw), base_extra
+    domains = getattr(BASES[base], "domains", DOMAINS3)  # the training text of every variant: the base's domains
+    return dict(seed=seed, dense=dense, tok=tok, pruned=pruned, masks=masks, calib=calib, prune_kw=prune_kw,
+                domains=domains), base_extra
 
 
 #: the main table (3 seeds); the other variants were screened on seed 0 (``eval_ood_screen.md``)

@@ -4,8 +4,12 @@ Two disjoint groups of domains:
 
 * **calibration** (:data:`CALIBRATION_DOMAINS`) — what restoration and pruning calibrate/distil on
   by default, mixed round-robin (:func:`calibration_texts`): standard-library docstrings, the
-  Python language reference (``pydoc_data.topics``) and ``transformers`` docstrings. All three ship
-  wherever the text-model path of this package runs.
+  Python language reference (``pydoc_data.topics``), ``transformers`` docstrings, PyTorch and
+  Hugging Face library docstrings, and docstrings of general-purpose packages (web, command lines,
+  testing, shells, parsing, concurrency). The first four ship wherever the text-model path of this
+  package runs; the last yields whatever of its packages is installed. Five domains instead of the
+  first three raised the held-out cosine of the default restoration of 2:4 MiniLM by 0.004 on
+  every one of 5 seeds, at the same budget (README).
 * **evaluation** (:data:`EVAL_DOMAINS`) — held out for :mod:`sparselora.eval_text`: third-party
   project READMEs (``METADATA`` descriptions), licence texts, scientific-library docstrings
   (scipy, sympy, networkx), matplotlib docstrings and AWS service documentation (botocore).
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CALIBRATION_DOMAINS", "EVAL_DOMAINS", "prose_sentences", "domain_docs", "domain_sentences",
            "calibration_texts", "calibration_pairs", "eval_pool", "normalize"]
 
-CALIBRATION_DOMAINS = ("stdlib", "pyref", "transformers")
+CALIBRATION_DOMAINS = ("stdlib", "pyref", "transformers", "torch", "libraries")
 EVAL_DOMAINS = ("readme", "legal", "science", "plotting", "cloud")
 
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
@@ -112,6 +116,56 @@ def _transformers() -> Iterator[tuple[str, str]]:
                                                 "transformers.tokenization_utils_base", "transformers.generation.utils",
                                                 "transformers.configuration_utils", "transformers.pipelines.base",
                                                 "transformers.feature_extraction_utils", "transformers.image_processing_base"])
+
+
+def _torch() -> Iterator[tuple[str, str]]:
+    """Docstrings of the PyTorch modules a model author reads (layers, losses, optimisers, data,
+    autograd, compilation, distributed) and of the Hugging Face libraries beside transformers."""
+    nn = ["linear", "conv", "activation", "loss", "normalization", "rnn", "transformer", "pooling", "dropout", "sparse", "module",
+          "container", "batchnorm", "padding", "pixelshuffle", "upsampling", "adaptive", "distance", "flatten", "fold", "instancenorm",
+          "channelshuffle"]
+    optim = ["optimizer", "adam", "adamw", "sgd", "lr_scheduler", "lbfgs", "rmsprop", "adagrad"]
+    other = ["torch.utils.data.dataset", "torch.utils.data.dataloader", "torch.utils.data.sampler", "torch.utils.checkpoint",
+             "torch.autograd.function", "torch.autograd.grad_mode", "torch.distributions.distribution", "torch.distributions.normal",
+             "torch.serialization", "torch.random", "torch.nn.init", "torch.nn.functional", "torch.amp.autocast_mode",
+             "torch.fx.graph_module", "torch.fx.graph", "torch.nn.parallel.distributed", "torch.export", "torch.library",
+             "torch.compiler", "torch.hub", "torch.cuda.memory", "torch.backends.cudnn", "torch.distributed.fsdp",
+             "torch.profiler.profiler", "torch.nn.utils.parametrize", "torch.nn.utils.prune", "torch.onnx"]
+    yield from _module_docs(("torch",), [f"torch.nn.modules.{m}" for m in nn] + [f"torch.optim.{m}" for m in optim] + other)
+    yield from _module_docs(("peft", "accelerate", "huggingface_hub"),
+                            ["peft", "peft.tuners.lora", "peft.peft_model", "peft.config", "accelerate", "accelerate.accelerator",
+                             "accelerate.big_modeling", "huggingface_hub", "huggingface_hub.hf_api", "huggingface_hub.file_download"])
+
+
+#: general-purpose packages (web, command lines, testing, shells, parsing, concurrency, validation),
+#: none of them scientific, plotting or cloud libraries (those are evaluation domains)
+_LIBRARIES = {
+    "click": ["click", "click.core", "click.types", "click.decorators"],
+    "jinja2": ["jinja2", "jinja2.environment", "jinja2.filters", "jinja2.loaders", "jinja2.runtime"],
+    "werkzeug": ["werkzeug", "werkzeug.wrappers", "werkzeug.routing", "werkzeug.datastructures", "werkzeug.utils", "werkzeug.security"],
+    "flask": ["flask", "flask.app", "flask.blueprints", "flask.helpers", "flask.ctx", "flask.config"],
+    "requests": ["requests", "requests.api", "requests.sessions", "requests.models", "requests.adapters", "requests.auth"],
+    "urllib3": ["urllib3", "urllib3.poolmanager", "urllib3.connectionpool", "urllib3.util.retry"],
+    "pydantic": ["pydantic", "pydantic.main", "pydantic.fields", "pydantic.config", "pydantic.functional_validators"],
+    "hypothesis": ["hypothesis", "hypothesis.strategies", "hypothesis.core"],
+    "_pytest": ["_pytest.fixtures", "_pytest.python", "_pytest.mark", "_pytest.config", "_pytest.monkeypatch", "_pytest.tmpdir",
+                "_pytest.capture"],
+    "IPython": ["IPython", "IPython.core.interactiveshell", "IPython.core.magic", "IPython.display", "IPython.core.completer"],
+    "docutils": ["docutils", "docutils.nodes", "docutils.frontend", "docutils.parsers.rst", "docutils.core"],
+    "rich": ["rich", "rich.console", "rich.table", "rich.progress", "rich.text"],
+    "dateutil": ["dateutil.parser", "dateutil.relativedelta", "dateutil.rrule", "dateutil.tz"],
+    "trio": ["trio", "trio.lowlevel"],
+    "attr": ["attr"],
+    "libcst": ["libcst"],
+    "jedi": ["jedi", "jedi.api"],
+    "prompt_toolkit": ["prompt_toolkit", "prompt_toolkit.shortcuts"],
+    "pyparsing": ["pyparsing"],
+}
+
+
+def _libraries() -> Iterator[tuple[str, str]]:
+    for pkg, modules in _LIBRARIES.items():
+        yield from _module_docs((pkg,), modules)
 
 
 def _distributions():
@@ -192,8 +246,13 @@ def _cloud(n_services: int = 40) -> Iterator[tuple[str, str]]:
             break  # newest API version only
 
 
+#: library-docstring domains that give up every sentence the ``readme`` evaluation domain holds
+#: (a package's top-level docstring often is its README), so that adding them to the calibration
+#: pool leaves the evaluation sets, and every result measured on one, as they were
+_YIELD_TO_READMES = ("torch", "libraries")
+
 _SOURCES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
-    "stdlib": _stdlib, "pyref": _pyref, "transformers": _transformers,
+    "stdlib": _stdlib, "pyref": _pyref, "transformers": _transformers, "torch": _torch, "libraries": _libraries,
     "readme": _readme, "legal": _legal, "science": _science, "plotting": _plotting, "cloud": _cloud,
 }
 
@@ -205,6 +264,8 @@ def domain_docs(domain: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     if domain not in _SOURCES:
         raise ValueError(f"unknown text domain {domain!r}; known: {', '.join(_SOURCES)}")
     seen, docs = set(), []
+    if domain in _YIELD_TO_READMES:  # a package's top-level docstring is often its README: leave those to the evaluation
+        seen = {normalize(s) for s in domain_sentences("readme")}
     for doc_id, text in _SOURCES[domain]():
         sents = []
         for s in prose_sentences(text):

@@ -259,6 +259,9 @@ MUTANTS = [
     Mutant("restore-blocks-drops-mask-steps", "restore", "restore(method='blocks') accepts mask_steps but does not pass it on",
            "sparselora/restore.py", "lr=lr, progress=progress, **overrides)", "lr=lr, progress=progress)",
            ("tests/test_block_reconstruct.py::test_restore_blocks_passes_its_own_options_and_refuses_the_others",)),
+    Mutant("library-domains-keep-readme-text", "restore", "the library-docstring calibration domains keep sentences a package README holds",
+           "sparselora/text_sources.py", "    if domain in _YIELD_TO_READMES:", "    if False:",
+           ("tests/test_eval_text.py::test_library_domains_yield_readme_sentences",)),
 ]
 
 
