@@ -587,8 +587,37 @@ def across_bases(args) -> int:
     summary = {"model": "all-MiniLM-L6-v2, all 37 Linears 2:4", "bases": "see BASES / BASE_PRUNE / LEARNED in eval_ood.py",
                "seeds": args.seeds, "threads": args.threads}
     jpath, mpath = write_results(args.name, out, ["base", "variant", "seeds", *cols], summary)
+    lines = []
+    for other in args.across_bases[1:]:  # each further base against the first, per seed (same evaluation set)
+        lines += paired_bases(rows, args.across_bases[0], other, args.variants, args.seeds)
+    if lines:
+        with mpath.open("a") as f:
+            f.write("\n".join(["", *lines, ""]))
     print("wrote", jpath, mpath)
     return 0
+
+
+def paired_bases(rows: list[dict], first: str, other: str, variants: list[str], seeds: list[int]) -> list[str]:
+    """Markdown: per seed, each variant on base ``other`` minus the same variant on base ``first``,
+    both measured on that seed's one evaluation set (rows of another evaluation set are left out)."""
+    by = {}
+    for base in (first, other):
+        for r in comparable([r for r in rows if r.get("base", "stdlib128") == base])[0]:
+            by[(base, r["variant"], r["seed"])] = r
+    out = [f"| {other} − {first} (same seed, same evaluation set) | seeds | " + " | ".join(PAIRED) + " |",
+           "|---|---|" + "---|" * len(PAIRED)]
+    for v in variants:
+        both = [s for s in seeds if (first, v, s) in by and (other, v, s) in by
+                and by[(first, v, s)]["eval_id"] == by[(other, v, s)]["eval_id"]]
+        if not both or v == "dense":
+            continue
+        cells = []
+        for m in PAIRED:
+            d = [by[(other, v, s)][m] - by[(first, v, s)][m] for s in both]
+            sd = statistics.stdev(d) if len(d) > 1 else float("nan")
+            cells.append(f"{statistics.mean(d):+.4f} ± {sd:.4f} ({'/'.join(f'{x:+.3f}' for x in d)})")
+        out.append(f"| {DISPLAY.get(v, v)} | {len(both)} | " + " | ".join(cells) + " |")
+    return out if len(out) > 2 else []
 
 
 def main(argv=None):

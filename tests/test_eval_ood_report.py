@@ -73,3 +73,22 @@ def test_model_fingerprint_follows_the_pruned_weights_and_masks():
     k = copy.deepcopy(m)
     k[0].sparse_mask[0, 0] ^= True
     assert len({base, model_fingerprint(w), model_fingerprint(k)}) == 3
+
+
+def test_paired_bases_subtracts_the_same_variant_and_seed_on_one_evaluation_set():
+    """A variant on one base minus the same variant on another, seed by seed; a seed whose two rows
+    were measured on different evaluation sets is left out."""
+    from benchmarks.eval_ood import paired_bases
+
+    rows = []
+    for seed, (c1, c2, e2) in enumerate([(0.93, 0.94, "e0"), (0.92, 0.95, "e1"), (0.90, 0.99, "other")]):
+        for base, c, e in (("A", c1, f"e{seed}"), ("B", c2, e2)):
+            rows.append({"seed": seed, "base": base, "variant": "dense", "eval_id": e, "cos_mixed": 1.0, "acc1": 0.4, "mrr": 0.5,
+                         "nn_agree": 1.0})
+            rows.append({"seed": seed, "base": base, "variant": "v", "eval_id": e, "base_id": base + str(seed), "cos_mixed": c,
+                         "acc1": 0.4, "mrr": 0.5, "nn_agree": 0.8})
+    lines = paired_bases(rows, "A", "B", ["dense", "v"], [0, 1, 2])
+    assert len(lines) == 3 and lines[0].startswith("| B − A")  # header, rule, one line: v (dense is not compared)
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[1] == "2" and cells[2].startswith(f"+0.0200 ± {statistics.stdev([0.01, 0.03]):.4f}") and "(+0.010/+0.030)" in cells[2]
+    assert paired_bases(rows, "A", "B", ["v"], [2]) == []
