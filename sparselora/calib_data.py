@@ -7,6 +7,8 @@ Images and prompts for a VLM (:func:`load_calib`, then :func:`render`):
   relative to the file; a line without ``"image"`` is a text-only sample);
 * a ``datasets`` dataset written by ``save_to_disk`` (needs the ``datasets`` package): its first
   image column and its first text column among text/prompt/question/caption/instruction;
+* a ``.txt`` file: one text-only sample per non-empty line (for a text model, your own domain's
+  text; the CLI tokenizes it with the model's tokenizer, :func:`text_batches`);
 * nothing: the offline default, images that ship with installed packages (matplotlib's sample
   data, scikit-image's ``data`` module when installed) with the bundled prompts.
 
@@ -15,8 +17,9 @@ so a missing folder, an empty file or an unreadable image is one error naming th
 :func:`render` turns the samples into ``model(**batch)`` dicts with the model's own processor and
 chat template (``AutoProcessor`` from the model directory).
 
-Text: real English sentences that ship with Python (standard-library docstrings), split into
-calibration and held-out sets by hash. Tiny models (:mod:`sparselora.tiny_models`, which have no
+Text: without ``--calib``, a text model calibrates on the sentences of
+:func:`sparselora.text_sources.calibration_texts` (several kinds of text that ship with Python and
+installed packages, mixed). Tiny models (:mod:`sparselora.tiny_models`, which have no
 processor): random but valid inputs built from the config (:func:`tiny_batches`).
 """
 from __future__ import annotations
@@ -168,6 +171,21 @@ def _from_jsonl(path: Path, n: int, option: str) -> CalibData:
     return CalibData([samples[i % len(samples)] for i in range(n)], f"{path} ({len(samples)} samples)")
 
 
+def _from_lines(path: Path, n: int, option: str) -> CalibData:
+    """One text-only sample per non-empty line of a text file (cycled up to ``n``)."""
+    try:
+        lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CalibDataError(f"{option} {path}: cannot read it as UTF-8 text ({e})") from None
+    samples = [Sample(None, x) for x in lines if x]
+    if not samples:
+        raise CalibDataError(f"{option} {path}: no text (the file has no non-empty line)")
+    if len(samples) < n:
+        log.warning("%s %s: %d lines for %d samples; each line is used about %d times", option, path, len(samples), n,
+                    -(-n // len(samples)))
+    return CalibData([samples[i % len(samples)] for i in range(n)], f"{path} ({len(samples)} lines)")
+
+
 def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_info.json").is_file() or (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
@@ -228,8 +246,10 @@ def load_calib(spec: Optional[str] = None, prompts: Optional[str] = None, n: int
             data = _from_folder(path, prompts, n, option)
         elif path.suffix.lower() in (".jsonl", ".json"):
             data = _from_jsonl(path, n, option)
+        elif path.suffix.lower() == ".txt":
+            data = _from_lines(path, n, option)
         else:
-            raise CalibDataError(f"{option} {spec}: expected an image folder, a .jsonl file or a datasets save_to_disk folder")
+            raise CalibDataError(f"{option} {spec}: expected an image folder, a .jsonl or .txt file or a datasets save_to_disk folder")
         if prompts and not path.is_dir() or prompts and _is_saved_dataset(path):
             raise CalibDataError("--calib-prompts goes with an image folder; a JSONL file or dataset carries its own text")
     checked: dict = {}

@@ -312,10 +312,21 @@ def _copy_tokenizer(src: Path | None, out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------
 # calibration / training inputs
-def check_calib(args, model_dirs: list, tiny: str | None):
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def _text_model_dir(dirs) -> str | None:
+    """The first of ``dirs`` with a tokenizer (a text model directory has no image processor)."""
+    return next((d for d in dirs if d and any((Path(d) / f).is_file() for f in _TOKENIZER_FILES)), None)
+
+
+def check_calib(args, model_dirs: list, tiny: str | None, text: tuple[int, int] | None = None):
     """The --calib data (or the offline default), read and checked before any model is loaded:
     a CalibData to render with the processor of the first of ``model_dirs`` that has one, or None
-    (tiny models: random inputs from the config; text models: text that ships with Python)."""
+    (tiny models: random inputs from the config; text models: text that ships with Python). A text
+    model (a tokenizer, no processor) takes text-only --calib data (a .txt file, one sample per
+    line, or JSONL without images): ``text[0]`` samples by default where the caller asks for the
+    built-in text's count (block-wise restore), else --calib-batches x --batch."""
     from .calib_data import CalibDataError, has_processor, load_calib
 
     if tiny:
@@ -324,10 +335,20 @@ def check_calib(args, model_dirs: list, tiny: str | None):
                            "it calibrates on random inputs built from its config (drop --calib, or save a model with a processor)")
         return None
     if not any(has_processor(d) for d in model_dirs if d):
+        shown = " / ".join(str(d) for d in model_dirs if d)
+        if args.calib and not args.calib_prompts and _text_model_dir(model_dirs):
+            try:
+                data = load_calib(args.calib, None, n=args.calib_samples or (text[0] if text else args.calib_batches * args.batch))
+            except CalibDataError as e:
+                raise CLIError(str(e)) from None
+            if data.has_images:
+                raise CLIError(f"--calib {args.calib}: {shown} is a text model (a tokenizer, no image processor): give it text "
+                               "only, a .txt file with one sample per line or JSONL lines without \"image\"")
+            return data
         if args.calib or args.calib_prompts:
-            shown = " / ".join(str(d) for d in model_dirs if d)
             raise CLIError(f"--calib: {shown} has no processor (processor_config.json or preprocessor_config.json) to render "
-                           "images and prompts with; copy the original model's processor files into it")
+                           "images and prompts with, and no tokenizer to take text-only data with; copy the original model's "
+                           "processor or tokenizer files into it")
         return None
     try:
         return load_calib(args.calib, args.calib_prompts, n=args.calib_samples or args.calib_batches * args.batch)
@@ -346,6 +367,12 @@ def calibration_batches(model, info: dict, model_dir: str | None, n: int, batch:
 
     if info.get("tiny"):
         return tiny_batches(info["tiny"], model, n, batch)
+    if data is not None and not any(has_processor(d) for d in processor_dirs if d):  # a text model's own text
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(_text_model_dir(processor_dirs))
+        return text_batches(tok, [s.text for s in data.samples], text[1] if text else batch, max_text_tokens or max_length,
+                            by_length=True)
     if data is not None:
         src = next(d for d in processor_dirs if has_processor(d))
         try:
@@ -556,7 +583,7 @@ def cmd_restore(args) -> int:
     tiny = args.teacher_tiny or _read_state(_model_dir(args.model, "model")).get("tiny")
     if args.teacher:
         _model_dir(args.teacher, "--teacher")
-    data = check_calib(args, [args.model, args.teacher], tiny)  # before either model loads
+    data = check_calib(args, [args.model, args.teacher], tiny, text)  # before either model loads
     with _staged(args.out) as tmp, contextlib.ExitStack() as stack:
         teacher = None
         if args.teacher_offload is not None:  # teacher first, so it is on disk before the student loads
@@ -571,6 +598,8 @@ def cmd_restore(args) -> int:
                                       args.calib_batches, args.batch, data=data, processor_dirs=(args.model, args.teacher),
                                       max_text_tokens=args.calib_seq_len, text=text)
         state = dict(info, stage="restored")
+        if data is not None:  # what restoration trained on (the pruning's own data stays under "calib")
+            state["restore_calib"] = data.source
         restore_mod = _need("sparselora.restore", "restoration")
         lr = args.lr or restore_mod.DEFAULT_LR[method]
         steps = args.steps or restore_mod.DEFAULT_STEPS[method]
@@ -817,7 +846,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="calibration data for a model directory, rendered with its processor and chat template: an image "
                              "folder (prompts from --calib-prompts or bundled ones), a JSONL file of {\"image\": path, \"text\": "
                              "prompt} lines, or a datasets save_to_disk folder (default: images that ship with installed "
-                             "packages, e.g. matplotlib's sample data, with bundled prompts; works offline)")
+                             "packages, e.g. matplotlib's sample data, with bundled prompts; works offline). A text model "
+                             "(tokenizer, no processor) takes a .txt file, one sample per line, or JSONL without images: "
+                             "text of the domain it will serve (default: mixed text that ships with installed packages)")
         sp.add_argument("--calib-prompts", metavar="FILE", help="with an image folder: one prompt per line")
         sp.add_argument("--calib-samples", type=_positive_int, metavar="N",
                         help="calibration samples (default: --calib-batches x --batch); images and prompts are cycled")

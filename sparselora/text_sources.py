@@ -32,6 +32,7 @@ import logging
 import random
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -76,7 +77,9 @@ def _module_docs(prefixes: tuple[str, ...], modules: list[str], limit_attrs: int
     seen = set()
     for name in modules:
         try:
-            mod = importlib.import_module(name)
+            with warnings.catch_warnings():  # a package's own deprecation noise on import is not ours to show
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
         except Exception:  # missing package / platform-specific module
             continue
         objs = [("", mod)] + [(a, getattr(mod, a, None)) for a in sorted(dir(mod))[:limit_attrs] if not a.startswith("_")]

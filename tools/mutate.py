@@ -262,6 +262,10 @@ MUTANTS = [
     Mutant("library-domains-keep-readme-text", "restore", "the library-docstring calibration domains keep sentences a package README holds",
            "sparselora/text_sources.py", "    if domain in _YIELD_TO_READMES:", "    if False:",
            ("tests/test_eval_text.py::test_library_domains_yield_readme_sentences",)),
+    Mutant("text-model-calib-built-in", "restore", "a text model's --calib text is read, then the built-in text is used instead",
+           "sparselora/cli.py", "tok = AutoTokenizer.from_pretrained(_text_model_dir(processor_dirs))\n        return text_batches(tok, [s.text for s in data.samples]",
+           "tok = AutoTokenizer.from_pretrained(_text_model_dir(processor_dirs))\n        from .text_sources import calibration_texts\n        return text_batches(tok, calibration_texts(len(data.samples))",
+           ("tests/test_cli.py::test_text_model_calibrates_on_its_own_text",)),
 ]
 
 
