@@ -28,7 +28,10 @@ cosine (0.9185 against 0.9235 at 128 steps per block, seed 0).
 For the end-to-end methods: matching every block closed more of the cosine gap than matching the
 final output only; for sentence-embedding models add ``contrastive=EMBEDDING_CONTRASTIVE`` (with an
 ``output_fn`` that pools). Feed any method varied data, as many distinct examples as the steps can
-visit (:func:`sparselora.text_sources.calibration_texts` mixes several sources). What it starts
+visit (:func:`sparselora.text_sources.calibration_texts` mixes several sources). Restoration keeps
+more fidelity on text like its calibration text (MiniLM, the default: 0.968 cosine on unseen
+sentences of its calibration domains, 0.937 on other domains), so where you have text of the
+domain the model will serve, calibrate on it. What it starts
 from matters as much: SparseGPT calibrated on ~2048 varied sentences and followed by the
 kept-weight refit (``prune(..., refit_iters=100)``) was the best base measured. What none of them
 does there: bring the labelled retrieval task back to the dense model's accuracy (see the README).
