@@ -475,6 +475,8 @@ def test_text_model_refuses_images_and_says_why(tmp_path):
     j.write_text(json.dumps({"image": "a.png", "text": "What is shown?"}) + "\n")
     with pytest.raises(CLIError, match="is a text model .*give it text only"):
         check_calib(_calib_args(j), [path], None)
+    with pytest.raises(CLIError, match="--calib-prompts: .* is a text model"):
+        check_calib(_calib_args(j, calib_prompts=str(j)), [path], None)
     with pytest.raises(CLIError, match="no processor .* and no tokenizer"):
         check_calib(_calib_args(j), [str(tmp_path)], None)  # neither a processor nor a tokenizer
     empty = tmp_path / "empty.txt"
