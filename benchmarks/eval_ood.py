@@ -543,6 +543,12 @@ PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-r
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 
 
+def _paired_cell(d: list[float]) -> str:
+    """One metric's per-seed differences: mean ± sd (every seed's value, so its sign shows)."""
+    sd = statistics.stdev(d) if len(d) > 1 else float("nan")
+    return f"{statistics.mean(d):+.4f} ± {sd:.4f} ({'/'.join(f'{x:+.3f}' for x in d)})"
+
+
 def paired(rows: list[dict]) -> list[str]:
     """Markdown: per-seed differences (a − b) of each metric, mean ± sd and every seed's sign."""
     by = {(r["seed"], r["variant"]): r for r in rows}
@@ -551,11 +557,7 @@ def paired(rows: list[dict]) -> list[str]:
         seeds = sorted(s for s, v in by if v == a and (s, b) in by)
         if not seeds:
             continue
-        cells = []
-        for m in PAIRED:
-            d = [by[(s, a)][m] - by[(s, b)][m] for s in seeds]
-            sd = statistics.stdev(d) if len(d) > 1 else float("nan")
-            cells.append(f"{statistics.mean(d):+.4f} ± {sd:.4f} ({'/'.join(f'{x:+.3f}' for x in d)})")
+        cells = [_paired_cell([by[(s, a)][m] - by[(s, b)][m] for s in seeds]) for m in PAIRED]
         out.append(f"| {DISPLAY.get(a, a)} − {DISPLAY.get(b, b)} | {len(seeds)} | " + " | ".join(cells) + " |")
     return out
 
@@ -611,11 +613,7 @@ def paired_bases(rows: list[dict], first: str, other: str, variants: list[str], 
                 and by[(first, v, s)]["eval_id"] == by[(other, v, s)]["eval_id"]]
         if not both or v == "dense":
             continue
-        cells = []
-        for m in PAIRED:
-            d = [by[(other, v, s)][m] - by[(first, v, s)][m] for s in both]
-            sd = statistics.stdev(d) if len(d) > 1 else float("nan")
-            cells.append(f"{statistics.mean(d):+.4f} ± {sd:.4f} ({'/'.join(f'{x:+.3f}' for x in d)})")
+        cells = [_paired_cell([by[(other, v, s)][m] - by[(first, v, s)][m] for s in both]) for m in PAIRED]
         out.append(f"| {DISPLAY.get(v, v)} | {len(both)} | " + " | ".join(cells) + " |")
     return out if len(out) > 2 else []
 

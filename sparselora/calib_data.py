@@ -139,6 +139,11 @@ def _from_folder(folder: Path, prompts_file: Optional[str], n: int, option: str)
                      f"{'prompts from ' + prompts_file if prompts_file else 'bundled prompts'})")
 
 
+def _cycled(samples: list, n: int) -> list:
+    """``n`` samples, repeating ``samples`` in order when there are fewer."""
+    return [samples[i % len(samples)] for i in range(n)]
+
+
 def _from_jsonl(path: Path, n: int, option: str) -> CalibData:
     samples: list[Sample] = []
     try:
@@ -168,7 +173,7 @@ def _from_jsonl(path: Path, n: int, option: str) -> CalibData:
         samples.append(Sample(image, text, answer if isinstance(answer, str) else None))
     if not samples:
         raise CalibDataError(f"{option} {path}: no samples (the file is empty)")
-    return CalibData([samples[i % len(samples)] for i in range(n)], f"{path} ({len(samples)} samples)")
+    return CalibData(_cycled(samples, n), f"{path} ({len(samples)} samples)")
 
 
 def _from_lines(path: Path, n: int, option: str) -> CalibData:
@@ -183,7 +188,7 @@ def _from_lines(path: Path, n: int, option: str) -> CalibData:
     if len(samples) < n:
         log.warning("%s %s: %d lines for %d samples; each line is used about %d times", option, path, len(samples), n,
                     -(-n // len(samples)))
-    return CalibData([samples[i % len(samples)] for i in range(n)], f"{path} ({len(samples)} lines)")
+    return CalibData(_cycled(samples, n), f"{path} ({len(samples)} lines)")
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -220,7 +225,7 @@ def _from_dataset(folder: Path, n: int, option: str) -> CalibData:
         if isinstance(image, str):
             image = Path(image) if Path(image).is_absolute() else folder / image
         samples.append(Sample(image, str(row[text_col]), row.get("answer") if isinstance(row.get("answer"), str) else None))
-    return CalibData([samples[i % len(samples)] for i in range(n)], f"{folder} (dataset, {len(ds)} rows, columns {image_col}/{text_col})")
+    return CalibData(_cycled(samples, n), f"{folder} (dataset, {len(ds)} rows, columns {image_col}/{text_col})")
 
 
 def load_calib(spec: Optional[str] = None, prompts: Optional[str] = None, n: int = 32, option: str = "--calib") -> CalibData:

@@ -336,10 +336,11 @@ def check_calib(args, model_dirs: list, tiny: str | None, text: tuple[int, int] 
         return None
     if not any(has_processor(d) for d in model_dirs if d):
         shown = " / ".join(str(d) for d in model_dirs if d)
-        if args.calib_prompts and _text_model_dir(model_dirs):
+        text_model = _text_model_dir(model_dirs) is not None
+        if args.calib_prompts and text_model:
             raise CLIError(f"--calib-prompts: {shown} is a text model (a tokenizer, no image processor); prompts go with "
                            "images for a VLM: give a text model --calib FILE.txt, one sample per line")
-        if args.calib and _text_model_dir(model_dirs):
+        if args.calib and text_model:
             try:
                 data = load_calib(args.calib, None, n=args.calib_samples or (text[0] if text else args.calib_batches * args.batch))
             except CalibDataError as e:
