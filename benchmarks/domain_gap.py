@@ -19,6 +19,16 @@ fitting the calibration domains does not carry to other text.
 
 Rows go to ``benchmarks/results/domain_gap.jsonl`` (one per seed, base and variant; a rerun skips
 what it has); the table of means to ``domain_gap.{md,json}``.
+
+**Leave one domain out** (``--leave-one-out``): is the domain gap the calibration text's doing
+(text unlike what the model calibrated on) or are other domains simply harder for a 2:4 model?
+It runs the five-domain base and the five bases that each leave one calibration domain out of the
+pruning and the training text, and scores every run on the same unseen sentences of each of the
+five domains (``unseen_<domain>``: never in any of the six runs' training text). The table
+``domain_gap_loo.{md,json}`` pairs, per seed, a domain's cosine when it was left out with its
+cosine when it was calibrated on: the drop is what calibrating on a domain's own text buys there.
+
+    python benchmarks/domain_gap.py --seeds 0 1 --leave-one-out
 """
 from __future__ import annotations
 
@@ -33,15 +43,40 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
-from benchmarks.eval_ood import BASES, VARIANTS, base_context, load  # noqa: E402
+from benchmarks.eval_ood import BASES, DOMAINS5, VARIANTS, base_context, load  # noqa: E402
 from sparselora.eval_text import build_eval, embed_texts  # noqa: E402
 from sparselora.text_sources import calibration_texts, domain_sentences  # noqa: E402
 
 N_TRAIN = 2048  # the training text of every eval_ood variant measured here (n_train=2048)
 
 
-def text_sets(seed: int, domains: tuple[str, ...], held: int) -> tuple[dict[str, list[str]], str]:
-    """The sentence sets scored, and the evaluation set's fingerprint."""
+#: the full base of the leave-one-out runs, and the base that leaves ``d`` out (``eval_ood.BASES``)
+FULL = "mixed5-2048-refit"
+
+
+def without(d: str) -> str:
+    return f"mixed5-no-{d}-2048-refit"
+
+
+def left_out(base: str) -> str | None:
+    """The calibration domain a leave-one-out base leaves out; None for any other base."""
+    return next((d for d in DOMAINS5 if base == without(d)), None)
+
+
+def unseen_sets(seed: int, held: int, pool: tuple[str, ...] = DOMAINS5) -> dict[str, list[str]]:
+    """``unseen_<d>``: the sentences of domain ``d`` among the ``held`` that follow the first
+    :data:`N_TRAIN` of the ``pool`` stream, less any sentence in the training text of the full base
+    or of any base leaving one domain out: the same sentences for all six runs, never trained on."""
+    trained = set(calibration_texts(N_TRAIN, seed=seed, domains=pool))
+    for d in pool:
+        trained.update(calibration_texts(N_TRAIN, seed=seed, domains=tuple(x for x in pool if x != d)))
+    after = calibration_texts(N_TRAIN + held, seed=seed, domains=pool)[N_TRAIN:]
+    return {f"unseen_{d}": [s for s in after if s in set(domain_sentences(d)) and s not in trained] for d in pool}
+
+
+def text_sets(seed: int, domains: tuple[str, ...], held: int, loo: bool = False) -> tuple[dict[str, list[str]], str]:
+    """The sentence sets scored, and the evaluation set's fingerprint; ``loo`` adds the
+    leave-one-out sets of :func:`unseen_sets`."""
     texts = calibration_texts(N_TRAIN + held, seed=seed, domains=domains)
     if len(texts) < N_TRAIN + held:
         raise RuntimeError(f"only {len(texts)} calibration sentences in {domains}; need {N_TRAIN + held}")
@@ -50,6 +85,8 @@ def text_sets(seed: int, domains: tuple[str, ...], held: int) -> tuple[dict[str,
     for d in domains:
         pool = set(domain_sentences(d))
         sets[f"calib_{d}"] = [s for s in sets["calib_heldout"] if s in pool]
+    if loo:
+        sets.update(unseen_sets(seed, held))
     sets["eval"] = [s for v in ev.sentences.values() for s in v]
     sets.update({f"eval_{d}": v for d, v in ev.sentences.items()})
     return {k: v for k, v in sets.items() if v}, ev.fingerprint()
@@ -75,10 +112,40 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def loo_table(rows: list[dict]) -> list[dict]:
+    """Per calibration domain ``d`` and model: the cosine on ``unseen_<d>`` when the base left ``d``
+    out, when it calibrated on all five, and the paired drop (left out − calibrated on) per seed."""
+    full = {r["seed"]: r for r in rows if r["base"] == FULL and "unseen_" + DOMAINS5[0] in r["restored"]}
+    out = []
+    for d in DOMAINS5:
+        pairs = [(full[r["seed"]], r) for r in rows if left_out(r["base"]) == d and r["seed"] in full
+                 and r["variant"] == full[r["seed"]]["variant"]]
+        for model in ("one_shot", "restored"):
+            if not pairs:
+                continue
+            k = f"unseen_{d}"
+            cal = [f[model][k] for f, _ in pairs]
+            out_ = [o[model][k] for _, o in pairs]
+            drop = [o - c for c, o in zip(cal, out_)]
+            others = [statistics.mean(o[model][f"unseen_{e}"] for e in DOMAINS5 if e != d)
+                      - statistics.mean(f[model][f"unseen_{e}"] for e in DOMAINS5 if e != d) for f, o in pairs]
+            out.append({"domain": d, "model": model, "seeds": len(pairs), "n": pairs[0][0]["n"][k],
+                        "calibrated_on": _ms(cal), "left_out": _ms(out_), "drop": _ms(drop),
+                        "per_seed_drop": " ".join(f"{x:+.4f}" for x in drop), "other_domains_change": _ms(others)})
+    return out
+
+
+def _ms(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--base", default="mixed2048-refit", choices=sorted(BASES))
+    ap.add_argument("--base", nargs="+", choices=sorted(BASES),
+                    help="default: mixed2048-refit; with --leave-one-out, its six bases (or these, to split the runs)")
+    ap.add_argument("--leave-one-out", action="store_true",
+                    help=f"the bases {FULL} and {without('<domain>')} for each of its five domains (module docstring)")
     ap.add_argument("--variant", default="R7:blocks512-lr1e-3", choices=sorted(VARIANTS))
     ap.add_argument("--held", type=int, default=1400, help="unseen calibration-domain sentences scored")
     ap.add_argument("--threads", type=int, default=1)
@@ -90,15 +157,16 @@ def main(argv=None) -> int:
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
     if not args.report:
         dense, tok = load()
-        for seed in args.seeds:
-            if any((r["seed"], r["base"], r["variant"]) == (seed, args.base, args.variant) for r in rows):
-                print(f"seed {seed}: measured already")
+        bases = args.base or ([FULL] + [without(d) for d in DOMAINS5] if args.leave_one_out else ["mixed2048-refit"])
+        for seed, base in [(s, b) for s in args.seeds for b in bases]:
+            if any((r["seed"], r["base"], r["variant"]) == (seed, base, args.variant) for r in rows):
+                print(f"seed {seed}, {base}: measured already")
                 continue
             t = time.time()
-            ctx, _ = base_context(args.base, seed, dense, tok)
-            sets, eval_id = text_sets(seed, ctx["domains"], args.held)
+            ctx, _ = base_context(base, seed, dense, tok)
+            sets, eval_id = text_sets(seed, ctx["domains"], args.held, loo=args.leave_one_out)
             ref = {k: embed_texts(dense, tok, v) for k, v in sets.items()}
-            row = {"seed": seed, "base": args.base, "variant": args.variant, "eval_id": eval_id,
+            row = {"seed": seed, "base": base, "variant": args.variant, "eval_id": eval_id,
                    "n": {k: len(v) for k, v in sets.items()}, "one_shot": fidelity(ctx["pruned"], ref, sets, tok)}
             model, _ = VARIANTS[args.variant](ctx)
             row["restored"] = fidelity(model, ref, sets, tok)
@@ -106,12 +174,16 @@ def main(argv=None) -> int:
             rows.append(row)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"seed {seed}: calibration held-out {row['restored']['calib_heldout']:.4f}, "
+            print(f"seed {seed}, {base}: calibration held-out {row['restored']['calib_heldout']:.4f}, "
                   f"held-out domains {row['restored']['eval']:.4f} ({row['wall_s']:.0f} s)")
     table = summarize(rows)
     cols = ["base", "variant", "model", "seeds", "train", "calib_heldout", "eval", "domain_gap"]
     cols += sorted({k for r in table for k in r if k.startswith(("calib_", "eval_")) and k != "calib_heldout"})
     write_results("domain_gap", table, cols)
+    loo = loo_table(rows)
+    if loo:
+        write_results("domain_gap_loo", loo, ["domain", "model", "seeds", "n", "calibrated_on", "left_out", "drop",
+                                              "per_seed_drop", "other_domains_change"])
     return 0
 
 

