@@ -208,7 +208,10 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         if data == "pairs":
             train = _pairs(n_train // 2)(ctx["tok"], ctx["seed"])
         elif data == "mixed":
-            train = _mixed(n_train, by_length, ctx.get("domains", DOMAINS3))(ctx["tok"], ctx["seed"])
+            if ctx.get("texts"):  # a base with its own text (domain_gap.py's own-domain diagnostics)
+                train = batches(ctx["tok"], ctx["texts"](n_train))
+            else:
+                train = _mixed(n_train, by_length, ctx.get("domains", DOMAINS3))(ctx["tok"], ctx["seed"])
         else:
             train = _v0_data(ctx)
         if augment:
@@ -466,8 +469,9 @@ def base_context(base: str, seed: int, dense, tok) -> tuple[dict, dict]:
         pruned, base_extra = learned_base(dense, tok, seed, pruned, calib, prune_kw, LEARNED[base])
     masks = {n: m.sparse_mask.clone() for n, m in pruned.named_modules() if hasattr(m, "sparse_mask")}
     domains = getattr(BASES[base], "domains", DOMAINS3)  # the training text of every variant: the base's domains
+    texts = getattr(BASES[base], "texts", None)  # a base drawing on other text than calibration domains
     return dict(seed=seed, dense=dense, tok=tok, pruned=pruned, masks=masks, calib=calib, prune_kw=prune_kw,
-                domains=domains), base_extra
+                domains=domains, texts=texts and (lambda n: texts(seed, n))), base_extra
 
 
 #: the main table (3 seeds); the other variants were screened on seed 0 (``eval_ood_screen.md``)

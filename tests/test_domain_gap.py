@@ -67,3 +67,21 @@ def test_loo_table_pairs_each_left_out_domain_with_the_full_run_of_its_seed():
     assert t[0]["per_seed_drop"] == "-0.0400 -0.0200" and t[0]["drop"] == "-0.0300 ± 0.0141"
     assert t[0]["calibrated_on"] == "0.9650 ± 0.0071" and t[0]["left_out"] == "0.9350 ± 0.0071"
     assert t[0]["other_domains_change"] == "0.0025 ± 0.0035"  # seed 0: stdlib +0.02 over four domains
+
+
+def test_own_domain_text_never_shares_a_document_with_the_evaluation_set():
+    from benchmarks.domain_gap import OWN_BASES, own_domain_texts
+    from benchmarks.eval_ood import BASES, DOMAINS5
+    from sparselora.eval_text import build_eval
+    from sparselora.text_sources import EVAL_DOMAINS, eval_pool
+
+    ev = build_eval(3)
+    touched = {s for d in EVAL_DOMAINS for _, sents in eval_pool(d) if not ev.all_texts().isdisjoint(sents) for s in sents}
+    own = own_domain_texts(3, 400)
+    assert len(own) == 400 and touched.isdisjoint(own)
+    evaluation = {s for d in EVAL_DOMAINS for _, sents in eval_pool(d) for s in sents}
+    assert set(own) <= evaluation  # only evaluation-domain text ...
+    mixed = own_domain_texts(3, 400, calibration=True)
+    assert touched.isdisjoint(mixed) and 100 < len(set(mixed) - evaluation) < 300  # ... or half calibration text
+    assert all(b in BASES and OWN_BASES[b].texts(3, 50) == own_domain_texts(3, 50, "mixed10" in b) for b in OWN_BASES)
+    assert OWN_BASES["mixed10-2048-refit"].domains == DOMAINS5
