@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
@@ -51,41 +50,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, write_results  # noqa: E402
-from benchmarks.eval_ood import BASES, DOMAINS5, VARIANTS, base_context, batches, load  # noqa: E402
+from benchmarks.eval_ood import BASES, DOMAINS5, OWN_BASES, VARIANTS, base_context, load  # noqa: E402
 from sparselora.eval_text import build_eval, embed_texts  # noqa: E402
-from sparselora.text_sources import EVAL_DOMAINS, _round_robin, calibration_texts, domain_sentences, eval_pool  # noqa: E402
+from sparselora.text_sources import calibration_texts, domain_sentences  # noqa: E402
 
 N_TRAIN = 2048  # the training text of every eval_ood variant measured here (n_train=2048)
 
 
-def own_domain_texts(seed: int, n: int, calibration: bool = False) -> list[str]:
-    """``n`` sentences mixed round-robin from the evaluation domains' documents that hold no
-    sentence of ``build_eval(seed)`` (each domain shuffled by ``seed``), and with ``calibration``
-    from the five calibration domains too (shuffled as :func:`calibration_texts` shuffles them)."""
-    used = build_eval(seed).all_texts()
-    pools = []
-    for d in EVAL_DOMAINS:
-        pool = [s for _, sents in eval_pool(d) if used.isdisjoint(sents) for s in sents]
-        random.Random(f"{seed}/own/{d}").shuffle(pool)
-        pools.append(pool)
-    if calibration:
-        for d in DOMAINS5:
-            pool = domain_sentences(d)
-            random.Random(f"{seed}/{d}").shuffle(pool)
-            pools.append(pool)
-    return _round_robin([p for p in pools if p], n)
-
-
-def _own_base(calibration: bool):
-    def make(tok, seed):
-        return batches(tok, own_domain_texts(seed, N_TRAIN, calibration))
-    make.texts = lambda seed, n: own_domain_texts(seed, n, calibration)
-    make.domains = DOMAINS5 if calibration else ()
-    return make
-
-
-OWN_BASES = {"own5-2048-refit": _own_base(False), "mixed10-2048-refit": _own_base(True)}
-BASES.update(OWN_BASES)
 
 #: the full base of the leave-one-out runs, and the base that leaves ``d`` out (``eval_ood.BASES``)
 FULL = "mixed5-2048-refit"

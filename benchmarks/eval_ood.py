@@ -377,6 +377,46 @@ BASES.update({f"mixed5-no-{d}-2048-refit": _mixed(2048, domains=tuple(x for x in
 #: further SparseGPT options of a base (``percdamp``: the ridge toward the dense weights)
 BASE_PRUNE = {"mixed512-refit-damp0.1": dict(percdamp=0.1), "mixed2048-refit-damp0.003": dict(percdamp=0.003),
               "mixed2048-refit-damp0.1": dict(percdamp=0.1)}
+#: the sentences of the own-domain bases, and of every variant's training text measured on them
+N_OWN = 2048
+
+
+def own_domain_texts(seed: int, n: int, calibration: bool = False) -> list[str]:
+    """``n`` sentences mixed round-robin from the evaluation domains' documents that hold no
+    sentence of ``build_eval(seed)`` (each domain shuffled by ``seed``), and with ``calibration``
+    from the five calibration domains too (shuffled as :func:`calibration_texts` shuffles them)."""
+    import random
+
+    from sparselora.eval_text import build_eval
+    from sparselora.text_sources import EVAL_DOMAINS, _round_robin, domain_sentences, eval_pool
+
+    used = build_eval(seed).all_texts()
+    pools = []
+    for d in EVAL_DOMAINS:
+        pool = [s for _, sents in eval_pool(d) if used.isdisjoint(sents) for s in sents]
+        random.Random(f"{seed}/own/{d}").shuffle(pool)
+        pools.append(pool)
+    if calibration:
+        for d in DOMAINS5:
+            pool = domain_sentences(d)
+            random.Random(f"{seed}/{d}").shuffle(pool)
+            pools.append(pool)
+    return _round_robin([p for p in pools if p], n)
+
+
+def _own_base(calibration: bool):
+    def make(tok, seed):
+        return batches(tok, own_domain_texts(seed, N_OWN, calibration))
+    make.texts = lambda seed, n: own_domain_texts(seed, n, calibration)
+    make.domains = DOMAINS5 if calibration else ()
+    return make
+
+
+#: diagnostics, never a default (``benchmarks/domain_gap.py``): bases that calibrate and train on
+#: text of the evaluation domains, from documents the seed's evaluation set never touches
+OWN_BASES = {"own5-2048-refit": _own_base(False), "mixed10-2048-refit": _own_base(True)}
+BASES.update(OWN_BASES)
+
 #: ``*-refit`` bases: SparseGPT then this many CG iterations re-solving the kept weights for the
 #: final mask (``sparselora.pruning.methods.refit_kept``); a LoRA re-prune uses the same
 REFIT_ITERS = 100

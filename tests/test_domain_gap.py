@@ -70,8 +70,7 @@ def test_loo_table_pairs_each_left_out_domain_with_the_full_run_of_its_seed():
 
 
 def test_own_domain_text_never_shares_a_document_with_the_evaluation_set():
-    from benchmarks.domain_gap import OWN_BASES, own_domain_texts
-    from benchmarks.eval_ood import BASES, DOMAINS5
+    from benchmarks.eval_ood import BASES, DOMAINS5, OWN_BASES, own_domain_texts
     from sparselora.eval_text import build_eval
     from sparselora.text_sources import EVAL_DOMAINS, eval_pool
 
