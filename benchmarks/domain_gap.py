@@ -160,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log", default=str(RESULTS / "domain_gap.jsonl"))
     ap.add_argument("--report", action="store_true", help="only rewrite the table from the rows measured so far")
+    ap.add_argument("--name", default="domain_gap",
+                    help="results file stem under benchmarks/results/ (a scratch --log wants its own, or it rewrites the main tables)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = Path(args.log)
@@ -192,10 +194,10 @@ def main(argv=None) -> int:
     table = summarize(rows)
     cols = ["base", "variant", "model", "seeds", "train", "calib_heldout", "eval", "domain_gap"]
     cols += sorted({k for r in table for k in r if k.startswith(("calib_", "eval_")) and k != "calib_heldout"})
-    write_results("domain_gap", table, cols)
+    write_results(args.name, table, cols)
     loo = loo_table(rows)
     if loo:
-        write_results("domain_gap_loo", loo, ["domain", "model", "seeds", "n", "calibrated_on", "left_out", "drop",
+        write_results(f"{args.name}_loo", loo, ["domain", "model", "seeds", "n", "calibrated_on", "left_out", "drop",
                                               "per_seed_drop", "other_domains_change"])
     return 0
 
