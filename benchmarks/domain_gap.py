@@ -57,7 +57,6 @@ from sparselora.text_sources import calibration_texts, domain_sentences  # noqa:
 N_TRAIN = 2048  # the training text of every eval_ood variant measured here (n_train=2048)
 
 
-
 #: the full base of the leave-one-out runs, and the base that leaves ``d`` out (``eval_ood.BASES``)
 FULL = "mixed5-2048-refit"
 
@@ -78,8 +77,21 @@ def unseen_sets(seed: int, held: int, pool: tuple[str, ...] = DOMAINS5) -> dict[
     trained = set(calibration_texts(N_TRAIN, seed=seed, domains=pool))
     for d in pool:
         trained.update(calibration_texts(N_TRAIN, seed=seed, domains=tuple(x for x in pool if x != d)))
-    after = calibration_texts(N_TRAIN + held, seed=seed, domains=pool)[N_TRAIN:]
-    return {f"unseen_{d}": [s for s in after if s in set(domain_sentences(d)) and s not in trained] for d in pool}
+    after = [s for s in calibration_texts(N_TRAIN + held, seed=seed, domains=pool)[N_TRAIN:] if s not in trained]
+    out = {}
+    for d in pool:
+        sents = set(domain_sentences(d))
+        out[f"unseen_{d}"] = [s for s in after if s in sents]
+    return out
+
+
+def eval_sets(seed: int) -> tuple[dict[str, list[str]], str]:
+    """``eval`` (every held-out-domain sentence of ``build_eval(seed)``) and ``eval_<domain>``, and
+    the evaluation set's fingerprint."""
+    ev = build_eval(seed)
+    sets = {"eval": [s for v in ev.sentences.values() for s in v]}
+    sets.update({f"eval_{d}": v for d, v in ev.sentences.items()})
+    return sets, ev.fingerprint()
 
 
 def text_sets(seed: int, domains: tuple[str, ...], held: int, loo: bool = False) -> tuple[dict[str, list[str]], str]:
@@ -88,16 +100,15 @@ def text_sets(seed: int, domains: tuple[str, ...], held: int, loo: bool = False)
     texts = calibration_texts(N_TRAIN + held, seed=seed, domains=domains)
     if len(texts) < N_TRAIN + held:
         raise RuntimeError(f"only {len(texts)} calibration sentences in {domains}; need {N_TRAIN + held}")
-    ev = build_eval(seed)
     sets = {"train": texts[:N_TRAIN], "calib_heldout": texts[N_TRAIN:]}
     for d in domains:
         pool = set(domain_sentences(d))
         sets[f"calib_{d}"] = [s for s in sets["calib_heldout"] if s in pool]
     if loo:
         sets.update(unseen_sets(seed, held))
-    sets["eval"] = [s for v in ev.sentences.values() for s in v]
-    sets.update({f"eval_{d}": v for d, v in ev.sentences.items()})
-    return {k: v for k, v in sets.items() if v}, ev.fingerprint()
+    evs, eval_id = eval_sets(seed)
+    sets.update(evs)
+    return {k: v for k, v in sets.items() if v}, eval_id
 
 
 def fidelity(model, ref: dict, sets: dict, tok) -> dict[str, float]:
@@ -112,8 +123,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             sets = group[0][model]
             row = {"base": key[0], "variant": key[1], "model": model, "seeds": len(group)}
             for k in sets:
-                vals = [g[model][k] for g in group if k in g[model]]
-                row[k] = f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
+                row[k] = _ms([g[model][k] for g in group if k in g[model]])
             gaps = [g[model]["calib_heldout"] - g[model]["eval"] for g in group if "calib_heldout" in g[model]]
             if gaps:  # own-domain bases score no calibration-domain set
                 row["domain_gap"] = _ms(gaps)
@@ -176,8 +186,8 @@ def main(argv=None) -> int:
             t = time.time()
             ctx, _ = base_context(base, seed, dense, tok)
             if base in OWN_BASES:  # only the evaluation sets: the calibration-domain sets are not what it trained on
-                sets, eval_id = text_sets(seed, DOMAINS5, 0)
-                sets = {k: v for k, v in sets.items() if k.startswith("eval")} | {"train": ctx["texts"](N_TRAIN)}
+                sets, eval_id = eval_sets(seed)
+                sets = sets | {"train": ctx["texts"](N_TRAIN)}
             else:
                 sets, eval_id = text_sets(seed, ctx["domains"], args.held, loo=args.leave_one_out)
             ref = {k: embed_texts(dense, tok, v) for k, v in sets.items()}

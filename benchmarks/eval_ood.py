@@ -388,7 +388,7 @@ def own_domain_texts(seed: int, n: int, calibration: bool = False) -> list[str]:
     import random
 
     from sparselora.eval_text import build_eval
-    from sparselora.text_sources import EVAL_DOMAINS, _round_robin, domain_sentences, eval_pool
+    from sparselora.text_sources import EVAL_DOMAINS, _round_robin, eval_pool, shuffled_sentences
 
     used = build_eval(seed).all_texts()
     pools = []
@@ -397,10 +397,7 @@ def own_domain_texts(seed: int, n: int, calibration: bool = False) -> list[str]:
         random.Random(f"{seed}/own/{d}").shuffle(pool)
         pools.append(pool)
     if calibration:
-        for d in DOMAINS5:
-            pool = domain_sentences(d)
-            random.Random(f"{seed}/{d}").shuffle(pool)
-            pools.append(pool)
+        pools += [shuffled_sentences(d, seed) for d in DOMAINS5]
     return _round_robin([p for p in pools if p], n)
 
 

@@ -292,14 +292,17 @@ def calibration_keys() -> frozenset[str]:
     return frozenset(normalize(s) for d in CALIBRATION_DOMAINS for s in domain_sentences(d))
 
 
+def shuffled_sentences(domain: str, seed: int) -> list[str]:
+    """``domain``'s sentences in the order ``seed`` shuffles them for :func:`calibration_texts`
+    (the same for any mix of domains it is drawn in)."""
+    pool = domain_sentences(domain)
+    random.Random(f"{seed}/{domain}").shuffle(pool)
+    return pool
+
+
 def calibration_texts(n: int, seed: int = 0, domains: tuple[str, ...] = CALIBRATION_DOMAINS) -> list[str]:
     """``n`` sentences mixed round-robin from ``domains`` (each domain shuffled by ``seed``)."""
-    pools = []
-    for i, d in enumerate(domains):
-        pool = domain_sentences(d)
-        random.Random(f"{seed}/{d}").shuffle(pool)
-        if pool:
-            pools.append(pool)
+    pools = [pool for pool in (shuffled_sentences(d, seed) for d in domains) if pool]
     if not pools:
         raise RuntimeError(f"no calibration text found in domains {domains}")
     return _round_robin(pools, n)
