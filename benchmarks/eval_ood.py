@@ -67,8 +67,8 @@ def load():
     return AutoModel.from_pretrained(path).float().eval(), AutoTokenizer.from_pretrained(path)
 
 
-def batches(tok, sents, batch=16):
-    return [dict(tok(sents[i: i + batch], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt",
+def batches(tok, sents, batch=16, max_len=MAX_LEN):
+    return [dict(tok(sents[i: i + batch], padding=True, truncation=True, max_length=max_len, return_tensors="pt",
                      return_token_type_ids=False)) for i in range(0, len(sents), batch)]
 
 
@@ -185,7 +185,8 @@ def corrupted(tok, train: list[dict], frac: float, seed: int) -> list[dict]:
 
 def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", warmup=0, lr=2e-3, steps=200, rank=16,
            contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0, bank=0.0, norms=False, pairs=0.0, block_steps=0,
-           block_lr=3e-4, mask_steps=0, by_length=False, augment=0.0):
+           block_lr=3e-4, mask_steps=0, by_length=False, augment=0.0, teacher_inputs=0.0, max_len=MAX_LEN,
+           rare_tokens=0.0):
     """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned.
     ``norms``: LayerNorm weights/biases and every Linear bias train beside the adapters (dense, tiny,
     no effect on the masks). ``data='pairs'``: the training text is adjacent-sentence pairs
@@ -209,9 +210,9 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
             train = _pairs(n_train // 2)(ctx["tok"], ctx["seed"])
         elif data == "mixed":
             if ctx.get("texts"):  # a base with its own text (domain_gap.py's own-domain diagnostics)
-                train = batches(ctx["tok"], ctx["texts"](n_train))
+                train = batches(ctx["tok"], ctx["texts"](n_train), max_len=max_len)
             else:
-                train = _mixed(n_train, by_length, ctx.get("domains", DOMAINS3))(ctx["tok"], ctx["seed"])
+                train = _mixed(n_train, by_length, ctx.get("domains", DOMAINS3), max_len)(ctx["tok"], ctx["seed"])
         else:
             train = _v0_data(ctx)
         if augment:
@@ -255,7 +256,8 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
         if block_steps:
             from sparselora.block_reconstruct import reconstruct_blocks
 
-            r = reconstruct_blocks(model, ctx["dense"], train, steps=block_steps, lr=block_lr, mask_steps=mask_steps, progress=False)
+            r = reconstruct_blocks(model, ctx["dense"], train, steps=block_steps, lr=block_lr, mask_steps=mask_steps,
+                                   teacher_inputs=teacher_inputs, rare_tokens=rare_tokens, progress=False)
             extra = {"block_err_after": [b["after"] for b in r["blocks"]], "block_err_before": [b.get("before") for b in r["blocks"]]}
             if mask_steps:
                 extra["mask_changed"] = [b.get("mask_changed") for b in r["blocks"]]
@@ -330,6 +332,12 @@ VARIANTS = {
     "R13:blocks896-by-length": recipe(kind="masked-ft", steps=0, block_steps=896, block_lr=1e-3, n_train=2048, by_length=True),
     "R14:blocks768-by-length-lr2e-3": recipe(kind="masked-ft", steps=0, block_steps=768, block_lr=2e-3, n_train=2048, by_length=True),
     "A1:R7+tokens15": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, augment=0.15),
+    "Q1:R7+teacher-inputs0.5": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, teacher_inputs=0.5),
+    "Q2:R7+teacher-inputs0.25": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, teacher_inputs=0.25),
+    "W1:R7+rare-tokens0.5": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, rare_tokens=0.5),
+    "W3:R7+rare-tokens1": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, rare_tokens=1.0),
+    "W2:R7+rare-tokens0.25": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, rare_tokens=0.25),
+    "L1:R7-max-len96": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, max_len=96),
     "R15:R7-128sents": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=128),
     "R8:blocks256-4096sents": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=4096),
     "lora-reprune-600": recipe(kind="lora", layers="blocks", schedule="cosine", warmup=30, lr=4e-3, contrastive=0.5, n_train=2048, steps=600),
@@ -354,14 +362,14 @@ DOMAINS3 = ("stdlib", "pyref", "transformers")
 DOMAINS5 = DOMAINS3 + ("torch", "libraries")
 
 
-def _mixed(n, by_length=False, domains=DOMAINS3):
+def _mixed(n, by_length=False, domains=DOMAINS3, max_len=MAX_LEN):
     def make(tok, seed):
         from sparselora.calib_data import text_batches
         from sparselora.text_sources import calibration_texts
 
         if by_length:  # the library's length-bucketed batches (sparselora.calib_data.text_batches)
-            return text_batches(tok, calibration_texts(n, seed=seed, domains=domains), 16, MAX_LEN, by_length=True, seed=seed)
-        return batches(tok, calibration_texts(n, seed=seed, domains=domains))
+            return text_batches(tok, calibration_texts(n, seed=seed, domains=domains), 16, max_len, by_length=True, seed=seed)
+        return batches(tok, calibration_texts(n, seed=seed, domains=domains), max_len=max_len)
     make.domains = domains
     return make
 
@@ -370,7 +378,8 @@ def _mixed(n, by_length=False, domains=DOMAINS3):
 BASES = {"stdlib128": _stdlib128, "mixed512": _mixed(512), "mixed2048": _mixed(2048), "mixed512-refit": _mixed(512),
          "mixed2048-refit": _mixed(2048), "mixed4096-refit": _mixed(4096), "mixed512-refit-damp0.1": _mixed(512),
          "mixed2048-refit-damp0.003": _mixed(2048), "mixed2048-refit-damp0.1": _mixed(2048),
-         "mixed5-2048-refit": _mixed(2048, domains=DOMAINS5), "mixed5-4096-refit": _mixed(4096, domains=DOMAINS5)}
+         "mixed5-2048-refit": _mixed(2048, domains=DOMAINS5),
+         "mixed6-2048-refit": _mixed(2048, domains=DOMAINS5 + ("manuals",)), "mixed5-4096-refit": _mixed(4096, domains=DOMAINS5)}
 #: leave-one-domain-out bases (``benchmarks/domain_gap.py --leave-one-out``): the five-domain base
 #: with one calibration domain left out of the pruning and the training text
 BASES.update({f"mixed5-no-{d}-2048-refit": _mixed(2048, domains=tuple(x for x in DOMAINS5 if x != d)) for d in DOMAINS5})
@@ -580,6 +589,12 @@ DISPLAY = {
     "R12:R7-by-length": "+ block-wise reconstruction, 512 steps per block, length-bucketed batches (`text_batches(by_length=True)`)",
     "R13:blocks896-by-length": "+ block-wise reconstruction, 896 steps per block, length-bucketed batches",
     "A1:R7+tokens15": "+ block-wise reconstruction, 512 steps per block, on the training text and a copy with 15 % of word pieces random",
+    "Q1:R7+teacher-inputs0.5": "+ block-wise reconstruction, 512 steps per block, each input element the teacher's with probability 0.5 (QDrop)",
+    "Q2:R7+teacher-inputs0.25": "+ block-wise reconstruction, 512 steps per block, each input element the teacher's with probability 0.25",
+    "W1:R7+rare-tokens0.5": "+ block-wise reconstruction, 512 steps per block, each token's error weighted by frequency^-0.5",
+    "W3:R7+rare-tokens1": "+ block-wise reconstruction, 512 steps per block, each token's error weighted by frequency^-1",
+    "W2:R7+rare-tokens0.25": "+ block-wise reconstruction, 512 steps per block, each token's error weighted by frequency^-0.25",
+    "L1:R7-max-len96": "+ block-wise reconstruction, 512 steps per block, training text up to 96 word pieces instead of 48",
     "R15:R7-128sents": "+ block-wise reconstruction, 512 steps per block on 128 sentences (the CLI's default calibration size)",
     "R14:blocks768-by-length-lr2e-3": "+ block-wise reconstruction, 768 steps per block at lr 2e-3 on length-bucketed batches (the default's CPU time)",
     "R8:blocks256-4096sents": "+ block-wise reconstruction, 256 steps per block over 4096 sentences (one pass)",
@@ -607,6 +622,9 @@ PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-r
          ("R10:blocks2048-lr1e-3", "R7:blocks512-lr1e-3"), ("R11:blocks512-lr2e-3", "R7:blocks512-lr1e-3"),
          ("R13:blocks896-by-length", "R7:blocks512-lr1e-3"), ("M1:R7+masks256", "R7:blocks512-lr1e-3"),
          ("M2:R7+masks384", "R7:blocks512-lr1e-3"), ("R15:R7-128sents", "R7:blocks512-lr1e-3"), ("A1:R7+tokens15", "R7:blocks512-lr1e-3"),
+         ("Q1:R7+teacher-inputs0.5", "R7:blocks512-lr1e-3"), ("L1:R7-max-len96", "R7:blocks512-lr1e-3"),
+         ("W1:R7+rare-tokens0.5", "R7:blocks512-lr1e-3"), ("W2:R7+rare-tokens0.25", "R7:blocks512-lr1e-3"),
+         ("W3:R7+rare-tokens1", "R7:blocks512-lr1e-3"), ("W1:R7+rare-tokens0.5", "lora-reprune-600"),
          ("R14:blocks768-by-length-lr2e-3", "lora-reprune-600"), ("R14:blocks768-by-length-lr2e-3", "sparsegpt")]
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 

@@ -75,7 +75,7 @@ def _teacher_lists(teacher: nn.Module, student_lists) -> dict:
 
 def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable[dict], steps: int = RECONSTRUCT["steps"],
                        lr: float = RECONSTRUCT["lr"], warmup: Optional[int] = None, mask_steps: int = 0,
-                       progress: bool = True) -> dict:
+                       teacher_inputs: float = 0.0, rare_tokens: float = 0.0, progress: bool = True) -> dict:
     """Reconstruct every block of ``student`` (pruned; any floating dtype) from ``teacher`` (dense,
     same architecture) on ``batches`` (forward-kwargs dicts, as for pruning), ``steps`` steps per
     block. One progress bar counts every step of every block.
@@ -83,6 +83,14 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
     ``warmup`` (linear warm-up steps) defaults to :data:`RECONSTRUCT`'s, at most a tenth of ``steps``.
     ``mask_steps`` (at most ``steps``): the first steps of each block in which its 2:4 masks may
     change (module docstring); 0 keeps the pruning masks exactly.
+    ``teacher_inputs`` (in [0, 1)): in every training step, each element of the block's input is the
+    teacher's input to that block with this probability instead of the student's (QDrop's mixing,
+    arXiv 2203.05740: the block sees inputs between its own and the clean ones); 0 trains on the
+    student's inputs only. It keeps the teacher's inputs of the current block resident as well.
+    ``rare_tokens`` (>= 0): each token's error is weighted by ``frequency ** -rare_tokens``, its
+    ``input_ids``' frequency in ``batches`` (weights normalised to mean 1), so rare (content) words
+    count more than common ones; it applies to blocks whose hidden states run along ``input_ids``
+    (a language model's, not a vision tower's); 0 weights every token alike.
     Both models run in ``eval()`` (no dropout; restored afterwards). Returns ``{"blocks": [{"name",
     "layers", "before", "after"[, "mask_changed"]}], "loose": [pruned layers outside any block list]}``, where
     ``before`` / ``after`` are the block's mean relative error before and after its steps, on the
@@ -96,6 +104,10 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
         warmup = min(RECONSTRUCT["warmup"], steps // 10)
     if not 0 <= mask_steps <= steps:
         raise ValueError(f"reconstruct_blocks: mask_steps must be in [0, steps={steps}], got {mask_steps}")
+    if not 0.0 <= teacher_inputs < 1.0:
+        raise ValueError(f"reconstruct_blocks: teacher_inputs must be in [0, 1), got {teacher_inputs!r}")
+    if not rare_tokens >= 0.0:
+        raise ValueError(f"reconstruct_blocks: rare_tokens must be >= 0, got {rare_tokens!r}")
     if warmup < 0 or (steps and warmup >= steps):
         raise ValueError(f"reconstruct_blocks: warmup must be in [0, steps), got {warmup} for {steps} steps")
     layers = masked_layers(student, "reconstruct_blocks", low_precision=True)
@@ -109,6 +121,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
     if loose:
         log.info("reconstruct_blocks: %d pruned layers outside any block list stay as they are: %s", len(loose), loose[:4])
     lists = in_call_order(student, lists, batches[0])
+    weights = _token_weights(batches, rare_tokens) if rare_tokens else None
     largest = max(sum(layers[n].weight.numel() for n in names) for bl in lists for names in bl.targets)
     log.info("reconstruct_blocks: one block at a time; the largest trains %d weights (float32 gradients and Adam "
              "state: %.1f MiB, plus a float32 working copy of a lower-precision block)", largest, 12 * largest / 2**20)
@@ -140,6 +153,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
                 block = bl.module[i]
                 names = bl.targets[i]
                 row = {"name": f"{bl.name}.{i}", "layers": len(names)}
+                xt = list(ht) if teacher_inputs else None  # the teacher's inputs to this block (references, no copy)
                 with torch.no_grad():
                     for b, h in enumerate(ht):  # this block's targets, in place: one batch more resident, not a copy
                         ht[b] = run_block(tl.module[i], cap_t, b, i, h)
@@ -148,7 +162,8 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
                 if names and steps:
                     bar.set_postfix_str(row["name"])
                     row.update(_fit_block(block, {n: layers[n] for n in names}, cap_s, i, hs, ht, batches, steps, lr, warmup, bar,
-                                          mask_steps))
+                                          mask_steps, xt, teacher_inputs, weights))
+                xt = None
                 with torch.no_grad():
                     for b, h in enumerate(hs):
                         hs[b] = run_block(block, cap_s, b, i, h)
@@ -165,6 +180,26 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
         student.train(was_training[0])
         teacher.train(was_training[1])
     return {"blocks": report, "loose": loose}
+
+
+def _token_weights(batches: list[dict], power: float) -> list[torch.Tensor]:
+    """Per batch, each token's weight ``frequency ** -power`` (its id's count over every batch),
+    0 on padding, normalised to mean 1 over the real tokens."""
+    if not all(isinstance(b.get("input_ids"), torch.Tensor) for b in batches):
+        raise ValueError("reconstruct_blocks: rare_tokens needs input_ids in every batch")
+    keep = [b["attention_mask"].bool() if isinstance(b.get("attention_mask"), torch.Tensor) else torch.ones_like(b["input_ids"], dtype=torch.bool)
+            for b in batches]
+    ids = torch.cat([b["input_ids"][k] for b, k in zip(batches, keep)])
+    counts = torch.bincount(ids, minlength=max(int(b["input_ids"].max()) for b in batches) + 1).double()
+    weights = [counts[b["input_ids"]].clamp_min(1).pow(-power) * k for b, k in zip(batches, keep)]
+    mean = torch.cat([w[k] for w, k in zip(weights, keep)]).mean()
+    return [(w / mean).float() for w in weights]
+
+
+def _weighted_error(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The relative squared error with each token's terms weighted by ``w`` ([batch, tokens])."""
+    s, t = s.float(), t.float()
+    return ((s - t).pow(2).sum(-1) * w).sum() / (t.pow(2).sum(-1) * w).sum().clamp_min(1e-12)
 
 
 def _mean_error(outs: list, target: list, batches: list, probe) -> float:
@@ -222,7 +257,8 @@ class _Straight24(nn.Module):
 
 
 def _fit_block(block: nn.Module, layers: dict[str, nn.Linear], cap, i: int, hs: list, target: list, batches: list[dict],
-               steps: int, lr: float, warmup: int, bar, mask_steps: int = 0) -> dict:
+               steps: int, lr: float, warmup: int, bar, mask_steps: int = 0, xt: Optional[list] = None,
+               teacher_inputs: float = 0.0, weights: Optional[list] = None) -> dict:
     """Train ``layers`` (the block's pruned Linears) for ``steps`` steps; during the first ``mask_steps``
     the 2:4 masks move with the weights (:class:`_Straight24`), then they are fixed and the kept
     weights train on with masked gradients. Returns ``{"mask_changed": fraction of kept entries
@@ -244,7 +280,11 @@ def _fit_block(block: nn.Module, layers: dict[str, nn.Linear], cap, i: int, hs: 
             for k in range(first, last):
                 b = k % len(hs)
                 h = hs[b].float() if upcast else hs[b]
-                loss = _relative_error(run_block(block, cap, b, i, h), target[b], batches[b])
+                if xt is not None:  # QDrop: each element from the teacher's input with probability teacher_inputs
+                    h = torch.where(torch.rand(h.shape, device=h.device) < teacher_inputs, xt[b].to(h.dtype), h)
+                out = run_block(block, cap, b, i, h)
+                w = weights[b] if weights is not None and out.shape[:2] == weights[b].shape else None
+                loss = _relative_error(out, target[b], batches[b]) if w is None else _weighted_error(out, target[b], w)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"reconstruct_blocks: non-finite loss at step {k} of block {i} ({list(layers)[:2]})")
                 opt.zero_grad(set_to_none=True)

@@ -624,7 +624,7 @@ def cmd_restore(args) -> int:
         if in_place:
             record = {"method": method, "steps": steps, "lr": lr}
             if method == "blocks":
-                record.update(steps_per="block", block_error_before=stats["block_error_before"],
+                record.update(steps_per="block", rare_tokens=stats["rare_tokens"], block_error_before=stats["block_error_before"],
                               block_error_after=stats["block_error_after"])
             else:
                 record["loss"] = loss

@@ -249,14 +249,89 @@ def _cloud(n_services: int = 40) -> Iterator[tuple[str, str]]:
             break  # newest API version only
 
 
+# system manuals: roff man pages (sections 1, 5, 7, 8) and GNU info manuals, where installed
+_ROFF_FONT = re.compile(r"\\f(\(..|\[[^\]]*\]|.)")
+_ROFF_CHARS = {r"\-": "-", r"\(em": " - ", r"\(en": "-", r"\(aq": "'", r"\(lq": '"', r"\(rq": '"', r"\(oq": "'",
+               r"\(cq": "'", r"\e": "\\", r"\&": "", r"\ ": " ", r"\~": " ", r"\|": "", r"\^": "", r"\(bu": "", r"\%": "",
+               r"\:": "", r"\c": ""}
+_ROFF_OTHER = re.compile(r"\\([hvwlLDoXZ]'[^']*'|\*\(..|\*\[[^\]]*\]|\*.|s[-+]?\d+|\(..|\[[^\]]*\]|[nk]\(..|[nk].|.)")
+_ROFF_TEXT_MACROS = {"B", "I", "BR", "BI", "IB", "IR", "RB", "RI", "SM", "SB", "IP", "Nm", "Dq", "Sq", "Em"}
+# sections that are licences, names or command lines rather than prose
+_ROFF_SKIP = re.compile(r"COPYRIGHT|LICEN[CS]E|AUTHOR|BUGS|SEE ALSO|SYNOPSIS|HISTORY|COLOPHON", re.I)
+# cloud-service manuals (gcloud, bq, gsutil) are the ``cloud`` evaluation domain's kind of text;
+# the PostgreSQL statement pages are near-identical templates of each other
+_MAN_SKIP = ("gcloud", "bq", "gsutil", "ALTER", "CREATE", "DROP")
+
+
+def roff_sections(src: str) -> list[tuple[str, str]]:
+    """(section title, its plain text) of a man page's roff source: requests dropped, the text of
+    font macros kept, escapes resolved; paragraphs separated by blank lines; licence, author,
+    synopsis and similar sections left out."""
+    title, lines, out = "", [], []
+    for line in src.splitlines():
+        if line.startswith((".", "'")):
+            parts = line[1:].split(None, 1)
+            macro, arg = (parts[0], parts[1] if len(parts) > 1 else "") if parts else ("", "")
+            if macro in ("SH", "Sh"):
+                out.append((title, " ".join(lines)))
+                title, lines = arg.strip('"'), []
+            elif macro in ("PP", "P", "LP", "sp", "br", "Pp", "TP"):
+                lines.append("\n\n")
+            elif macro in _ROFF_TEXT_MACROS and arg:
+                lines.append(arg.replace('"', ""))
+            continue
+        lines.append(line)
+    out.append((title, " ".join(lines)))
+    sections = []
+    for title, text in out:
+        if title and not _ROFF_SKIP.search(title):
+            for k, v in _ROFF_CHARS.items():
+                text = text.replace(k, v)
+            sections.append((title, _ROFF_OTHER.sub("", _ROFF_FONT.sub("", text))))
+    return sections
+
+
+def _manuals(n_pages: int = 1500) -> Iterator[tuple[str, str]]:
+    root = Path("/usr/share/man")
+    pages = [p for sec in ("man1", "man5", "man7", "man8") if (root / sec).is_dir() for p in (root / sec).iterdir()
+             if not p.name.startswith(_MAN_SKIP)]
+    # a fixed, spread-out subset (sorted by a hash of the name) keeps the loading time small
+    for p in sorted(pages, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())[:n_pages]:
+        try:
+            with (gzip.open if p.suffix == ".gz" else open)(p, "rt", errors="ignore") as fh:
+                src = fh.read()
+        except OSError:
+            continue
+        if not src.startswith(".so "):  # a page that only points at another
+            for title, text in roff_sections(src):
+                for i, para in enumerate(text.split("\n\n")):
+                    yield f"manuals.{p.name}.{title}.{i}", para
+    info = Path("/usr/share/info")
+    for p in sorted(info.glob("*.info*.gz")) if info.is_dir() else []:
+        try:
+            with gzip.open(p, "rt", errors="ignore") as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        for j, node in enumerate(text.split("\x1f")):  # info nodes
+            if re.search(r"GNU (Free Documentation|General Public) License|Copyright", node[:3000]):
+                continue
+            node = "\n".join(line for line in node.splitlines() if not line.startswith(("* ", "File:")))  # menus, headers
+            for i, para in enumerate(re.split(r"\n\s*\n", node)):
+                yield f"manuals.{p.name}.{j}.{i}", para
+
+
 #: library-docstring domains that give up every sentence the ``readme`` evaluation domain holds
 #: (a package's top-level docstring often is its README), so that adding them to the calibration
 #: pool leaves the evaluation sets, and every result measured on one, as they were
 _YIELD_TO_READMES = ("torch", "libraries")
+#: candidate domains outside both groups, which give up every sentence of every evaluation domain
+_YIELD_TO_EVAL = ("manuals",)
 
 _SOURCES: dict[str, Callable[[], Iterator[tuple[str, str]]]] = {
     "stdlib": _stdlib, "pyref": _pyref, "transformers": _transformers, "torch": _torch, "libraries": _libraries,
     "readme": _readme, "legal": _legal, "science": _science, "plotting": _plotting, "cloud": _cloud,
+    "manuals": _manuals,
 }
 
 
@@ -269,6 +344,8 @@ def domain_docs(domain: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     seen, docs = set(), []
     if domain in _YIELD_TO_READMES:  # a package's top-level docstring is often its README: leave those to the evaluation
         seen = {normalize(s) for s in domain_sentences("readme")}
+    elif domain in _YIELD_TO_EVAL:
+        seen = {normalize(s) for d in EVAL_DOMAINS for s in domain_sentences(d)}
     for doc_id, text in _SOURCES[domain]():
         sents = []
         for s in prose_sentences(text):

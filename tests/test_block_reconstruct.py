@@ -95,6 +95,61 @@ def test_reconstruction_fits_each_block_and_keeps_the_masks(seed):
         assert p.requires_grad and p.grad is None, n
 
 
+def test_teacher_inputs_mix_in_the_teachers_inputs_of_each_block(seed):
+    """QDrop-style mixing: where the student's and the teacher's inputs to a block are the same (the
+    vision tower's first block: nothing pruned before it) mixing them changes nothing; everywhere
+    else (the language model's inputs hold the pruned tower's image features) it changes what is
+    learned; the masks stay exactly as they were either way."""
+    teacher = build(FAM, seed=seed % 1000).eval()
+    pruned = copy.deepcopy(teacher)
+    masks = magnitude_24_in_place(pruned, lambda name, lin: ".layers." in name and lin.in_features % 4 == 0)
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed + s) for s in range(4)]
+    runs = {}
+    for p in (0.0, 0.5):
+        runs[p] = copy.deepcopy(pruned)
+        torch.manual_seed(seed)
+        reconstruct_blocks(runs[p], teacher, batches, steps=12, lr=3e-3, warmup=2, teacher_inputs=p, progress=False)
+    first = lambda name: "vision_tower" in name and ".layers.0." in name  # noqa: E731
+    assert any(map(first, masks)) and not all(map(first, masks))
+    for name, mask in masks.items():
+        a, b = (runs[p].get_submodule(name) for p in (0.0, 0.5))
+        assert torch.equal(a.weight, b.weight) == first(name), name
+        assert torch.equal(b.sparse_mask, mask) and not ((b.weight != 0) & ~mask).any(), name
+
+
+def test_token_weights_follow_frequency_skip_padding_and_average_one():
+    from sparselora.block_reconstruct import _token_weights
+
+    batches = [{"input_ids": torch.tensor([[101, 5, 5, 102, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])},
+               {"input_ids": torch.tensor([[101, 7, 102]]), "attention_mask": torch.tensor([[1, 1, 1]])}]
+    w = _token_weights(batches, 1.0)  # counts 2, 2, 2, 2 | 2, 1, 2 -> 1/2 ... 1, mean over 7 tokens 4/7
+    assert torch.allclose(w[0], torch.tensor([[0.875, 0.875, 0.875, 0.875, 0.0]]))
+    assert torch.allclose(w[1], torch.tensor([[0.875, 1.75, 0.875]]))
+    w = _token_weights([{"input_ids": torch.tensor([[3, 3, 9, 200]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}], 0.5)
+    assert w[0][0, 3] == 0 and w[0][0, 2] / w[0][0, 0] == pytest.approx(2 ** 0.5)  # padding id beyond every real one
+    with pytest.raises(ValueError, match="rare_tokens needs input_ids"):
+        _token_weights([{"pixel_values": torch.zeros(1, 3, 4, 4)}], 0.5)
+
+
+def test_rare_tokens_weight_the_language_blocks_only(seed):
+    """Token weighting changes what the language model's blocks learn (their hidden states run along
+    input_ids) and leaves the vision tower's (patches, not tokens) exactly as without it."""
+    teacher, pruned, masks = _pruned_pair(seed)
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed + s) for s in range(4)]
+    runs = {}
+    for p in (0.0, 0.5):
+        runs[p] = copy.deepcopy(pruned)
+        reconstruct_blocks(runs[p], teacher, batches, steps=12, lr=3e-3, warmup=2, rare_tokens=p, progress=False)
+    with pytest.raises(ValueError, match="rare_tokens must be >= 0"):
+        reconstruct_blocks(copy.deepcopy(pruned), teacher, batches, rare_tokens=-1.0, progress=False)
+    blocks = [n for n in masks if ".layers." in n]
+    assert any("vision_tower" in n for n in blocks) and any("language_model" in n for n in blocks)
+    for name in blocks:
+        a, b = (runs[p].get_submodule(name) for p in (0.0, 0.5))
+        assert torch.equal(a.weight, b.weight) == ("vision_tower" in name), name
+        assert torch.equal(b.sparse_mask, masks[name]), name
+
+
 def test_failure_leaves_the_masks_and_flags(seed, monkeypatch):
     import sparselora.block_reconstruct as BR
 
@@ -125,6 +180,8 @@ def test_bad_inputs_name_the_problem(seed):
         reconstruct_blocks(student, teacher, batches, steps=4, warmup=4, progress=False)
     with pytest.raises(ValueError, match=r"mask_steps must be in \[0, steps=4\], got 5"):
         reconstruct_blocks(student, teacher, batches, steps=4, mask_steps=5, progress=False)
+    with pytest.raises(ValueError, match=r"teacher_inputs must be in \[0, 1\), got 1.0"):
+        reconstruct_blocks(student, teacher, batches, teacher_inputs=1.0, progress=False)
     with pytest.raises(ValueError, match="lr must be > 0"):
         reconstruct_blocks(student, teacher, batches, lr=0.0, progress=False)
     with pytest.raises(ValueError, match="no pruned Linear"):
@@ -295,3 +352,32 @@ def test_restore_blocks_passes_its_own_options_and_refuses_the_others(seed, monk
     with pytest.raises(ValueError, match=r"mask_steps must be in \[0, steps=2\]"):
         restore_mod.restore(student, teacher, batches, steps=2, mask_steps=5, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())
+
+
+def test_restore_weights_rare_tokens_on_text_only_batches(seed, monkeypatch):
+    """``restore(method='blocks')`` weights rare tokens on text-only batches (TEXT_RARE_TOKENS), not on
+    image-text ones (their image placeholders would lose their weight), and an explicit
+    ``rare_tokens`` wins either way; the value is reported."""
+    from transformers import BertConfig, BertModel
+
+    from sparselora import restore as restore_mod
+
+    seen = []
+    real = restore_mod.reconstruct_blocks
+    monkeypatch.setattr(restore_mod, "reconstruct_blocks", lambda *a, **kw: (seen.append(kw["rare_tokens"]), real(*a, **kw))[1])
+    torch.manual_seed(seed)
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=16), add_pooling_layer=False).eval()
+    student = copy.deepcopy(bert)
+    magnitude_24_in_place(student, lambda name, lin: True)
+    g = torch.Generator().manual_seed(seed)
+    text = [{"input_ids": torch.randint(1, 64, (2, 6), generator=g), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+            for _ in range(3)]
+    out = restore_mod.restore(student, bert, iter(text), steps=4, progress=False)  # a generator is fine
+    assert out["rare_tokens"] == restore_mod.TEXT_RARE_TOKENS > 0 and out["block_error_after"] < out["block_error_before"]
+    restore_mod.restore(student, bert, text, steps=2, rare_tokens=0.0, progress=False)
+    teacher, pruned, _ = _pruned_pair(seed)
+    vlm = [example_inputs(FAM, teacher, batch=2, seed=seed)]
+    assert restore_mod.restore(pruned, teacher, vlm, steps=2, progress=False)["rare_tokens"] == 0.0
+    restore_mod.restore(pruned, teacher, vlm, steps=2, rare_tokens=0.25, progress=False)
+    assert seen == [restore_mod.TEXT_RARE_TOKENS, 0.0, 0.0, 0.25]

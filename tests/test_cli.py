@@ -495,3 +495,6 @@ def test_restore_a_text_model_on_its_own_text(tmp_path):
                  "--steps", "2", "-q", "--out", str(tmp_path / "r")]) == 0
     state = json.loads((tmp_path / "r" / "sparselora.json").read_text())
     assert "domain.txt (12 lines)" in json.dumps(state)
+    from sparselora.restore import TEXT_RARE_TOKENS
+
+    assert state["restore"]["rare_tokens"] == TEXT_RARE_TOKENS  # text-only batches: rare tokens weighted

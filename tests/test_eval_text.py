@@ -72,6 +72,35 @@ def test_library_domains_yield_readme_sentences(monkeypatch):
         text_sources.domain_docs.cache_clear()
 
 
+def test_roff_sections_keep_the_prose_and_drop_requests_escapes_and_licences():
+    src = "\n".join([
+        '.TH FOO 1 "2024" "foo 1.0"', ".SH NAME", r"foo \- count lines", ".SH DESCRIPTION",
+        r"The \fBfoo\fR command reads each \fIfile\fP and counts its lines\(emquickly.", ".PP",
+        r"With no file, it reads standard input \h'2m'instead.", ".B Bold words", "follow here.", ".\\\" a comment",
+        ".SH COPYRIGHT", "Copyright 2020 Someone. This is free software."])
+    secs = dict(text_sources.roff_sections(src))
+    assert list(secs) == ["NAME", "DESCRIPTION"]
+    paras = [" ".join(p.split()) for p in secs["DESCRIPTION"].split("\n\n")]
+    assert paras == ["The foo command reads each file and counts its lines - quickly.",
+                     "With no file, it reads standard input instead. Bold words follow here."]
+    assert " ".join(secs["NAME"].split()) == "foo - count lines"
+
+
+def test_manuals_yield_every_evaluation_sentence(monkeypatch):
+    """The system-manuals domain (a candidate calibration source) drops any sentence an evaluation
+    domain holds, so calibrating on it leaves every evaluation set as it was."""
+    shared = next((s for d in EVAL_DOMAINS for s in text_sources.domain_sentences(d)), None)
+    if shared is None:
+        pytest.skip("no evaluation-domain text installed")
+    own = "This sentence only ever appears in a made-up manual page."
+    monkeypatch.setitem(text_sources._SOURCES, "manuals", lambda: iter([("manuals.fake.1", f"{shared} {own}")]))
+    text_sources.domain_docs.cache_clear()
+    try:
+        assert text_sources.domain_sentences("manuals") == [own]
+    finally:
+        text_sources.domain_docs.cache_clear()
+
+
 def test_library_domains_leave_the_eval_pools_as_they_were(monkeypatch):
     """The evaluation pools with the library domains in the calibration pool and without them are
     the same, document for document: their results stay comparable."""
