@@ -580,7 +580,7 @@ DISPLAY = {
     "R4:blocks256-lr1e-3": "+ block-wise reconstruction, 256 steps per block",
     "R5:blocks128-lr3e-3": "+ block-wise reconstruction only (128 steps per block, lr 3e-3)",
     "R6:blocks64-lr1e-3": "+ block-wise reconstruction only (64 steps per block, lr 1e-3)",
-    "R7:blocks512-lr1e-3": "**+ block-wise reconstruction, the default** (`restore()`: 512 steps per block, lr 1e-3)",
+    "R7:blocks512-lr1e-3": "+ block-wise reconstruction, 512 steps per block, lr 1e-3, every token's error alike (the default until 2026-12-08; on image-text batches still)",
     "M1:R7+masks256": "+ block-wise reconstruction, 512 steps per block, the 2:4 masks learned in the first 256 (straight-through)",
     "M2:R7+masks384": "+ block-wise reconstruction, 512 steps per block, the 2:4 masks learned in the first 384 (straight-through)",
     "M3:R4+masks128": "+ block-wise reconstruction, 256 steps per block, the 2:4 masks learned in the first 128 (straight-through)",
@@ -591,7 +591,7 @@ DISPLAY = {
     "A1:R7+tokens15": "+ block-wise reconstruction, 512 steps per block, on the training text and a copy with 15 % of word pieces random",
     "Q1:R7+teacher-inputs0.5": "+ block-wise reconstruction, 512 steps per block, each input element the teacher's with probability 0.5 (QDrop)",
     "Q2:R7+teacher-inputs0.25": "+ block-wise reconstruction, 512 steps per block, each input element the teacher's with probability 0.25",
-    "W1:R7+rare-tokens0.5": "+ block-wise reconstruction, 512 steps per block, each token's error weighted by frequency^-0.5",
+    "W1:R7+rare-tokens0.5": "**+ block-wise reconstruction, the default on text** (`restore()`: 512 steps per block, lr 1e-3, each token's error weighted by frequency^-0.5)",
     "W3:R7+rare-tokens1": "+ block-wise reconstruction, 512 steps per block, each token's error weighted by frequency^-1",
     "W2:R7+rare-tokens0.25": "+ block-wise reconstruction, 512 steps per block, each token's error weighted by frequency^-0.25",
     "L1:R7-max-len96": "+ block-wise reconstruction, 512 steps per block, training text up to 96 word pieces instead of 48",
@@ -625,6 +625,7 @@ PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-r
          ("Q1:R7+teacher-inputs0.5", "R7:blocks512-lr1e-3"), ("L1:R7-max-len96", "R7:blocks512-lr1e-3"),
          ("W1:R7+rare-tokens0.5", "R7:blocks512-lr1e-3"), ("W2:R7+rare-tokens0.25", "R7:blocks512-lr1e-3"),
          ("W3:R7+rare-tokens1", "R7:blocks512-lr1e-3"), ("W1:R7+rare-tokens0.5", "lora-reprune-600"),
+         ("W1:R7+rare-tokens0.5", "sparsegpt"),
          ("R14:blocks768-by-length-lr2e-3", "lora-reprune-600"), ("R14:blocks768-by-length-lr2e-3", "sparsegpt")]
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 
