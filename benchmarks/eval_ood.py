@@ -25,7 +25,10 @@ default 512 mixed calibration sentences in batches of 16; budget: same steps, ba
   * ``lora-reprune-*`` — the same recipe with ordinary peft LoRA, merged, re-pruned by SparseGPT
   * ``X9b:...`` — the same objective, data and steps with ``restore(method="masked")`` (the kept
     weights trained in place, lr 3e-4); ``ft-reprune-X9b`` — every weight trained, re-pruned
-  * ``R7:blocks512-lr1e-3`` — the default, ``restore(method="blocks")``: block-wise reconstruction
+  * ``W1:R7+rare-tokens0.5`` — the default on text, ``restore(method="blocks")`` on text-only
+    batches: ``R7`` with each token's error weighted by its frequency ** -0.5 (``rare_tokens``);
+    ``W2`` / ``W3`` the powers 0.25 / 1
+  * ``R7:blocks512-lr1e-3`` — the default until 2026-12-08 (still on image-text batches): block-wise reconstruction
     (:func:`sparselora.block_reconstruct.reconstruct_blocks`, 512 steps per block, lr 1e-3) on the
     same 2048 sentences; ``R6`` / ``R1`` / ``R4`` 64 / 128 / 256 steps per block; its same-budget
     baseline is ``lora-reprune-600`` (600 steps, ~350 CPU-s against ~385)

@@ -16,6 +16,12 @@ Two disjoint groups of domains:
   None of them is a calibration source, and :func:`eval_pool` drops any sentence that also occurs
   in the calibration pool, so the two never share a sentence.
 
+A candidate domain outside both groups, ``manuals`` (man pages of sections 1, 5, 7 and 8 and GNU
+info manuals, where installed; cloud-service pages left out), gives up every sentence of every
+evaluation domain, so it can be screened as calibration text without touching an evaluation set;
+as a sixth calibration domain it raised the held-out cosine by 0.002 and not the labelled task
+(README), so it is not a default.
+
 A domain whose package is not installed yields no text (the caller sees fewer domains, never an
 error); everything is deterministic for a given environment.
 """
