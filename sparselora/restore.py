@@ -26,8 +26,9 @@ acc@1 and MRR +0.016 over one-shot on every seed, acc@1 − dense −0.018 ± 0.
 tells every weight exactly what its block should produce, and a step costs one block's forward and
 backward, with no teacher pass. On text-only batches each token's error is weighted by its
 frequency ** -0.5 (:data:`TEXT_RARE_TOKENS`): acc@1 −0.014 ± 0.009 of dense instead of −0.018, MRR up
-on every seed, at a held-out cosine of 0.937 instead of 0.941 (``eval_ood_rare_tokens.md``). Following it with end-to-end distillation lowered the held-out
-cosine (0.9185 against 0.9235 at 128 steps per block, seed 0).
+on every seed, at a held-out cosine of 0.937 instead of 0.941 (``eval_ood_rare_tokens.md``).
+Following it with end-to-end distillation lowered the held-out cosine (0.9185 against 0.9235 at
+128 steps per block, seed 0).
 
 For the end-to-end methods: matching every block closed more of the cosine gap than matching the
 final output only; for sentence-embedding models add ``contrastive=EMBEDDING_CONTRASTIVE`` (with an
