@@ -25,7 +25,7 @@ from ..families import DEFAULT_SKIP_PARTS, Family
 from ..format import SparsityError, check_finite
 from ..progress import progress_bar
 from .calibrate import (MemoryProbe, StatsCollector, as_batches, calibration_batches, capture_block_inputs, check_sequential,
-                        find_block_lists, in_call_order, run_block, run_model)
+                        find_block_lists, in_call_order, real_tokens, run_block, run_model)
 from .ecoflap import allocate_ratios, zeroth_order_scores
 from .offload import host_model_on_device, is_offloaded, layer_weight
 from .methods import Pattern, magnitude_mask, parse_pattern, sparsegpt_prune, wanda_mask
@@ -80,6 +80,7 @@ def prune(
     loss_fn: Optional[Callable] = None,
     seed: int = 0,
     device: Optional[Union[str, torch.device]] = None,
+    exclude_padding: bool = True,
 ) -> PruneReport:
     """Prune the Linear layers a strategy selects, in place.
 
@@ -114,6 +115,9 @@ def prune(
             calibration batches score importance (None: all; it costs
             ``2 * samples * groups`` forwards per batch). ``loss_fn(outputs, batch)``
             replaces its default loss.
+        exclude_padding: Wanda's norms and SparseGPT's Hessians count only the positions a batch's
+            2-D ``attention_mask`` keeps, in layers whose input runs along it (see
+            :mod:`.calibrate`); False counts padded positions too (the behaviour before 2026-12-08).
     Returns: a :class:`PruneReport`.
     """
     if refit_iters and method != "sparsegpt":
@@ -123,7 +127,8 @@ def prune(
             return prune(model, method, pattern, calib, strategy, ratios, family, skip, progress, percdamp=percdamp,
                          refit_iters=refit_iters, masks=masks, blocksize=blocksize, ecoflap_max=ecoflap_max, ecoflap_min=ecoflap_min, ecoflap_eps=ecoflap_eps,
                          ecoflap_samples=ecoflap_samples, ecoflap_granularity=ecoflap_granularity,
-                         ecoflap_temperature=ecoflap_temperature, ecoflap_batches=ecoflap_batches, loss_fn=loss_fn, seed=seed)
+                         ecoflap_temperature=ecoflap_temperature, ecoflap_batches=ecoflap_batches, loss_fn=loss_fn, seed=seed,
+                         exclude_padding=exclude_padding)
     t_start = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {METHODS}")
@@ -147,6 +152,11 @@ def prune(
     probe = MemoryProbe()
     report = PruneReport(meta={"method": method, "strategy": strategy if isinstance(strategy, str) else dict((k, str(v)) for k, v in strategy.items()),
                                "ratios": ratios})
+    if method != "magnitude":
+        positions = [real_tokens(b) for b in batches]
+        report.meta.update(exclude_padding=exclude_padding,
+                           padded_positions=sum(int((~k).sum()) for k in positions if k is not None),
+                           positions=sum(k.numel() for k in positions if k is not None))
     try:
         if ratios == "ecoflap":
             eco_batches = batches if ecoflap_batches is None else batches[: max(1, int(ecoflap_batches))]
@@ -186,7 +196,7 @@ def prune(
             for name in progress_bar(targets, desc="magnitude", enabled=progress):
                 prune_layer(name)
         else:
-            _sequential(model, targets, batches, method, prune_layer, probe, progress)
+            _sequential(model, targets, batches, method, prune_layer, probe, progress, exclude_padding)
         report.rows = [rows[n] for n in targets]  # module order
     finally:
         model.train(was_training)
@@ -208,9 +218,21 @@ def _check_given_masks(masks, targets: dict[str, Target], ratios: str) -> dict:
     return dict(masks)
 
 
-def _sequential(model, targets: dict[str, Target], batches, method, prune_layer, probe: MemoryProbe, progress: bool) -> None:
+#: the parts whose Linears see the text tokens' hidden states (the batch's attention_mask applies)
+TOKEN_PARTS = ("language", "head")
+
+
+def _sequential(model, targets: dict[str, Target], batches, method, prune_layer, probe: MemoryProbe, progress: bool,
+                exclude_padding: bool = True) -> None:
     """Wanda/SparseGPT: calibrate and prune block by block (see :mod:`.calibrate`)."""
     need_norms, need_hessian = method == "wanda", method == "sparsegpt"
+    keeps = [real_tokens(b) if exclude_padding else None for b in batches]
+    along = {n for n, t in targets.items() if t.part in TOKEN_PARTS}
+
+    def counted(sc: StatsCollector, b: int, run):
+        sc.keep = keeps[b]
+        return run()
+
     block_lists, loose = find_block_lists(model, targets)
     block_lists = in_call_order(model, block_lists, batches[0])  # upstream parts first
 
@@ -220,8 +242,8 @@ def _sequential(model, targets: dict[str, Target], batches, method, prune_layer,
         for i in progress_bar(range(len(bl)), desc=f"{method} {bl.name}", enabled=progress):
             block, names = bl.module[i], bl.targets[i]
             if names:
-                with StatsCollector({n: targets[n].module for n in names}, need_norms, need_hessian, probe) as sc:
-                    dense = [run_block(block, cap, b, i, h) for b, h in enumerate(hidden)]
+                with StatsCollector({n: targets[n].module for n in names}, need_norms, need_hessian, probe, along) as sc:
+                    dense = [counted(sc, b, lambda: run_block(block, cap, b, i, h)) for b, h in enumerate(hidden)]
                     if i == 0:
                         check_sequential(bl, cap, dense[0])
                     del dense
@@ -238,9 +260,9 @@ def _sequential(model, targets: dict[str, Target], batches, method, prune_layer,
         del cap, hidden
     if loose:
         # few Linears outside any block list (pooling heads, poolers): one pass with hooks on all of them
-        with StatsCollector({n: targets[n].module for n in loose}, need_norms, need_hessian, probe) as sc:
-            for b in progress_bar(batches, desc=f"{method} loose layers", enabled=progress):
-                run_model(model, b)
+        with StatsCollector({n: targets[n].module for n in loose}, need_norms, need_hessian, probe, along) as sc:
+            for b, batch in enumerate(progress_bar(batches, desc=f"{method} loose layers", enabled=progress)):
+                counted(sc, b, lambda: run_model(model, batch))
             for n in loose:
                 prune_layer(n, sc.stats[n])
 

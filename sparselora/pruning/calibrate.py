@@ -25,6 +25,12 @@ is calibrated on the outputs of the pruned vision tower).
 Target Linears outside any block list (e.g. SigLIP's pooling-head MLP, BERT's pooler) are
 calibrated afterwards in one full-model pass over the batches.
 
+Padding: a layer whose input runs along the batch's 2-D ``attention_mask`` (``[batch, tokens]``)
+counts only the positions the mask keeps (:func:`real_tokens`). The model computes hidden states
+at padded positions too, but no real token attends to them and no output reads them; a random
+batch of 16 sentences is about 45 % padding, which would otherwise make up nearly half of every
+Hessian and norm. Inputs of other shapes (a vision tower's patches) count every position.
+
 How block lists are found: for a target layer, the ``nn.ModuleList`` ancestor with the
 most parameters whose children are the blocks (``<list>.<index>.…``). The replay assumes a
 plain sequential stack (block ``i``'s first output is block ``i+1``'s hidden-state input);
@@ -55,6 +61,7 @@ __all__ = [
     "capture_block_inputs",
     "block_output",
     "MemoryProbe",
+    "real_tokens",
 ]
 
 
@@ -77,8 +84,10 @@ class LayerStats:
     sq_norm: Optional[torch.Tensor] = None  # [in] sum_t x_tj^2 (float32)
     hessian: Optional[torch.Tensor] = None  # [in, in] sum_t x_t x_tᵀ (float32)
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+    def add(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """Add the rows of ``x [..., in]``; with ``keep`` (bool, ``x.shape[:-1]``) only those it keeps."""
+        x = x.detach()
+        x = (x[keep.to(x.device)] if keep is not None else x.reshape(-1, x.shape[-1])).to(torch.float32)
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).nonzero()[0].tolist()
             raise SparsityError(
@@ -110,19 +119,42 @@ class MemoryProbe:
         self.live -= n
 
 
-class StatsCollector:
-    """Context manager: forward hooks on ``layers`` that fill one :class:`LayerStats` each."""
+def real_tokens(batch: Mapping) -> Optional[torch.Tensor]:
+    """The positions of ``batch`` that are not padding: its 2-D ``attention_mask`` as bool, or None
+    (no such mask: every position counts)."""
+    m = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(m, torch.Tensor) or m.dim() != 2:
+        return None
+    return m != 0
 
-    def __init__(self, layers: Mapping[str, nn.Linear], need_norms: bool, need_hessian: bool, probe: Optional[MemoryProbe] = None):
+
+class StatsCollector:
+    """Context manager: forward hooks on ``layers`` that fill one :class:`LayerStats` each.
+
+    ``along_tokens`` names the layers whose inputs run along the batch's text tokens (language
+    model, head; not a vision tower or projector, whose inputs could match the mask's shape by
+    chance). Set :attr:`keep` to the running batch's :func:`real_tokens` before each forward: such
+    a layer's input whose leading dimensions are that mask's shape then counts only the kept
+    positions."""
+
+    def __init__(self, layers: Mapping[str, nn.Linear], need_norms: bool, need_hessian: bool, probe: Optional[MemoryProbe] = None,
+                 along_tokens: Iterable[str] = ()):
         self.layers = dict(layers)
         self.stats = {n: LayerStats(n, m.in_features, need_norms, need_hessian) for n, m in self.layers.items()}
         self.probe = probe
+        self.along_tokens = set(along_tokens)
+        self.keep: Optional[torch.Tensor] = None
         self._handles: list = []
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        keep = self.keep
+        if name not in self.along_tokens or keep is None or tuple(x.shape[:-1]) != tuple(keep.shape):
+            keep = None
+        self.stats[name].add(x, keep)
 
     def __enter__(self) -> "StatsCollector":
         for n, m in self.layers.items():
-            st = self.stats[n]
-            self._handles.append(m.register_forward_hook(lambda mod, inp, out, st=st: st.add(inp[0])))
+            self._handles.append(m.register_forward_hook(lambda mod, inp, out, n=n: self._add(n, inp[0])))
         if self.probe:
             self.probe.enter(len(self.stats))
         return self
