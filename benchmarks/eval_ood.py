@@ -189,7 +189,7 @@ def corrupted(tok, train: list[dict], frac: float, seed: int) -> list[dict]:
 def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", warmup=0, lr=2e-3, steps=200, rank=16,
            contrastive=0.0, layer_weight=1.0, n_train=512, rel=0.0, bank=0.0, norms=False, pairs=0.0, block_steps=0,
            block_lr=3e-4, mask_steps=0, by_length=False, augment=0.0, teacher_inputs=0.0, max_len=MAX_LEN,
-           rare_tokens=0.0):
+           rare_tokens=0.0, pooled=0.0):
     """A restoration recipe as a variant; ``kind='lora'`` = ordinary LoRA, merged, re-pruned.
     ``norms``: LayerNorm weights/biases and every Linear bias train beside the adapters (dense, tiny,
     no effect on the masks). ``data='pairs'``: the training text is adjacent-sentence pairs
@@ -260,7 +260,8 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
             from sparselora.block_reconstruct import reconstruct_blocks
 
             r = reconstruct_blocks(model, ctx["dense"], train, steps=block_steps, lr=block_lr, mask_steps=mask_steps,
-                                   teacher_inputs=teacher_inputs, rare_tokens=rare_tokens, progress=False)
+                                   teacher_inputs=teacher_inputs, rare_tokens=rare_tokens, pooled=pooled,
+                                   progress=False)
             extra = {"block_err_after": [b["after"] for b in r["blocks"]], "block_err_before": [b.get("before") for b in r["blocks"]]}
             if mask_steps:
                 extra["mask_changed"] = [b.get("mask_changed") for b in r["blocks"]]
@@ -340,6 +341,7 @@ VARIANTS = {
     "W1:R7+rare-tokens0.5": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, rare_tokens=0.5),
     "W3:R7+rare-tokens1": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, rare_tokens=1.0),
     "W2:R7+rare-tokens0.25": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, rare_tokens=0.25),
+    "P1:W1+pooled1": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, rare_tokens=0.5, pooled=1.0),
     "L1:R7-max-len96": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=2048, max_len=96),
     "R15:R7-128sents": recipe(kind="masked-ft", steps=0, block_steps=512, block_lr=1e-3, n_train=128),
     "R8:blocks256-4096sents": recipe(kind="masked-ft", steps=0, block_steps=256, block_lr=1e-3, n_train=4096),

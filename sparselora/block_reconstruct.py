@@ -45,7 +45,8 @@ from torch.nn.utils import parametrize
 from .distill import _relative_error, lr_factor
 from .masked_training import masked_gradients, masked_layers
 from .progress import progress_bar
-from .pruning.calibrate import as_batches, capture_block_inputs, check_sequential, find_block_lists, in_call_order, run_block
+from .pruning.calibrate import (as_batches, capture_block_inputs, check_sequential, find_block_lists, in_call_order, real_tokens,
+                                run_block)
 
 __all__ = ["reconstruct_blocks", "RECONSTRUCT"]
 
@@ -75,7 +76,7 @@ def _teacher_lists(teacher: nn.Module, student_lists) -> dict:
 
 def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable[dict], steps: int = RECONSTRUCT["steps"],
                        lr: float = RECONSTRUCT["lr"], warmup: Optional[int] = None, mask_steps: int = 0,
-                       teacher_inputs: float = 0.0, rare_tokens: float = 0.0, progress: bool = True) -> dict:
+                       teacher_inputs: float = 0.0, rare_tokens: float = 0.0, pooled: float = 0.0, progress: bool = True) -> dict:
     """Reconstruct every block of ``student`` (pruned; any floating dtype) from ``teacher`` (dense,
     same architecture) on ``batches`` (forward-kwargs dicts, as for pruning), ``steps`` steps per
     block. One progress bar counts every step of every block.
@@ -91,6 +92,9 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
     ``input_ids``' frequency in ``batches`` (weights normalised to mean 1), so rare (content) words
     count more than common ones; it applies to blocks whose hidden states run along ``input_ids``
     (a language model's, not a vision tower's); 0 weights every token alike.
+    ``pooled`` (>= 0): adds this weight times the relative squared error of the block output's mean
+    over the real tokens (the attention mask's; every position where it does not apply), the
+    sentence-level summary an embedding model's mean pooling reads; 0 matches tokens only.
     Both models run in ``eval()`` (no dropout; restored afterwards). Returns ``{"blocks": [{"name",
     "layers", "before", "after"[, "mask_changed"]}], "loose": [pruned layers outside any block list]}``, where
     ``before`` / ``after`` are the block's mean relative error before and after its steps, on the
@@ -108,6 +112,8 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
         raise ValueError(f"reconstruct_blocks: teacher_inputs must be in [0, 1), got {teacher_inputs!r}")
     if not rare_tokens >= 0.0:
         raise ValueError(f"reconstruct_blocks: rare_tokens must be >= 0, got {rare_tokens!r}")
+    if not pooled >= 0.0:
+        raise ValueError(f"reconstruct_blocks: pooled must be >= 0, got {pooled!r}")
     if warmup < 0 or (steps and warmup >= steps):
         raise ValueError(f"reconstruct_blocks: warmup must be in [0, steps), got {warmup} for {steps} steps")
     layers = masked_layers(student, "reconstruct_blocks", low_precision=True)
@@ -162,7 +168,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
                 if names and steps:
                     bar.set_postfix_str(row["name"])
                     row.update(_fit_block(block, {n: layers[n] for n in names}, cap_s, i, hs, ht, batches, steps, lr, warmup, bar,
-                                          mask_steps, xt, teacher_inputs, weights))
+                                          mask_steps, xt, teacher_inputs, weights, pooled))
                 xt = None
                 with torch.no_grad():
                     for b, h in enumerate(hs):
@@ -200,6 +206,17 @@ def _weighted_error(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.
     """The relative squared error with each token's terms weighted by ``w`` ([batch, tokens])."""
     s, t = s.float(), t.float()
     return ((s - t).pow(2).sum(-1) * w).sum() / (t.pow(2).sum(-1) * w).sum().clamp_min(1e-12)
+
+
+def _pooled_error(s: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The relative squared error of the per-sequence means over the real tokens ([batch, tokens, ...]
+    hidden states; every position counts where the batch's attention mask does not match them)."""
+    s, t = s.float(), t.float()
+    keep = real_tokens(batch)
+    m = keep.to(s.dtype) if keep is not None and tuple(s.shape[:2]) == tuple(keep.shape) else torch.ones(s.shape[:2], dtype=s.dtype, device=s.device)
+    m = m.reshape(*m.shape, *([1] * (s.dim() - 2))).to(s.device)
+    ps, pt = (s * m).sum(1) / m.sum(1).clamp_min(1), (t * m).sum(1) / m.sum(1).clamp_min(1)
+    return (ps - pt).pow(2).sum() / pt.pow(2).sum().clamp_min(1e-12)
 
 
 def _mean_error(outs: list, target: list, batches: list, probe) -> float:
@@ -258,7 +275,7 @@ class _Straight24(nn.Module):
 
 def _fit_block(block: nn.Module, layers: dict[str, nn.Linear], cap, i: int, hs: list, target: list, batches: list[dict],
                steps: int, lr: float, warmup: int, bar, mask_steps: int = 0, xt: Optional[list] = None,
-               teacher_inputs: float = 0.0, weights: Optional[list] = None) -> dict:
+               teacher_inputs: float = 0.0, weights: Optional[list] = None, pooled: float = 0.0) -> dict:
     """Train ``layers`` (the block's pruned Linears) for ``steps`` steps; during the first ``mask_steps``
     the 2:4 masks move with the weights (:class:`_Straight24`), then they are fixed and the kept
     weights train on with masked gradients. Returns ``{"mask_changed": fraction of kept entries
@@ -285,6 +302,8 @@ def _fit_block(block: nn.Module, layers: dict[str, nn.Linear], cap, i: int, hs: 
                 out = run_block(block, cap, b, i, h)
                 w = weights[b] if weights is not None and out.shape[:2] == weights[b].shape else None
                 loss = _relative_error(out, target[b], batches[b]) if w is None else _weighted_error(out, target[b], w)
+                if pooled:
+                    loss = loss + pooled * _pooled_error(out, target[b], batches[b])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"reconstruct_blocks: non-finite loss at step {k} of block {i} ({list(layers)[:2]})")
                 opt.zero_grad(set_to_none=True)

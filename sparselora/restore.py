@@ -94,7 +94,7 @@ EMBEDDING_CONTRASTIVE = 0.5
 
 
 #: the further options ``restore(method="blocks")`` passes to :func:`reconstruct_blocks`
-BLOCK_OPTIONS = ("warmup", "mask_steps", "rare_tokens")
+BLOCK_OPTIONS = ("warmup", "mask_steps", "rare_tokens", "pooled")
 
 #: ``restore(method="blocks")``'s ``rare_tokens`` on text-only batches (each token's error weighted
 #: by its frequency ** -0.5 in the calibration text): on all-MiniLM-L6-v2 (5 seeds,

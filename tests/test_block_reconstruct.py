@@ -150,6 +150,42 @@ def test_rare_tokens_weight_the_language_blocks_only(seed):
         assert torch.equal(b.sparse_mask, masks[name]), name
 
 
+def test_pooled_error_against_float64(seed):
+    """The pooled term: relative squared error of each sequence's mean over its real tokens, padding
+    excluded; where the batch's mask does not match the hidden states, every position counts."""
+    from sparselora.block_reconstruct import _pooled_error
+
+    s, t = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    ps = torch.stack([s[r, : int(mask[r].sum())].double().mean(0) for r in range(3)])
+    pt = torch.stack([t[r, : int(mask[r].sum())].double().mean(0) for r in range(3)])
+    ref = ((ps - pt) ** 2).sum() / (pt ** 2).sum()
+    got = _pooled_error(s, t, {"attention_mask": mask})
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    s[1, 2:] = 1e6  # padded positions: no effect
+    assert _pooled_error(s, t, {"attention_mask": mask}).item() == pytest.approx(ref.item(), rel=1e-5)
+    every = _pooled_error(s[:, :4], t[:, :4], {"attention_mask": mask})  # another length: every position
+    ref_every = ((s[:, :4].double().mean(1) - t[:, :4].double().mean(1)) ** 2).sum() / (t[:, :4].double().mean(1) ** 2).sum()
+    assert every.item() == pytest.approx(ref_every.item(), rel=1e-5)
+
+
+def test_pooled_term_changes_what_blocks_learn_not_the_masks(seed):
+    teacher, pruned, masks = _pruned_pair(seed)
+    batches = [example_inputs(FAM, teacher, batch=2, seed=seed + s) for s in range(4)]
+    runs = {}
+    for p in (0.0, 1.0):
+        runs[p] = copy.deepcopy(pruned)
+        reconstruct_blocks(runs[p], teacher, batches, steps=12, lr=3e-3, warmup=2, pooled=p, progress=False)
+    with pytest.raises(ValueError, match="pooled must be >= 0"):
+        reconstruct_blocks(copy.deepcopy(pruned), teacher, batches, pooled=-1.0, progress=False)
+    blocks = [n for n in masks if ".layers." in n]
+    assert blocks
+    for name in blocks:
+        a, b = (runs[p].get_submodule(name) for p in (0.0, 1.0))
+        assert not torch.equal(a.weight, b.weight), name
+        assert torch.equal(b.sparse_mask, masks[name]) and not ((b.weight != 0) & ~masks[name]).any(), name
+
+
 def test_failure_leaves_the_masks_and_flags(seed, monkeypatch):
     import sparselora.block_reconstruct as BR
 
