@@ -125,7 +125,7 @@ def restore(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     ``batches`` of forward-kwargs dicts; in place, nothing to merge, any dtype); the distillation
     options (``rank``, ``alpha``, ``loss``, ``output_fn``, ``contrastive``, overrides) do not apply to
     it and are refused; its own options (:data:`BLOCK_OPTIONS`: ``warmup``, ``mask_steps``,
-    ``rare_tokens``) pass through as overrides; ``rare_tokens`` defaults to :data:`TEXT_RARE_TOKENS`
+    ``rare_tokens``, ``pooled``) pass through as overrides; ``rare_tokens`` defaults to :data:`TEXT_RARE_TOKENS`
     on text-only batches and 0 otherwise. ``steps`` and ``lr`` default to :data:`DEFAULT_STEPS` / :data:`DEFAULT_LR` of
     the method.
     Returns distill's stats (``"blocks"``: reconstruct_blocks' report and the mean block error before
