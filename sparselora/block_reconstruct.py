@@ -43,6 +43,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .distill import _relative_error, lr_factor
+from .families import get_family, reads_padded_positions
 from .masked_training import masked_gradients, masked_layers
 from .progress import progress_bar
 from .pruning.calibrate import (as_batches, capture_block_inputs, check_sequential, find_block_lists, in_call_order, real_tokens,
@@ -148,6 +149,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
             with torch.no_grad():
                 cap_s, cap_t = capture_block_inputs(student, bl, batches), capture_block_inputs(teacher, tl, batches)
             hs, ht = cap_s.hidden, cap_t.hidden
+            scored, wts = _scored_batches(student, bl.name, batches, weights)
             if len(bl) > 1:  # block 0 replayed must give what the model fed block 1, or every replayed input is wrong
                 with torch.no_grad():
                     check_sequential(bl, cap_s, run_block(bl.module[0], cap_s, 0, 0, hs[0]),
@@ -164,16 +166,16 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
                     for b, h in enumerate(ht):  # this block's targets, in place: one batch more resident, not a copy
                         ht[b] = run_block(tl.module[i], cap_t, b, i, h)
                     if names and steps:
-                        row["before"] = _mean_error([run_block(block, cap_s, b, i, hs[b]) for b in probe], ht, batches, probe)
+                        row["before"] = _mean_error([run_block(block, cap_s, b, i, hs[b]) for b in probe], ht, scored, probe)
                 if names and steps:
                     bar.set_postfix_str(row["name"])
-                    row.update(_fit_block(block, {n: layers[n] for n in names}, cap_s, i, hs, ht, batches, steps, lr, warmup, bar,
-                                          mask_steps, xt, teacher_inputs, weights, pooled))
+                    row.update(_fit_block(block, {n: layers[n] for n in names}, cap_s, i, hs, ht, scored, steps, lr, warmup, bar,
+                                          mask_steps, xt, teacher_inputs, wts, pooled))
                 xt = None
                 with torch.no_grad():
                     for b, h in enumerate(hs):
                         hs[b] = run_block(block, cap_s, b, i, h)
-                    row["after"] = _mean_error([hs[b] for b in probe], ht, batches, probe)
+                    row["after"] = _mean_error([hs[b] for b in probe], ht, scored, probe)
                 for b, h in enumerate(hs):
                     if not torch.isfinite(h).all():
                         raise FloatingPointError(f"reconstruct_blocks: block {row['name']} output is not finite on batch {b}")
@@ -186,6 +188,24 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, batches: Iterable
         student.train(was_training[0])
         teacher.train(was_training[1])
     return {"blocks": report, "loose": loose}
+
+
+def _scored_batches(model: nn.Module, name: str, batches: list[dict], weights: Optional[list]) -> tuple[list[dict], Optional[list]]:
+    """The batches whose attention masks the losses of block list ``name`` read, and its token
+    weights. The text's padding mask and token weights apply to the text's hidden states only: a
+    vision tower's (known from the model's family) never gets them, even where its patch count
+    equals a batch's text length; and a model whose output reads padded positions
+    (:func:`sparselora.families.reads_padded_positions`, SigLIP) counts every position."""
+    try:
+        vision = get_family(model).classify(f"{name}.0") == "vision"
+    except ValueError:  # a model of no known family (a text model, custom_family): masks apply where shapes match
+        vision = False
+    reads = reads_padded_positions(model)
+    if reads and weights is not None and not vision:
+        log.warning("reconstruct_blocks %s: rare_tokens not applied (the model's output reads padded positions)", name)
+    if vision or reads:
+        return [{k: v for k, v in b.items() if k != "attention_mask"} for b in batches], None
+    return batches, weights
 
 
 def _token_weights(batches: list[dict], power: float) -> list[torch.Tensor]:

@@ -57,6 +57,19 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+#: model types whose output reads hidden states at padded positions: SigLIP's text tower pools its
+#: last position, which is padding in every text shorter than the batch's longest (or max_length)
+READS_PADDING = ("siglip", "siglip2", "siglip_text_model", "siglip2_text_model")
+
+
+def reads_padded_positions(model: nn.Module) -> bool:
+    """Whether ``model``'s outputs read hidden states at padded positions (:data:`READS_PADDING`), so
+    padding is real data to it: calibration statistics and reconstruction losses must count it."""
+    cfg = getattr(model, "config", None)
+    types = {getattr(cfg, "model_type", None), getattr(getattr(cfg, "text_config", None), "model_type", None)}
+    return bool(types & set(READS_PADDING))
+
+
 def custom_family(vision: Iterable[str] = (), language: Iterable[str] = (), projector: Iterable[str] = (), head: Iterable[str] = ("lm_head",), name: str = "custom") -> Family:
     """A family for a model the registry does not know, from user-given prefixes."""
     prefixes = {"vision": tuple(vision), "projector": tuple(projector), "language": tuple(language), "head": tuple(head)}

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from sparselora.block_reconstruct import PROBE_BATCHES, reconstruct_blocks
+from sparselora.pruning.calibrate import find_block_lists
 from sparselora.cli import TINY_FAMILIES
 from sparselora.distill import _relative_error
 from helpers import magnitude_24_in_place
@@ -184,6 +185,30 @@ def test_pooled_term_changes_what_blocks_learn_not_the_masks(seed):
         a, b = (runs[p].get_submodule(name) for p in (0.0, 1.0))
         assert not torch.equal(a.weight, b.weight), name
         assert torch.equal(b.sparse_mask, masks[name]) and not ((b.weight != 0) & ~masks[name]).any(), name
+
+
+def test_scored_batches_keep_text_masks_off_vision_towers_and_siglip():
+    """The padding mask and token weights reach the text's blocks only: never a vision tower's (even
+    where its patch count equals the text length), and never a model whose output reads padded
+    positions (SigLIP); a model of no known family keeps them where shapes match."""
+    from transformers import BertConfig, BertModel
+
+    from sparselora.block_reconstruct import _scored_batches
+
+    batches = [{"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])}]
+    weights = [torch.ones(2, 5)]
+    llava, siglip = build("llava"), build("siglip")
+    bert = BertModel(BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    lists = {m: {bl.name for bl in find_block_lists(m, [n for n, x in m.named_modules() if isinstance(x, nn.Linear)])[0]}
+             for m in (llava, siglip, bert)}
+    vision = [n for n in lists[llava] if "vision" in n]
+    language = [n for n in lists[llava] if "language" in n]
+    assert vision and language and lists[siglip] and lists[bert]
+    for model, names, kept in [(llava, vision, False), (llava, language, True), (siglip, lists[siglip], False), (bert, lists[bert], True)]:
+        for name in names:
+            scored, w = _scored_batches(model, name, batches, weights)
+            assert ("attention_mask" in scored[0]) == kept and (w is weights) == kept, name
+            assert torch.equal(scored[0]["input_ids"], batches[0]["input_ids"])
 
 
 def test_failure_leaves_the_masks_and_flags(seed, monkeypatch):

@@ -310,3 +310,16 @@ def test_text_batches_by_length_keeps_every_sentence_and_drops_the_padding(proce
     assert widths != sorted(widths) or len(set(widths)) == 1  # shuffled, not short to long
     again = cd.text_batches(tok, sents, 8, max_length=24, by_length=True, seed=seed)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(bucketed, again))  # the seed decides
+
+
+def test_text_batches_pad_with_eos_where_the_tokenizer_has_no_pad_token(processor):
+    """A causal LM's tokenizer often ships without a pad token: batches still pad (with the
+    end-of-sequence id) and the attention mask marks the padding."""
+    import copy
+
+    tok = copy.deepcopy(processor.tokenizer)
+    tok.pad_token = None
+    assert tok.pad_token is None and tok.eos_token is not None
+    out = cd.text_batches(tok, ["alpha beta gamma delta", "alpha"], 2, max_length=16)
+    mask, ids = out[0]["attention_mask"], out[0]["input_ids"]
+    assert mask[1].tolist().count(0) > 0 and (ids[1][mask[1] == 0] == tok.eos_token_id).all()

@@ -127,3 +127,20 @@ def test_real_tokens():
     assert real_tokens({"input_ids": m}) is None
     assert real_tokens({"attention_mask": torch.ones(1, 1, 3, 3)}) is None  # a 4-D additive mask: not a padding mask
     assert real_tokens([m]) is None
+
+
+def test_siglip_pools_a_padded_position_so_padding_counts(seed, monkeypatch):
+    """SigLIP's text tower pools its last position, padding in every shorter text: its statistics
+    count the padded positions whatever exclude_padding says, and the report says so."""
+    model = build("siglip", seed=seed)
+    batch = example_inputs("siglip", model, batch=2, seed=seed)
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, -3:] = 0
+    batch = {**batch, "attention_mask": mask}
+    runs = [_recorded_stats(copy.deepcopy(model), [batch], "wanda", monkeypatch, strategy="both", family=None, exclude_padding=e)
+            for e in (True, False)]
+    assert [r.pop("report").meta["exclude_padding"] for r in runs] == [False, False]
+    text = [n for n in runs[0] if "text_model" in n]
+    assert text and runs[0].keys() == runs[1].keys()
+    for n in runs[0]:
+        assert torch.equal(runs[0][n], runs[1][n]), n

@@ -14,6 +14,7 @@ Modules: :mod:`.methods` (criteria), :mod:`.calibrate` (block-by-block statistic
 """
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..families import DEFAULT_SKIP_PARTS, Family
+from ..families import DEFAULT_SKIP_PARTS, Family, reads_padded_positions
 from ..format import SparsityError, check_finite
 from ..progress import progress_bar
 from .calibrate import (MemoryProbe, StatsCollector, as_batches, calibration_batches, capture_block_inputs, check_sequential,
@@ -31,6 +32,8 @@ from .offload import host_model_on_device, is_offloaded, layer_weight
 from .methods import Pattern, magnitude_mask, parse_pattern, sparsegpt_prune, wanda_mask
 from .report import LayerRow, PruneReport
 from .strategy import Target, select_targets
+
+log = logging.getLogger(__name__)
 
 __all__ = ["prune", "apply_mask", "PruneReport", "LayerRow", "Pattern", "parse_pattern", "magnitude_mask", "wanda_mask",
            "sparsegpt_prune", "select_targets", "calibration_batches", "allocate_ratios", "zeroth_order_scores", "DEFAULT_SKIP_PARTS",
@@ -118,6 +121,8 @@ def prune(
         exclude_padding: Wanda's norms and SparseGPT's Hessians count only the positions a batch's
             2-D ``attention_mask`` keeps, in layers whose input runs along it (see
             :mod:`.calibrate`); False counts padded positions too (the behaviour before 2026-12-08).
+            A model whose output reads padded positions (SigLIP's text tower pools its last one;
+            :func:`sparselora.families.reads_padded_positions`) counts them either way.
     Returns: a :class:`PruneReport`.
     """
     if refit_iters and method != "sparsegpt":
@@ -152,6 +157,10 @@ def prune(
     probe = MemoryProbe()
     report = PruneReport(meta={"method": method, "strategy": strategy if isinstance(strategy, str) else dict((k, str(v)) for k, v in strategy.items()),
                                "ratios": ratios})
+    if exclude_padding and reads_padded_positions(model):
+        log.info("prune: %s reads hidden states at padded positions (it pools its last position): padding counts",
+                 type(model).__name__)
+        exclude_padding = False
     if method != "magnitude":
         positions = [real_tokens(b) for b in batches]
         report.meta.update(exclude_padding=exclude_padding,

@@ -27,9 +27,11 @@ calibrated afterwards in one full-model pass over the batches.
 
 Padding: a layer whose input runs along the batch's 2-D ``attention_mask`` (``[batch, tokens]``)
 counts only the positions the mask keeps (:func:`real_tokens`). The model computes hidden states
-at padded positions too, but no real token attends to them and no output reads them; a random
-batch of 16 sentences is about 45 % padding, which would otherwise make up nearly half of every
-Hessian and norm. Inputs of other shapes (a vision tower's patches) count every position.
+at padded positions too, but no real token attends to them and (in most models) no output reads
+them; a random batch of 16 sentences is about 45 % padding, which would otherwise make up nearly
+half of every Hessian and norm. Inputs of other shapes (a vision tower's patches) count every
+position, and so does a model whose output reads padded positions
+(:func:`sparselora.families.reads_padded_positions`: SigLIP pools its text tower's last position).
 
 How block lists are found: for a target layer, the ``nn.ModuleList`` ancestor with the
 most parameters whose children are the blocks (``<list>.<index>.…``). The replay assumes a
