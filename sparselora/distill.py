@@ -5,7 +5,9 @@ the output of every repeated transformer block, found generically as the childre
 outermost ``nn.ModuleList`` of identical modules, so vision towers and language models alike),
 or at any named modules (e.g. attention and MLP outputs). Each matched tensor contributes its
 relative squared error ‖s − t‖² / ‖t‖² (padding tokens excluded when the batch has an
-``attention_mask`` of the same length), averaged over the matched modules. Layer-wise matching
+``attention_mask`` of the same length), averaged over the matched modules. The final output's loss
+skips padded positions the same way; a model whose output reads padded positions
+(:func:`sparselora.families.reads_padded_positions`: SigLIP) counts them in both. Layer-wise matching
 tells every adapter what its own block should produce, which generalises beyond the
 distillation text far better than the final output alone.
 
@@ -43,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .families import reads_padded_positions
 from .lora import lora_parameters
 
 __all__ = ["distill", "default_output", "distill_loss", "find_blocks", "info_nce", "lr_factor"]
@@ -65,12 +68,23 @@ def default_output(out: Any) -> torch.Tensor:
     raise TypeError(f"distill: cannot find a tensor in model output of type {type(out).__name__}; pass output_fn")
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str = "kl", temperature: float = 2.0) -> torch.Tensor:
+def _output_keep(batch: Any) -> Optional[torch.Tensor]:
+    """The real tokens of a dict batch (its 2-D attention mask as bool), or None."""
+    m = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return m != 0 if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str = "kl", temperature: float = 2.0,
+                 keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``kl``: KL(softmax(t/T) || softmax(s/T))·T² over the last dim (Hinton); ``mse``; ``cosine``:
-    mean (1 − cos) over the last dim."""
+    mean (1 − cos) over the last dim. ``keep`` (bool ``[batch, tokens]``, the batch's real tokens):
+    outputs of at least 3 dims whose leading two match it are compared at the kept positions only."""
     if student.shape != teacher.shape:
         raise ValueError(f"distill: student output {tuple(student.shape)} != teacher output {tuple(teacher.shape)}")
     s, t = student.float(), teacher.float()
+    if keep is not None and s.dim() >= 3 and tuple(s.shape[:2]) == tuple(keep.shape):
+        keep = keep.to(s.device)
+        s, t = s[keep], t[keep]
     if loss == "kl":
         d = s.shape[-1]
         logp = F.log_softmax(s.reshape(-1, d) / temperature, -1)
@@ -332,6 +346,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
         bar = progress_bar(total=steps, desc=f"distill ({loss})")
     recorders = [_Recorder(s_mods), _Recorder(t_mods)] if t_mods else []
     try:
+        count_padding = reads_padded_positions(student)  # SigLIP: its output reads padded positions
         for step in range(steps):
             index, batch = next(data)
             if on_step is not None:
@@ -349,9 +364,10 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
             if cache is not None and step + len(batches) >= steps:
                 cache.drop(index)  # this batch's last visit
             out = output_fn(_call(student, batch))
-            value = output_weight * distill_loss(out, target, loss, temperature) if output_weight else out.sum() * 0
+            keep = None if count_padding else _output_keep(batch)
+            value = output_weight * distill_loss(out, target, loss, temperature, keep) if output_weight else out.sum() * 0
             if recorders:
-                errs = [_relative_error(s, t, batch) for s, t in zip(recorders[0].take(), t_outs)]
+                errs = [_relative_error(s, t, None if count_padding else batch) for s, t in zip(recorders[0].take(), t_outs)]
                 value = value + layer_weight * torch.stack(errs).mean()
             if aux_loss is not None:
                 value = value + aux_loss(out, target)

@@ -60,6 +60,49 @@ def test_relative_error_skips_padding(seed):
     assert _relative_error(s_bad, t, {}).item() > 1e6  # without a mask every position counts
 
 
+@pytest.mark.parametrize("loss", ["kl", "mse", "cosine"])
+def test_output_loss_skips_padding(loss, seed):
+    """The final output's loss at the real tokens only: the same as on the unpadded rows (float64),
+    whatever the padded positions hold; outputs the mask does not fit count every position."""
+    from sparselora.distill import distill_loss
+
+    t = torch.randn(2, 5, 8)
+    s = t + 0.3 * torch.randn(2, 5, 8)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 3:] = False
+    s_bad = s.clone()
+    s_bad[1, 3:] = 50.0
+    ref = distill_loss(s[keep].double(), t[keep].double(), loss)
+    assert distill_loss(s_bad, t, loss, keep=keep).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert distill_loss(s_bad, t, loss).item() != pytest.approx(ref.item(), rel=1e-2)
+    flat = distill_loss(s_bad[:, :4], t[:, :4], loss, keep=keep)  # another length: every position
+    assert flat.item() == pytest.approx(distill_loss(s_bad[:, :4], t[:, :4], loss).item(), rel=1e-6)
+
+
+def test_distill_passes_the_real_tokens_to_the_output_loss(seed, monkeypatch):
+    """distill() hands the batch's real tokens to the output loss, except for a model whose output
+    reads padded positions (SigLIP)."""
+    import sparselora.distill as D
+
+    seen = []
+    real = D.distill_loss
+    monkeypatch.setattr(D, "distill_loss", lambda s, t, loss, temp, keep=None: (seen.append(keep), real(s, t, loss, temp, keep))[1])
+    for fam, expect_mask in (("llava", True), ("siglip", False)):
+        teacher = build(fam, seed=seed % 1000).eval()
+        student = copy.deepcopy(teacher)
+        _prune(student, ["layers"])
+        add_sparse_lora(student, r=2)
+        batch = example_inputs(fam, teacher, batch=2, seed=seed)
+        mask = torch.ones_like(batch["input_ids"])
+        mask[0, -2:] = 0
+        seen.clear()
+        out_fn = (lambda o: o.text_model_output.last_hidden_state) if fam == "siglip" else None
+        distill(student, teacher, [{**batch, "attention_mask": mask}], steps=2, progress=False, loss="mse", output_fn=out_fn)
+        assert len(seen) == 2 and all((k is not None) == expect_mask for k in seen), fam
+        if expect_mask:
+            assert torch.equal(seen[0], mask.bool())
+
+
 def test_layerwise_distill_lowers_block_error_and_keeps_mask(seed):
     teacher = ResidualStack()
     student = copy.deepcopy(teacher)
