@@ -43,7 +43,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .distill import _relative_error, lr_factor
-from .families import get_family, reads_padded_positions
+from .families import is_vision_module, reads_padded_positions
 from .masked_training import masked_gradients, masked_layers
 from .progress import progress_bar
 from .pruning.calibrate import (as_batches, capture_block_inputs, check_sequential, find_block_lists, in_call_order, real_tokens,
@@ -196,10 +196,7 @@ def _scored_batches(model: nn.Module, name: str, batches: list[dict], weights: O
     vision tower's (known from the model's family) never gets them, even where its patch count
     equals a batch's text length; and a model whose output reads padded positions
     (:func:`sparselora.families.reads_padded_positions`, SigLIP) counts every position."""
-    try:
-        vision = get_family(model).classify(f"{name}.0") == "vision"
-    except ValueError:  # a model of no known family (a text model, custom_family): masks apply where shapes match
-        vision = False
+    vision = is_vision_module(model, f"{name}.0")  # no known family (a text model): masks apply where shapes match
     reads = reads_padded_positions(model)
     if reads and weights is not None and not vision:
         log.warning("reconstruct_blocks %s: rare_tokens not applied (the model's output reads padded positions)", name)

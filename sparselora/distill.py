@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .families import reads_padded_positions
+from .families import is_vision_module, reads_padded_positions
 from .lora import lora_parameters
 
 __all__ = ["distill", "default_output", "distill_loss", "find_blocks", "info_nce", "lr_factor"]
@@ -301,15 +301,18 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     finite = isinstance(batches, (list, tuple))
     if finite and not batches:
         raise ValueError("distill: batches is empty")
+    s_names = []
     if layers == "blocks":
-        t_mods, s_mods = _resolve(teacher, find_blocks(teacher), "the teacher"), _resolve(student, find_blocks(student), "the student")
+        s_names = find_blocks(student)
+        t_mods, s_mods = _resolve(teacher, find_blocks(teacher), "the teacher"), _resolve(student, s_names, "the student")
         if not t_mods or len(t_mods) != len(s_mods):
             raise ValueError(f"distill: layers='blocks' needs the same repeated blocks in both models "
                              f"(teacher {len(t_mods)}, student {len(s_mods)})")
     elif layers is None:
         t_mods = s_mods = []
     elif isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers):
-        t_mods, s_mods = _resolve(teacher, list(layers), "the teacher"), _resolve(student, list(layers), "the student")
+        s_names = list(layers)
+        t_mods, s_mods = _resolve(teacher, s_names, "the teacher"), _resolve(student, s_names, "the student")
     else:
         raise ValueError(f"distill: layers must be None, 'blocks' or a non-empty list of module names, got {layers!r}")
     if params is None:
@@ -347,6 +350,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
     recorders = [_Recorder(s_mods), _Recorder(t_mods)] if t_mods else []
     try:
         count_padding = reads_padded_positions(student)  # SigLIP: its output reads padded positions
+        # the text's padding mask applies to text-side modules only, never a vision tower's (shapes can coincide)
+        text_side = [not count_padding and not is_vision_module(student, n) for n in s_names]
         for step in range(steps):
             index, batch = next(data)
             if on_step is not None:
@@ -367,7 +372,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
             keep = None if count_padding else _output_keep(batch)
             value = output_weight * distill_loss(out, target, loss, temperature, keep) if output_weight else out.sum() * 0
             if recorders:
-                errs = [_relative_error(s, t, None if count_padding else batch) for s, t in zip(recorders[0].take(), t_outs)]
+                errs = [_relative_error(s, t, batch if txt else None) for s, t, txt in zip(recorders[0].take(), t_outs, text_side)]
                 value = value + layer_weight * torch.stack(errs).mean()
             if aux_loss is not None:
                 value = value + aux_loss(out, target)

@@ -62,6 +62,16 @@ FAMILIES: dict[str, Family] = {
 READS_PADDING = ("siglip", "siglip2", "siglip_text_model", "siglip2_text_model")
 
 
+def is_vision_module(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` of ``model`` belongs to its vision tower, by the model's family; False
+    for a model of no known family (a text model, say)."""
+    try:
+        fam = get_family(model)
+    except ValueError:
+        return False
+    return fam.classify(name) == "vision"
+
+
 def reads_padded_positions(model: nn.Module) -> bool:
     """Whether ``model``'s outputs read hidden states at padded positions (:data:`READS_PADDING`), so
     padding is real data to it: calibration statistics and reconstruction losses must count it."""

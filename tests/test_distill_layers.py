@@ -103,6 +103,32 @@ def test_distill_passes_the_real_tokens_to_the_output_loss(seed, monkeypatch):
             assert torch.equal(seen[0], mask.bool())
 
 
+def test_layerwise_padding_mask_reaches_text_blocks_only(seed, monkeypatch):
+    """layers='blocks': each language block's error skips the text's padding; a vision block's never
+    gets the text mask (its patch count could equal the text length), nor any block of SigLIP."""
+    import sparselora.distill as D
+
+    calls = []
+    real = D._relative_error
+    monkeypatch.setattr(D, "_relative_error", lambda s, t, b: (calls.append(b is not None), real(s, t, b))[1])
+    for fam in ("llava", "siglip"):
+        teacher = build(fam, seed=seed % 1000).eval()
+        student = copy.deepcopy(teacher)
+        _prune(student, ["layers"])
+        add_sparse_lora(student, r=2)
+        batch = example_inputs(fam, teacher, batch=2, seed=seed)
+        mask = torch.ones_like(batch["input_ids"])
+        mask[0, -2:] = 0
+        calls.clear()
+        out_fn = (lambda o: o.text_model_output.last_hidden_state) if fam == "siglip" else None
+        distill(student, teacher, [{**batch, "attention_mask": mask}], steps=1, progress=False, loss="mse", layers="blocks",
+                output_fn=out_fn)
+        names = find_blocks(student)
+        assert len(calls) == len(names) and any("vision" in n for n in names) and any("vision" not in n for n in names)
+        for n, masked in zip(names, calls):
+            assert masked == (fam == "llava" and "vision" not in n), (fam, n)
+
+
 def test_layerwise_distill_lowers_block_error_and_keeps_mask(seed):
     teacher = ResidualStack()
     student = copy.deepcopy(teacher)
