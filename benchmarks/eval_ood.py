@@ -238,8 +238,8 @@ def recipe(kind="sparselora", data="mixed", layers=None, schedule="constant", wa
             terms.append(lambda s, t: rel * relational(s, t))
         if bank:
             with torch.no_grad():
-                pooled = PooledEmbedder(ctx["dense"]).eval()
-                emb = torch.nn.functional.normalize(torch.cat([pooled(**b) for b in train]), dim=-1)
+                embedder = PooledEmbedder(ctx["dense"]).eval()
+                emb = torch.nn.functional.normalize(torch.cat([embedder(**b) for b in train]), dim=-1)
             terms.append(lambda s, t: bank * bank_nce(s, t, emb))
         if pairs:
             terms.append(lambda s, t: pairs * pair_kl(s, t))
@@ -603,6 +603,7 @@ DISPLAY = {
     "W1:R7+rare-tokens0.5": "**+ block-wise reconstruction, the default on text** (`restore()`: 512 steps per block, lr 1e-3, each token's error weighted by frequency^-0.5)",
     "W3:R7+rare-tokens1": "+ block-wise reconstruction, 512 steps per block, each token's error weighted by frequency^-1",
     "W2:R7+rare-tokens0.25": "+ block-wise reconstruction, 512 steps per block, each token's error weighted by frequency^-0.25",
+    "P1:W1+pooled1": "+ block-wise reconstruction, the default on text, plus the error of each sentence's mean hidden state (weight 1)",
     "L1:R7-max-len96": "+ block-wise reconstruction, 512 steps per block, training text up to 96 word pieces instead of 48",
     "R15:R7-128sents": "+ block-wise reconstruction, 512 steps per block on 128 sentences (the CLI's default calibration size)",
     "R14:blocks768-by-length-lr2e-3": "+ block-wise reconstruction, 768 steps per block at lr 2e-3 on length-bucketed batches (the default's CPU time)",
@@ -634,7 +635,7 @@ PAIRS = [("X1:E2+2048sents", "lora-reprune-X1"), ("E2:C+contrastive0.5", "lora-r
          ("Q1:R7+teacher-inputs0.5", "R7:blocks512-lr1e-3"), ("L1:R7-max-len96", "R7:blocks512-lr1e-3"),
          ("W1:R7+rare-tokens0.5", "R7:blocks512-lr1e-3"), ("W2:R7+rare-tokens0.25", "R7:blocks512-lr1e-3"),
          ("W3:R7+rare-tokens1", "R7:blocks512-lr1e-3"), ("W1:R7+rare-tokens0.5", "lora-reprune-600"),
-         ("W1:R7+rare-tokens0.5", "sparsegpt"),
+         ("W1:R7+rare-tokens0.5", "sparsegpt"), ("P1:W1+pooled1", "W1:R7+rare-tokens0.5"),
          ("R14:blocks768-by-length-lr2e-3", "lora-reprune-600"), ("R14:blocks768-by-length-lr2e-3", "sparsegpt")]
 PAIRED = ("cos_mixed", "acc1", "mrr", "nn_agree")
 
