@@ -122,3 +122,30 @@ def test_corrupted_replaces_only_real_word_pieces_at_the_rate_asked():
     assert 0.2 < changed / real < 0.4
     assert all(torch.equal(a["input_ids"], c["input_ids"]) for a, c in zip(out, corrupted(tok, train, 0.3, seed=5)))
     assert not all(torch.equal(a["input_ids"], c["input_ids"]) for a, c in zip(out, corrupted(tok, train, 0.3, seed=6)))
+
+
+def test_recipes_run_end_to_end_on_minilm(seed):
+    """Every branch of a restoration recipe runs (tiny budgets, the real MiniLM): block-wise with rare
+    tokens and the pooled term, SparseLoRA with sentence-level terms, LoRA merged and re-pruned. A
+    recipe that cannot run (a name error in one branch) fails here, not an hour into a benchmark."""
+    import copy
+
+    from benchmarks.eval_ood import batches, load, prune_24, recipe
+    from sparselora.format import check_nm
+
+    dense, tok = load()
+    words = "the model keeps every weight of a block in place while the masks stay exactly two of four".split()
+    g = torch.Generator().manual_seed(seed)
+    texts = lambda n: [" ".join(words[i] for i in torch.randint(0, len(words), (int(k),), generator=g)) for k in torch.randint(3, 12, (n,), generator=g)]  # noqa: E731
+    calib = batches(tok, texts(16), batch=8)
+    pruned = copy.deepcopy(dense)
+    prune_24(pruned, "magnitude", calib)
+    masks = {n: m.sparse_mask.clone() for n, m in pruned.named_modules() if hasattr(m, "sparse_mask")}
+    ctx = dict(seed=seed, dense=dense, tok=tok, pruned=pruned, masks=masks, calib=calib, prune_kw={}, domains=(), texts=texts)
+    for r in (recipe(kind="masked-ft", steps=0, block_steps=2, n_train=16, rare_tokens=0.5, pooled=1.0),
+              recipe(layers="blocks", steps=2, contrastive=0.5, rel=1.0, bank=0.5, n_train=16),
+              recipe(kind="lora", layers="blocks", steps=2, n_train=16)):
+        model, extra = r(ctx)  # SparseLoRA and block-wise recipes check their own masks are unchanged
+        assert extra["train_s"] > 0
+        for name in masks:  # and LoRA, re-pruned, is exactly 2:4 again
+            check_nm(model.get_submodule(name).weight, 2, 4)
