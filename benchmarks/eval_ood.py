@@ -392,8 +392,11 @@ BASES.update({f"mixed5-no-{d}-2048-refit": _mixed(2048, domains=tuple(x for x in
 #: 2026-12-08, ``prune(exclude_padding=True)``); every other base counts padded positions too, as
 #: it was measured (a random batch of 16 here is about 45 % padding)
 BASES["mixed5-2048-refit-nopad"] = _mixed(2048, domains=DOMAINS5)
+#: screening: real tokens only, plus each sentence's mean input row weighted 0.8 x its token count
+#: (about the padded-to-real ratio of these random batches: an explicit, batching-free stand-in)
+BASES["mixed5-2048-refit-nopad-sent0.8"] = _mixed(2048, domains=DOMAINS5)
 #: further SparseGPT options of a base (``percdamp``: the ridge toward the dense weights)
-BASE_PRUNE = {"mixed512-refit-damp0.1": dict(percdamp=0.1), "mixed2048-refit-damp0.003": dict(percdamp=0.003),
+BASE_PRUNE = {"mixed5-2048-refit-nopad-sent0.8": dict(sentence_rows=0.8), "mixed512-refit-damp0.1": dict(percdamp=0.1), "mixed2048-refit-damp0.003": dict(percdamp=0.003),
               "mixed2048-refit-damp0.1": dict(percdamp=0.1)}
 #: the sentences of the own-domain bases, and of every variant's training text measured on them
 N_OWN = 2048
@@ -517,7 +520,7 @@ def base_context(base: str, seed: int, dense, tok) -> tuple[dict, dict]:
     calib = BASES[base](tok, seed)
     pruned = copy.deepcopy(dense)
     prune_kw = {"refit_iters": REFIT_ITERS} if "-refit" in base or base in LEARNED else {}
-    prune_kw.update(BASE_PRUNE.get(base, {}), exclude_padding=base.endswith("-nopad"))
+    prune_kw.update(BASE_PRUNE.get(base, {}), exclude_padding="-nopad" in base)
     prune_24(pruned, "sparsegpt", calib, **prune_kw)
     base_extra = {}
     if base in LEARNED:

@@ -144,3 +144,22 @@ def test_siglip_pools_a_padded_position_so_padding_counts(seed, monkeypatch):
     assert text and runs[0].keys() == runs[1].keys()
     for n in runs[0]:
         assert torch.equal(runs[0][n], runs[1][n]), n
+
+
+def test_sentence_rows_add_each_sequences_mean_weighted_by_its_length(seed):
+    """prune(sentence_rows=w): besides its real tokens, each sequence's mean real-token row counts
+    w x its real-token count times (float64 reference); the token count stays the real tokens'."""
+    lin = nn.Linear(8, 4)
+    x = torch.randn(2, 5, 8)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with StatsCollector({"text": lin}, True, True, along_tokens=["text"]) as sc:
+        sc.keep, sc.sentence_rows = keep, 0.5
+        lin(x)
+    rows = x[keep].double()
+    means = torch.stack([x[0, :3].double().mean(0), x[1].double().mean(0)])
+    w = torch.tensor([0.5 * 3, 0.5 * 5], dtype=torch.float64)
+    ref = rows.T @ rows + (means * w[:, None]).T @ means
+    st = sc.stats["text"]
+    assert st.tokens == 8
+    torch.testing.assert_close(st.hessian.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.sq_norm.double(), torch.diagonal(ref), rtol=1e-5, atol=1e-5)

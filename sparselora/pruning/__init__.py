@@ -84,6 +84,7 @@ def prune(
     seed: int = 0,
     device: Optional[Union[str, torch.device]] = None,
     exclude_padding: bool = True,
+    sentence_rows: float = 0.0,
 ) -> PruneReport:
     """Prune the Linear layers a strategy selects, in place.
 
@@ -123,6 +124,9 @@ def prune(
             :mod:`.calibrate`); False counts padded positions too (the behaviour before 2026-12-08).
             A model whose output reads padded positions (SigLIP's text tower pools its last one;
             :func:`sparselora.families.reads_padded_positions`) counts them either way.
+        sentence_rows: with padding excluded, each sequence's mean input row is added to its
+            layers' statistics, weighted this many times its real-token count (sentence-level
+            inputs; an experiment, 0 = off).
     Returns: a :class:`PruneReport`.
     """
     if refit_iters and method != "sparsegpt":
@@ -133,7 +137,7 @@ def prune(
                          refit_iters=refit_iters, masks=masks, blocksize=blocksize, ecoflap_max=ecoflap_max, ecoflap_min=ecoflap_min, ecoflap_eps=ecoflap_eps,
                          ecoflap_samples=ecoflap_samples, ecoflap_granularity=ecoflap_granularity,
                          ecoflap_temperature=ecoflap_temperature, ecoflap_batches=ecoflap_batches, loss_fn=loss_fn, seed=seed,
-                         exclude_padding=exclude_padding)
+                         exclude_padding=exclude_padding, sentence_rows=sentence_rows)
     t_start = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {METHODS}")
@@ -205,7 +209,7 @@ def prune(
             for name in progress_bar(targets, desc="magnitude", enabled=progress):
                 prune_layer(name)
         else:
-            _sequential(model, targets, batches, method, prune_layer, probe, progress, exclude_padding)
+            _sequential(model, targets, batches, method, prune_layer, probe, progress, exclude_padding, sentence_rows)
         report.rows = [rows[n] for n in targets]  # module order
     finally:
         model.train(was_training)
@@ -232,14 +236,14 @@ TOKEN_PARTS = ("language", "head")
 
 
 def _sequential(model, targets: dict[str, Target], batches, method, prune_layer, probe: MemoryProbe, progress: bool,
-                exclude_padding: bool = True) -> None:
+                exclude_padding: bool = True, sentence_rows: float = 0.0) -> None:
     """Wanda/SparseGPT: calibrate and prune block by block (see :mod:`.calibrate`)."""
     need_norms, need_hessian = method == "wanda", method == "sparsegpt"
     keeps = [real_tokens(b) if exclude_padding else None for b in batches]
     along = {n for n, t in targets.items() if t.part in TOKEN_PARTS}
 
     def counted(sc: StatsCollector, b: int, run):
-        sc.keep = keeps[b]
+        sc.keep, sc.sentence_rows = keeps[b], sentence_rows
         return run()
 
     block_lists, loose = find_block_lists(model, targets)

@@ -86,10 +86,21 @@ class LayerStats:
     sq_norm: Optional[torch.Tensor] = None  # [in] sum_t x_tj^2 (float32)
     hessian: Optional[torch.Tensor] = None  # [in, in] sum_t x_t x_tᵀ (float32)
 
-    def add(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
-        """Add the rows of ``x [..., in]``; with ``keep`` (bool, ``x.shape[:-1]``) only those it keeps."""
+    def add(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None, sentence_rows: float = 0.0) -> None:
+        """Add the rows of ``x [..., in]``; with ``keep`` (bool, ``x.shape[:-1]``) only those it keeps.
+        ``sentence_rows`` (with ``keep``, ``x`` as ``[batch, tokens, in]``): each sequence's mean kept
+        row is added too, weighted ``sentence_rows`` × its kept-token count."""
         x = x.detach()
+        if keep is not None and sentence_rows and x.dim() == 3:
+            k = keep.to(x.device, torch.float32)
+            n = k.sum(1).clamp_min(1)
+            means = (x.float() * k[..., None]).sum(1) / n[:, None]
+            extra = means * (sentence_rows * k.sum(1)).sqrt()[:, None]
+        else:
+            extra = None
         x = (x[keep.to(x.device)] if keep is not None else x.reshape(-1, x.shape[-1])).to(torch.float32)
+        if extra is not None:
+            x = torch.cat([x, extra])
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).nonzero()[0].tolist()
             raise SparsityError(
@@ -102,7 +113,7 @@ class LayerStats:
         if self.need_hessian:
             h = x.t() @ x
             self.hessian = h if self.hessian is None else self.hessian + h
-        self.tokens += x.shape[0]
+        self.tokens += x.shape[0] - (0 if extra is None else extra.shape[0])
 
 
 class MemoryProbe:
@@ -146,13 +157,14 @@ class StatsCollector:
         self.probe = probe
         self.along_tokens = set(along_tokens)
         self.keep: Optional[torch.Tensor] = None
+        self.sentence_rows = 0.0
         self._handles: list = []
 
     def _add(self, name: str, x: torch.Tensor) -> None:
         keep = self.keep
         if name not in self.along_tokens or keep is None or tuple(x.shape[:-1]) != tuple(keep.shape):
             keep = None
-        self.stats[name].add(x, keep)
+        self.stats[name].add(x, keep, self.sentence_rows if keep is not None else 0.0)
 
     def __enter__(self) -> "StatsCollector":
         for n, m in self.layers.items():
