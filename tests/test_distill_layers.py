@@ -60,6 +60,20 @@ def test_relative_error_skips_padding(seed):
     assert _relative_error(s_bad, t, {}).item() > 1e6  # without a mask every position counts
 
 
+def _padded_pair(fam, seed):
+    """A tiny model of ``fam``, its SparseLoRA student, a batch whose first text ends in 2 padded
+    positions, and the output compared (SigLIP's text states: it has no single default output)."""
+    teacher = build(fam, seed=seed % 1000).eval()
+    student = copy.deepcopy(teacher)
+    _prune(student, ["layers"])
+    add_sparse_lora(student, r=2)
+    batch = example_inputs(fam, teacher, batch=2, seed=seed)
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, -2:] = 0
+    out_fn = (lambda o: o.text_model_output.last_hidden_state) if fam == "siglip" else None
+    return teacher, student, {**batch, "attention_mask": mask}, out_fn
+
+
 @pytest.mark.parametrize("loss", ["kl", "mse", "cosine"])
 def test_output_loss_skips_padding(loss, seed):
     """The final output's loss at the real tokens only: the same as on the unpadded rows (float64),
@@ -88,19 +102,12 @@ def test_distill_passes_the_real_tokens_to_the_output_loss(seed, monkeypatch):
     real = D.distill_loss
     monkeypatch.setattr(D, "distill_loss", lambda s, t, loss, temp, keep=None: (seen.append(keep), real(s, t, loss, temp, keep))[1])
     for fam, expect_mask in (("llava", True), ("siglip", False)):
-        teacher = build(fam, seed=seed % 1000).eval()
-        student = copy.deepcopy(teacher)
-        _prune(student, ["layers"])
-        add_sparse_lora(student, r=2)
-        batch = example_inputs(fam, teacher, batch=2, seed=seed)
-        mask = torch.ones_like(batch["input_ids"])
-        mask[0, -2:] = 0
+        teacher, student, batch, out_fn = _padded_pair(fam, seed)
         seen.clear()
-        out_fn = (lambda o: o.text_model_output.last_hidden_state) if fam == "siglip" else None
-        distill(student, teacher, [{**batch, "attention_mask": mask}], steps=2, progress=False, loss="mse", output_fn=out_fn)
+        distill(student, teacher, [batch], steps=2, progress=False, loss="mse", output_fn=out_fn)
         assert len(seen) == 2 and all((k is not None) == expect_mask for k in seen), fam
         if expect_mask:
-            assert torch.equal(seen[0], mask.bool())
+            assert torch.equal(seen[0], batch["attention_mask"].bool())
 
 
 def test_layerwise_padding_mask_reaches_text_blocks_only(seed, monkeypatch):
@@ -112,16 +119,9 @@ def test_layerwise_padding_mask_reaches_text_blocks_only(seed, monkeypatch):
     real = D._relative_error
     monkeypatch.setattr(D, "_relative_error", lambda s, t, b: (calls.append(b is not None), real(s, t, b))[1])
     for fam in ("llava", "siglip"):
-        teacher = build(fam, seed=seed % 1000).eval()
-        student = copy.deepcopy(teacher)
-        _prune(student, ["layers"])
-        add_sparse_lora(student, r=2)
-        batch = example_inputs(fam, teacher, batch=2, seed=seed)
-        mask = torch.ones_like(batch["input_ids"])
-        mask[0, -2:] = 0
+        teacher, student, batch, out_fn = _padded_pair(fam, seed)
         calls.clear()
-        out_fn = (lambda o: o.text_model_output.last_hidden_state) if fam == "siglip" else None
-        distill(student, teacher, [{**batch, "attention_mask": mask}], steps=1, progress=False, loss="mse", layers="blocks",
+        distill(student, teacher, [batch], steps=1, progress=False, loss="mse", layers="blocks",
                 output_fn=out_fn)
         names = find_blocks(student)
         assert len(calls) == len(names) and any("vision" in n for n in names) and any("vision" not in n for n in names)
