@@ -163,3 +163,9 @@ def test_sentence_rows_add_each_sequences_mean_weighted_by_its_length(seed):
     assert st.tokens == 8
     torch.testing.assert_close(st.hessian.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(st.sq_norm.double(), torch.diagonal(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(sentence_rows=-1.0), dict(sentence_rows=0.5, exclude_padding=False)])
+def test_sentence_rows_checked(kw):
+    with pytest.raises(ValueError, match="sentence_rows"):
+        prune(_bert(0), "wanda", "2:4", calib=[_padded(_sentences(0))], family=BERT, progress=False, **kw)

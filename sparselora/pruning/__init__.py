@@ -161,6 +161,9 @@ def prune(
     probe = MemoryProbe()
     report = PruneReport(meta={"method": method, "strategy": strategy if isinstance(strategy, str) else dict((k, str(v)) for k, v in strategy.items()),
                                "ratios": ratios})
+    if not sentence_rows >= 0 or (sentence_rows and not exclude_padding):
+        raise ValueError(f"prune: sentence_rows must be >= 0 and needs exclude_padding=True (the attention mask says which "
+                         f"rows are a sentence's), got sentence_rows={sentence_rows!r}, exclude_padding={exclude_padding!r}")
     if exclude_padding and reads_padded_positions(model):
         log.info("prune: %s reads hidden states at padded positions (it pools its last position): padding counts",
                  type(model).__name__)
