@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from .families import is_vision_module, reads_padded_positions
 from .lora import lora_parameters
+from .pruning.calibrate import real_tokens
 
 __all__ = ["distill", "default_output", "distill_loss", "find_blocks", "info_nce", "lr_factor"]
 
@@ -66,12 +67,6 @@ def default_output(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"distill: cannot find a tensor in model output of type {type(out).__name__}; pass output_fn")
-
-
-def _output_keep(batch: Any) -> Optional[torch.Tensor]:
-    """The real tokens of a dict batch (its 2-D attention mask as bool), or None."""
-    m = batch.get("attention_mask") if isinstance(batch, dict) else None
-    return m != 0 if isinstance(m, torch.Tensor) and m.dim() == 2 else None
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str = "kl", temperature: float = 2.0,
@@ -369,7 +364,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], step
             if cache is not None and step + len(batches) >= steps:
                 cache.drop(index)  # this batch's last visit
             out = output_fn(_call(student, batch))
-            keep = None if count_padding else _output_keep(batch)
+            keep = None if count_padding else real_tokens(batch)
             value = output_weight * distill_loss(out, target, loss, temperature, keep) if output_weight else out.sum() * 0
             if recorders:
                 errs = [_relative_error(s, t, batch if txt else None) for s, t, txt in zip(recorders[0].take(), t_outs, text_side)]

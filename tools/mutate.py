@@ -241,7 +241,7 @@ MUTANTS = [
            ("tests/test_block_reconstruct.py::test_scored_batches_keep_text_masks_off_vision_towers_and_siglip",
             "tests/test_distill_layers.py::test_layerwise_padding_mask_reaches_text_blocks_only")),
     Mutant("distill-output-counts-padding", "restore", "the final output's distillation loss counts padded positions",
-           "sparselora/distill.py", "keep = None if count_padding else _output_keep(batch)", "keep = None",
+           "sparselora/distill.py", "keep = None if count_padding else real_tokens(batch)", "keep = None",
            ("tests/test_distill_layers.py::test_distill_passes_the_real_tokens_to_the_output_loss",)),
     Mutant("learned-mask-gradient-reversed", "pruning", "the learned-mask candidates mix with reversed weights (1 - p)",
            "sparselora/pruning/learned_masks.py", "        return (p.to(self.source.dtype) @ self.cand).reshape(rows, -1)",
