@@ -212,7 +212,8 @@ def prune(
             for name in progress_bar(targets, desc="magnitude", enabled=progress):
                 prune_layer(name)
         else:
-            _sequential(model, targets, batches, method, prune_layer, probe, progress, exclude_padding, sentence_rows)
+            _sequential(model, targets, batches, method, prune_layer, probe, progress,
+                        positions if exclude_padding else None, sentence_rows)
         report.rows = [rows[n] for n in targets]  # module order
     finally:
         model.train(was_training)
@@ -239,10 +240,11 @@ TOKEN_PARTS = ("language", "head")
 
 
 def _sequential(model, targets: dict[str, Target], batches, method, prune_layer, probe: MemoryProbe, progress: bool,
-                exclude_padding: bool = True, sentence_rows: float = 0.0) -> None:
-    """Wanda/SparseGPT: calibrate and prune block by block (see :mod:`.calibrate`)."""
+                keeps: Optional[list] = None, sentence_rows: float = 0.0) -> None:
+    """Wanda/SparseGPT: calibrate and prune block by block (see :mod:`.calibrate`); ``keeps``: each
+    batch's real tokens (:func:`.calibrate.real_tokens`), None to count every position."""
     need_norms, need_hessian = method == "wanda", method == "sparsegpt"
-    keeps = [real_tokens(b) if exclude_padding else None for b in batches]
+    keeps = keeps or [None] * len(batches)
     along = {n for n, t in targets.items() if t.part in TOKEN_PARTS}
 
     def counted(sc: StatsCollector, b: int, run):
